@@ -1,0 +1,1 @@
+"""Graph front end: load and normalise, BN statistics, BN folding, swing rewrite, block partition."""

@@ -1,0 +1,179 @@
+"""BatchNormalization statistics (the only 'data' a zero-shot method has) and BN folding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import NoBatchNormError
+
+FOLDABLE_PRODUCERS = ("Conv", "Gemm")
+
+
+@dataclass
+class BNLayer:
+    name: str
+    input: str            # the tensor whose training-set statistics the layer stores
+    output: str
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+    gamma: np.ndarray
+    beta: np.ndarray
+    producer: str | None  # name of the node producing ``input``
+    producer_op: str | None
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var + self.eps)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
+    inits = initializers(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        x, gamma, beta, mean, var = node.input[:5]
+        if not all(t in inits for t in (gamma, beta, mean, var)):
+            continue  # statistics computed at run time: nothing stored to learn from
+        prod = producers.get(x)
+        layers.append(BNLayer(
+            name=node.name or node.output[0], input=x, output=node.output[0],
+            mean=inits[mean].astype(np.float32), var=inits[var].astype(np.float32),
+            eps=float(_attr(node, "epsilon", 1e-5)), gamma=inits[gamma].astype(np.float32),
+            beta=inits[beta].astype(np.float32),
+            producer=(prod.name or prod.output[0]) if prod is not None else None,
+            producer_op=prod.op_type if prod is not None else None))
+    return layers
+
+
+def require_bn(model: onnx.ModelProto) -> list[BNLayer]:
+    layers = bn_layers(model)
+    if not layers:
+        raise NoBatchNormError(
+            "the model has no BatchNormalization layers, and zero-shot quantization needs their statistics; "
+            "re-export from PyTorch with do_constant_folding=False and training=TrainingMode.PRESERVE "
+            "(or dynamo export with optimize=False), or pass real images with --calib-data")
+    return layers
+
+
+def _consumers(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if tensor in n.input]
+
+
+def _affine(bn: BNLayer) -> tuple[np.ndarray, np.ndarray]:
+    a = (bn.gamma / bn.std).astype(np.float32)
+    return a, (bn.beta - bn.mean * a).astype(np.float32)
+
+
+def _replace_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            return
+    model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits: dict) -> bool:
+    a, b = _affine(bn)
+    w = inits.get(prod.input[1]) if len(prod.input) > 1 else None
+    if w is None or sum(1 for n in model.graph.node for i in n.input if i == prod.input[1]) != 1:
+        return False
+    if prod.op_type == "Conv":
+        w_new = w * a.reshape(-1, *([1] * (w.ndim - 1)))
+    elif prod.op_type == "Gemm" and _attr(prod, "alpha", 1.0) == 1.0 and _attr(prod, "beta", 1.0) == 1.0:
+        w_new = w * (a[:, None] if _attr(prod, "transB", 0) else a[None, :])
+    else:
+        return False
+    bias_name = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+    if bias_name is not None and bias_name not in inits:
+        return False
+    old_bias = inits[bias_name] if bias_name else np.zeros_like(a)
+    if old_bias.shape != a.shape:
+        return False
+    _replace_init(model, prod.input[1], w_new)
+    bias_name = bias_name or f"{prod.input[1]}_bnfold_bias"
+    _replace_init(model, bias_name, old_bias * a + b)
+    while len(prod.input) < 3:
+        prod.input.append("")
+    prod.input[2] = bias_name
+    return True
+
+
+def _as_mul_add(model: onnx.ModelProto, node: onnx.NodeProto, bn: BNLayer) -> list[onnx.NodeProto]:
+    a, b = _affine(bn)
+    shape = (1, -1) + (1,) * 2  # NCHW broadcast; adjusted below for rank
+    rank = _rank(model, bn.input)
+    shape = (1, -1) + (1,) * max(rank - 2, 0)
+    an, bname, mid = f"{bn.name}_scale", f"{bn.name}_shift", f"{bn.output}_scaled"
+    model.graph.initializer.extend([numpy_helper.from_array(a.reshape(shape), an),
+                                    numpy_helper.from_array(b.reshape(shape), bname)])
+    return [helper.make_node("Mul", [bn.input, an], [mid], name=f"{bn.name}_mul"),
+            helper.make_node("Add", [mid, bname], [bn.output], name=f"{bn.name}_add")]
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return 4
+
+
+def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True) -> onnx.ModelProto:
+    """Fold every BN into the Conv/Gemm producing its input; otherwise write it as Mul+Add.
+
+    With ``fold_into_producer=False`` every BN becomes its eval-mode Mul+Add form, which is what a
+    training graph needs (ORT turns any BatchNormalization into training mode).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    layers = {layer.output: layer for layer in bn_layers(out)}
+    producers = {o: n for n in out.graph.node for o in n.output}
+    inits = initializers(out)
+    new_nodes = []
+    for node in out.graph.node:
+        bn = layers.get(node.output[0]) if node.op_type == "BatchNormalization" else None
+        if bn is None:
+            new_nodes.append(node)
+            continue
+        prod = producers.get(bn.input)
+        if (fold_into_producer and prod is not None and prod.op_type in FOLDABLE_PRODUCERS
+                and len(_consumers(out, bn.input)) == 1
+                and bn.input not in {o.name for o in out.graph.output}
+                and _fold_into(out, prod, bn, inits)):
+            prod.output[0] = bn.output  # the conv now writes the BN's output directly
+            inits = initializers(out)
+            continue
+        new_nodes.extend(_as_mul_add(out, node, bn))
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    _drop_unused_initializers(out)
+    del out.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(out)
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

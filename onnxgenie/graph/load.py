@@ -1,0 +1,250 @@
+"""Load an exported classifier and normalise it into the one form every later stage reads.
+
+Normal form: opset ``INTERNAL_OPSET`` (17: what the PyTorch TorchScript exporter writes, inside
+onnxruntime-training's tested range, and the last opset where ReduceMean/Squeeze take their axes
+as attributes, which keeps hand-built loss graphs simple), constant subgraphs folded (the
+Shape→Gather→… debris of exported shortcuts and channel shuffles), shapes inferred, topologically
+sorted, one NCHW float image input with a symbolic batch axis and one logits output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from ..errors import BadInputError, UnsupportedModelError
+
+INTERNAL_OPSET = 17
+INTERNAL_IR = 8
+MIN_OPSET = 7
+_FOLD_BATCH = 7  # an unusual batch size: folded Reshape targets that carry it get it back as -1
+_SUPPORTED_DOMAINS = {"", "ai.onnx"}
+
+
+@dataclass(frozen=True)
+class ImageIO:
+    input: str
+    chw: tuple[int, int, int]
+    output: str
+    num_classes: int
+
+
+def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and check a model. The source is never modified (a ModelProto is copied)."""
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise BadInputError(f"{path}: no such file; give the path of an .onnx model")
+        if path.is_dir():
+            raise BadInputError(f"{path} is a directory; give the path of an .onnx model file")
+        data = path.read_bytes()
+        if not data:
+            raise BadInputError(f"{path} is empty; re-export the model to ONNX")
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except Exception:
+            raise BadInputError(f"{path} is not an ONNX model (unreadable protobuf, or truncated); "
+                                "re-export it or copy it again") from None
+    if not model.graph.node or not model.opset_import:
+        raise BadInputError("the file holds no ONNX graph (protobuf without nodes or opset); "
+                            "re-export the model to ONNX")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"the model fails onnx.checker ({first}); re-export it with a current exporter") \
+            from None
+    return model
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in _SUPPORTED_DOMAINS), 0)
+
+
+def _check_ops(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.domain not in _SUPPORTED_DOMAINS:
+            raise UnsupportedModelError(
+                f"node {node.name or node.op_type} uses the custom op {node.domain}::{node.op_type}, which "
+                "this tool cannot run or differentiate; export the model with standard ONNX ops only")
+
+
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an image classifier "
+            "with exactly one image input is expected, so export the model with a single input")
+    inp = inputs[0]
+    elem = inp.type.tensor_type.elem_type
+    if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        name = onnx.TensorProto.DataType.Name(elem)
+        raise UnsupportedModelError(
+            f"input {inp.name} is {name}, not a float image; this tool quantizes image classifiers "
+            "(float NCHW or NHWC input)")
+    if len(inp.type.tensor_type.shape.dim) != 4:
+        raise UnsupportedModelError(
+            f"input {inp.name} has rank {len(inp.type.tensor_type.shape.dim)}; a 4-D image input "
+            "(NCHW, or NHWC followed by a Transpose) is expected")
+    return inp
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims: list[int | str]) -> None:
+    shape = vi.type.tensor_type.shape
+    for d, v in zip(shape.dim, dims):
+        d.Clear()
+        if isinstance(v, int):
+            d.dim_value = v
+        else:
+            d.dim_param = v
+
+
+def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    opset = model_opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(f"opset {opset} is below the oldest supported ({MIN_OPSET}); "
+                                    "re-export the model with opset 13 or newer")
+    if opset != INTERNAL_OPSET:
+        try:
+            model = version_converter.convert_version(model, INTERNAL_OPSET)
+        except Exception as err:
+            raise UnsupportedModelError(
+                f"cannot convert opset {opset} to {INTERNAL_OPSET} ({str(err).splitlines()[0][:120]}); "
+                "re-export the model with opset 17") from None
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
+    model.ir_version = INTERNAL_IR
+    return model
+
+
+def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxruntime  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
+
+    onnxruntime.set_default_logger_severity(3)
+    model = shape_inference.infer_shapes(model)
+    graph = gs.import_onnx(model)
+    graph.fold_constants(error_ok=True).cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _restore_dynamic_batch(model: onnx.ModelProto, io_names: set[str]) -> onnx.ModelProto:
+    """Give Reshape targets folded at batch ``_FOLD_BATCH`` a -1 batch entry back."""
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in consts:
+            target = numpy_helper.to_array(consts[node.input[1]])
+            if target.size and target[0] == _FOLD_BATCH:
+                target = target.copy()
+                target[0] = -1
+                consts[node.input[1]].CopyFrom(numpy_helper.from_array(target, node.input[1]))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in io_names:
+            dims = _dims(vi)
+            if dims and dims[0] == _FOLD_BATCH:
+                _set_dims(vi, ["N", *dims[1:]])
+    del model.graph.value_info[:]
+    return shape_inference.infer_shapes(model)
+
+
+def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """Return the normal form of ``model`` (a new ModelProto; the argument is not changed).
+
+    ``input_hw`` fixes a dynamic height/width. The batch axis stays dynamic: folding runs at a fixed
+    batch and Reshape targets are given their -1 back; ``check_dynamic_batch`` proves the result.
+    """
+    model = load_model(model)
+    _check_ops(model)
+    inp = _image_input(model)
+    dims = _dims(inp)
+    if model_opset(model) < INTERNAL_OPSET or model_opset(model) > INTERNAL_OPSET:
+        model = _convert_opset(model)
+    model.ir_version = INTERNAL_IR
+    inp = _image_input(model)
+    dims = _dims(inp)
+    spatial = dims[1:]
+    if sum(not isinstance(d, int) for d in spatial) > 0:
+        c_axis = 1 if isinstance(dims[1], int) and dims[1] in (1, 3, 4) else 3
+        if input_hw is None:
+            raise UnsupportedModelError(
+                f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
+        h, w = input_hw
+        dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
+    _set_dims(inp, [_FOLD_BATCH, *dims[1:]])
+    outputs = [o.name for o in model.graph.output]
+    for out in model.graph.output:
+        odims = _dims(out)
+        if odims and not isinstance(odims[0], int):
+            _set_dims(out, [_FOLD_BATCH, *odims[1:]])
+    del model.graph.value_info[:]
+    try:
+        model = _fold(model)
+    except Exception as err:
+        raise UnsupportedModelError(f"shape inference / constant folding failed ({str(err).splitlines()[0][:160]}); "
+                                    "check the model with onnx.checker and re-export it") from None
+    model = _restore_dynamic_batch(model, {inp.name, *outputs})
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
+    model.ir_version = INTERNAL_IR
+    return model
+
+
+def image_io(model: onnx.ModelProto) -> ImageIO:
+    """The image input (C, H, W after any leading NHWC→NCHW Transpose) and the logits output."""
+    inp = _image_input(model)
+    dims = _dims(inp)
+    if len(model.graph.output) != 1:
+        raise UnsupportedModelError(
+            f"the model has {len(model.graph.output)} outputs; a classifier with one logits output is expected")
+    out = model.graph.output[0]
+    odims = _dims(out)
+    classes = odims[-1] if odims and isinstance(odims[-1], int) else -1
+    if not all(isinstance(d, int) for d in dims[1:]):
+        raise UnsupportedModelError(f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
+    c, h, w = dims[1:]
+    if nhwc_transpose(model) is not None:
+        h, w, c = dims[1:]
+    return ImageIO(inp.name, (int(c), int(h), int(w)), out.name, int(classes))
+
+
+def nhwc_transpose(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The Transpose(0,3,1,2) that turns an NHWC input into NCHW, if the graph starts with one."""
+    name = _image_input(model).name
+    users = [n for n in model.graph.node if name in n.input]
+    if len(users) == 1 and users[0].op_type == "Transpose":
+        perm = next((list(a.ints) for a in users[0].attribute if a.name == "perm"), None)
+        if perm == [0, 3, 1, 2]:
+            return users[0]
+    return None
+
+
+def check_dynamic_batch(original: onnx.ModelProto, normal: onnx.ModelProto, batches=(1, 3)) -> float:
+    """Max |logit difference| between ``original`` and ``normal`` over a few batch sizes."""
+    from ..ortrain import inference_session
+
+    io = image_io(normal)
+    inp = _image_input(normal)
+    shape = _dims(inp)[1:]
+    worst = 0.0
+    s1, s2 = inference_session(original), inference_session(normal)
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = rng.standard_normal((b, *shape)).astype(np.float32)
+        a = s1.run(None, {s1.get_inputs()[0].name: x})[0]
+        c = s2.run(None, {io.input: x})[0]
+        worst = max(worst, float(np.abs(a - c).max()))
+    return worst

@@ -1,0 +1,65 @@
+"""``onnxgenie inspect``: what the front end sees in a model, as a dict (JSON) or a short summary."""
+
+from __future__ import annotations
+
+import onnx
+
+from .errors import OnnxGenieError
+from .graph.bn import bn_layers
+from .graph.load import _dims, image_io, load_model, model_opset, normalize
+
+
+def strided_convs(model: onnx.ModelProto) -> list[str]:
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])
+            if max(strides) > 1:
+                out.append(node.name or node.output[0])
+    return out
+
+
+def inspect_model(src, input_hw=None) -> dict:
+    """Summary of a model as the front end sees it. Raises for models it cannot read at all."""
+    original = load_model(src)
+    info = {
+        "opset": model_opset(original),
+        "ir_version": original.ir_version,
+        "inputs": [{"name": i.name, "shape": _dims(i)} for i in original.graph.input
+                   if i.name not in {t.name for t in original.graph.initializer}],
+        "outputs": [{"name": o.name, "shape": _dims(o)} for o in original.graph.output],
+        "nodes": len(original.graph.node),
+    }
+    try:
+        model = normalize(original, input_hw=input_hw)
+        io = image_io(model)
+    except OnnxGenieError as err:
+        info.update(normalized_nodes=None, bn_layers=[], strided_convs=[], zero_shot_ready=False,
+                    reason=str(err))
+        return info
+    layers = bn_layers(model)
+    info.update(
+        normalized_nodes=len(model.graph.node),
+        image={"input": io.input, "chw": list(io.chw), "output": io.output, "classes": io.num_classes},
+        bn_layers=[{"name": b.name, "channels": b.channels, "input": b.input, "producer_op": b.producer_op}
+                   for b in layers],
+        strided_convs=strided_convs(model),
+        zero_shot_ready=bool(layers),
+        reason=None if layers else "no BatchNormalization layers: zero-shot needs their statistics "
+                                   "(re-export keeping BN, or use --calib-data with real images)",
+    )
+    return info
+
+
+def format_summary(info: dict) -> str:
+    lines = [f"opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes"
+             + (f" ({info['normalized_nodes']} after clean-up)" if info.get("normalized_nodes") else "")]
+    for i in info["inputs"]:
+        lines.append(f"input  {i['name']} {i['shape']}")
+    for o in info["outputs"]:
+        lines.append(f"output {o['name']} {o['shape']}")
+    lines.append(f"BatchNormalization layers: {len(info['bn_layers'])} "
+                 f"({sum(1 for b in info['bn_layers'] if b['producer_op'] in ('Conv', 'Gemm'))} after Conv/Gemm)")
+    lines.append(f"strided convs: {len(info['strided_convs'])}")
+    lines.append("zero-shot ready: " + ("yes" if info["zero_shot_ready"] else f"no - {info['reason']}"))
+    return "\n".join(lines)
