@@ -1,0 +1,1 @@
+"""Quantization: the plan (what is quantized, how), step-size init, fake-quant simulation, reconstruction."""
