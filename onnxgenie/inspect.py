@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from .errors import OnnxGenieError
-from .graph.bn import bn_layers
+from .errors import NoBatchNormError, OnnxGenieError
+from .graph.bn import bn_layers, require_bn
 from .graph.load import _dims, image_io, load_model, model_opset, normalize
 
 
@@ -17,6 +17,14 @@ def strided_convs(model: onnx.ModelProto) -> list[str]:
             if max(strides) > 1:
                 out.append(node.name or node.output[0])
     return out
+
+
+def _no_bn_reason(model: onnx.ModelProto) -> str:
+    try:
+        require_bn(model)
+    except NoBatchNormError as err:
+        return str(err)
+    return ""
 
 
 def inspect_model(src, input_hw=None) -> dict:
@@ -45,8 +53,7 @@ def inspect_model(src, input_hw=None) -> dict:
                    for b in layers],
         strided_convs=strided_convs(model),
         zero_shot_ready=bool(layers),
-        reason=None if layers else "no BatchNormalization layers: zero-shot needs their statistics "
-                                   "(re-export keeping BN, or use --calib-data with real images)",
+        reason=None if layers else _no_bn_reason(model),
     )
     return info
 

@@ -22,6 +22,7 @@ from ..errors import BadInputError, UnsupportedModelError
 
 INTERNAL_OPSET = 17
 INTERNAL_IR = 8
+MAX_IR = 10  # the newest IR onnxruntime(-training) 1.19 reads
 MIN_OPSET = 7
 _FOLD_BATCH = 7  # an unusual batch size: folded Reshape targets that carry it get it back as -1
 _SUPPORTED_DOMAINS = {"", "ai.onnx"}
@@ -58,6 +59,10 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not model.graph.node or not model.opset_import:
         raise BadInputError("the file holds no ONNX graph (protobuf without nodes or opset); "
                             "re-export the model to ONNX")
+    if model.ir_version > MAX_IR:
+        raise UnsupportedModelError(
+            f"the model has ONNX IR version {model.ir_version}, newer than onnxruntime-training 1.19 reads "
+            f"(<= {MAX_IR}); re-export it with opset 17 (or down-convert it with onnx<=1.17)")
     try:
         onnx.checker.check_model(model)
     except Exception as err:
@@ -114,11 +119,86 @@ def _set_dims(vi: onnx.ValueInfoProto, dims: list[int | str]) -> None:
             d.dim_param = v
 
 
+# Ops whose versions after 17 only added types or optional attributes: same meaning at opset 17
+# as long as the attributes listed here are absent (the checker rejects new types after relabelling).
+_NEW_ATTRS_SINCE_17 = {"AveragePool": {"dilations"}, "Resize": {"antialias", "axes", "keep_aspect_ratio_policy"},
+                       "Split": {"num_outputs"}, "LpPool": {"ceil_mode"}, "Cast": {"saturate"},
+                       "CastLike": {"saturate"}, "QuantizeLinear": {"saturate", "block_size", "output_dtype"},
+                       "DequantizeLinear": {"block_size"}}
+_REDUCE_AXES_INPUT_SINCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                               "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+_CHANGED_SINCE_17 = {"DFT", "GridSample", "ScatterElements", "ScatterND", "Pad"}  # checked one by one below
+
+
+def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Relabel a newer-opset model as opset 17 where every op means the same there.
+
+    onnx's version converter has no down-adapters for most ops (it fails on Flatten-21), but the
+    versions after 17 are mostly type additions; the few real changes are rewritten or refused.
+    """
+    from onnx import defs
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for node in model.graph.node:
+        if node.domain not in _SUPPORTED_DOMAINS:
+            continue
+        try:
+            since = defs.get_schema(node.op_type, opset, "").since_version
+        except Exception:
+            since = opset
+        if since <= INTERNAL_OPSET:
+            continue
+        label = f"{node.op_type}-{since} (node {node.name or node.output[0]})"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        try:
+            defs.get_schema(node.op_type, INTERNAL_OPSET, "")
+        except Exception:
+            raise UnsupportedModelError(f"{label} does not exist at opset {INTERNAL_OPSET}; re-export the model "
+                                        f"with opset {INTERNAL_OPSET} so the exporter decomposes it") from None
+        if node.op_type in _REDUCE_AXES_INPUT_SINCE_18:
+            if len(node.input) > 1 and node.input[1]:
+                if node.input[1] not in consts:
+                    raise UnsupportedModelError(f"{label} takes its axes at run time; re-export the model "
+                                                f"with opset {INTERNAL_OPSET}")
+                node.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[node.input[1]].ravel()]))
+                del node.input[1:]
+            elif attrs.get("noop_with_empty_axes", 0):
+                raise UnsupportedModelError(f"{label} has noop_with_empty_axes=1; re-export the model with "
+                                            f"opset {INTERNAL_OPSET}")
+            for i, a in enumerate(node.attribute):
+                if a.name == "noop_with_empty_axes":
+                    del node.attribute[i]
+                    break
+            continue
+        bad = _NEW_ATTRS_SINCE_17.get(node.op_type, set()) & set(attrs)
+        changed = node.op_type in _CHANGED_SINCE_17 and not (
+            (node.op_type == "Pad" and attrs.get("mode", b"constant") != b"wrap"
+             and (len(node.input) < 4 or not node.input[3]))
+            or (node.op_type.startswith("Scatter") and attrs.get("reduction", b"none") in (b"none", b"add", b"mul")))
+        if bad or changed:
+            what = f"attribute {sorted(bad)[0]}" if bad else "semantics that opset 17 lacks"
+            raise UnsupportedModelError(f"{label} uses {what}; re-export the model with opset {INTERNAL_OPSET}")
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
+    model.ir_version = INTERNAL_IR
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UnsupportedModelError(f"the opset-{opset} model is not valid as opset {INTERNAL_OPSET} ({first}); "
+                                    f"re-export the model with opset {INTERNAL_OPSET}") from None
+    return model
+
+
 def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = model_opset(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(f"opset {opset} is below the oldest supported ({MIN_OPSET}); "
                                     "re-export the model with opset 13 or newer")
+    if opset > INTERNAL_OPSET:
+        return _downgrade_opset(model, opset)
     if opset != INTERNAL_OPSET:
         try:
             model = version_converter.convert_version(model, INTERNAL_OPSET)

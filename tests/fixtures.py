@@ -1,0 +1,253 @@
+"""Tiny ONNX classifiers built with onnx.helper and seeded random weights, one function per case.
+
+The base net is conv-BN-ReLU, a second conv-BN whose output is added to the first ReLU's
+(residual Add), ReLU, a stride-2 conv-BN-ReLU, global average pool, flatten and a linear head.
+Each fixture varies one thing the front end must handle (opset, layout, head, depthwise conv, BN
+placement, batch/size dims) or must refuse (custom op, two inputs, int64 input).
+BN statistics are non-trivial: random means, positive variances far from 1, some negative gammas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+C_IN, HW, WIDTH, CLASSES = 3, 8, 8, 10
+
+
+class _Builder:
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs))
+        return output
+
+    def conv(self, x: str, name: str, cin: int, cout: int, stride: int = 1, group: int = 1,
+             bias: bool = False) -> str:
+        w = self.rng.normal(0, np.sqrt(2.0 / (cin // group * 9)), (cout, cin // group, 3, 3))
+        inputs = [x, self.const(f"{name}.weight", w.astype(np.float32))]
+        if bias:
+            inputs.append(self.const(f"{name}.bias", self.rng.normal(0, 0.1, cout).astype(np.float32)))
+        return self.node("Conv", inputs, name, kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[stride, stride], group=group)
+
+    def bn(self, x: str, name: str, channels: int) -> str:
+        r = self.rng
+        gamma = r.uniform(0.5, 1.5, channels) * np.where(r.random(channels) < 0.3, -1.0, 1.0)
+        params = [gamma, r.normal(0, 0.3, channels), r.normal(0, 0.5, channels), r.uniform(0.2, 3.0, channels)]
+        inputs = [x] + [self.const(f"{name}.{p}", v.astype(np.float32))
+                        for p, v in zip(("weight", "bias", "running_mean", "running_var"), params)]
+        return self.node("BatchNormalization", inputs, name, epsilon=1e-5)
+
+    def linear(self, x: str, name: str, fin: int, fout: int, matmul: bool = False) -> str:
+        w = self.rng.normal(0, np.sqrt(1.0 / fin), (fout, fin)).astype(np.float32)
+        b = self.rng.normal(0, 0.1, fout).astype(np.float32)
+        if matmul:
+            y = self.node("MatMul", [x, self.const(f"{name}.weight", w.T.copy())], f"{name}_mm")
+            return self.node("Add", [y, self.const(f"{name}.bias", b)], name)
+        return self.node("Gemm", [x, self.const(f"{name}.weight", w), self.const(f"{name}.bias", b)], name,
+                         transB=1)
+
+
+def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW), nhwc: bool = False,
+                head: str = "gemm", depthwise: bool = False, bn_after_add: bool = False,
+                batchnorm: bool = True, pool: str = "global", seed: int = 0) -> onnx.ModelProto:
+    """The base net; keyword arguments select the variant (see the module docstring)."""
+    b = _Builder(seed)
+    x = "input"
+    if nhwc:
+        x = b.node("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
+
+    def conv_bn(x, name, cin, cout, **kw):
+        if not batchnorm:
+            return b.conv(x, name, cin, cout, bias=True, **kw)
+        return b.bn(b.conv(x, f"{name}.conv", cin, cout, **kw), f"{name}.bn", cout)
+
+    h = b.node("Relu", [conv_bn(x, "stem", C_IN, WIDTH)], "stem.relu")
+    y = conv_bn(h, "block", WIDTH, WIDTH, group=WIDTH if depthwise else 1)
+    y = b.node("Add", [y, h], "block.add")
+    if bn_after_add and batchnorm:
+        y = b.bn(y, "block.add_bn", WIDTH)
+    y = b.node("Relu", [y], "block.relu")
+    y = b.node("Relu", [conv_bn(y, "down", WIDTH, 2 * WIDTH, stride=2)], "down.relu")
+    if pool == "global":
+        y = b.node("GlobalAveragePool", [y], "pool")
+    elif opset >= 18:  # ReduceMean takes its axes as an input from opset 18
+        y = b.node("ReduceMean", [y, b.const("pool.axes", np.array([2, 3], np.int64))], "pool", keepdims=1)
+    else:
+        y = b.node("ReduceMean", [y], "pool", axes=[2, 3], keepdims=1)
+    y = b.node("Flatten", [y], "flatten", axis=1)
+    if head == "gemm":
+        hidden = b.linear(y, "fc1", 2 * WIDTH, 12)
+        if batchnorm:
+            hidden = b.bn(hidden, "fc1.bn", 12)
+        y = b.linear(b.node("Relu", [hidden], "fc1.relu"), "fc", 12, CLASSES)
+    elif head == "matmul":
+        y = b.linear(y, "fc", 2 * WIDTH, CLASSES, matmul=True)
+    else:
+        raise ValueError(head)
+    b.node("Identity", [y], "logits")
+
+    shape = [batch, *hw, C_IN] if nhwc else [batch, C_IN, *hw]
+    graph = helper.make_graph(b.nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, CLASSES])],
+                              b.inits)
+    return _model(graph, opset)
+
+
+def _model(graph: onnx.GraphProto, opset: int, extra_opsets: tuple = ()) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets],
+                              producer_name="onnxgenie-tests")
+    model.ir_version = 10 if opset >= 21 else 8
+    if opset <= 11:
+        model.ir_version = 6
+        # up to IR 4 initializers had to be graph inputs; exporters of that era still list them
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in graph.initializer)
+    onnx.checker.check_model(model)
+    return model
+
+
+# One function per fixture -------------------------------------------------------------------------
+
+def opset11() -> onnx.ModelProto:
+    return conv_bn_net(11)
+
+
+def opset13() -> onnx.ModelProto:
+    return conv_bn_net(13)
+
+
+def opset17() -> onnx.ModelProto:
+    return conv_bn_net(17)
+
+
+def opset21() -> onnx.ModelProto:
+    return conv_bn_net(21)
+
+
+def opset18_reduce_mean() -> onnx.ModelProto:
+    """Average pooling as ReduceMean with its axes as an input (opset 18 form)."""
+    return conv_bn_net(18, pool="reduce_mean")
+
+
+def opset20_gelu() -> onnx.ModelProto:
+    """The last ReLU replaced by Gelu, which only exists from opset 20."""
+    model = conv_bn_net(20)
+    relu = [n for n in model.graph.node if n.op_type == "Relu"][-1]
+    relu.op_type = "Gelu"
+    onnx.checker.check_model(model)
+    return model
+
+
+def nhwc_input() -> onnx.ModelProto:
+    return conv_bn_net(nhwc=True)
+
+
+def gemm_head() -> onnx.ModelProto:
+    return conv_bn_net(head="gemm")
+
+
+def matmul_head() -> onnx.ModelProto:
+    return conv_bn_net(head="matmul")
+
+
+def depthwise() -> onnx.ModelProto:
+    return conv_bn_net(depthwise=True)
+
+
+def bn_after_add() -> onnx.ModelProto:
+    return conv_bn_net(bn_after_add=True)
+
+
+def no_bn() -> onnx.ModelProto:
+    return conv_bn_net(batchnorm=False)
+
+
+def dynamic_batch() -> onnx.ModelProto:
+    return conv_bn_net(batch="batch")
+
+
+def fixed_batch() -> onnx.ModelProto:
+    return conv_bn_net(batch=2)
+
+
+def dynamic_hw() -> onnx.ModelProto:
+    return conv_bn_net(hw=("height", "width"))
+
+
+def custom_op() -> onnx.ModelProto:
+    """The first ReLU replaced by an op from a private domain."""
+    model = conv_bn_net()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "FancyRelu", "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.checker.check_model(model)
+    return model
+
+
+def two_inputs() -> onnx.ModelProto:
+    """A second float input (a per-sample gain) multiplied into the image."""
+    model = conv_bn_net()
+    model.graph.input.append(helper.make_tensor_value_info("gain", TensorProto.FLOAT, ["N", 1, 1, 1]))
+    scaled = helper.make_node("Mul", ["input", "gain"], ["input_scaled"], name="gain_mul")
+    for node in model.graph.node:
+        node.input[:] = ["input_scaled" if i == "input" else i for i in node.input]
+    model.graph.node.insert(0, scaled)
+    onnx.checker.check_model(model)
+    return model
+
+
+def int64_input() -> onnx.ModelProto:
+    """An int64 image input cast to float inside the graph."""
+    model = conv_bn_net()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    cast = helper.make_node("Cast", ["input"], ["input_float"], name="cast", to=TensorProto.FLOAT)
+    for node in model.graph.node:
+        node.input[:] = ["input_float" if i == "input" else i for i in node.input]
+    model.graph.node.insert(0, cast)
+    onnx.checker.check_model(model)
+    return model
+
+
+# Models the front end must accept and that keep one float image input.
+VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean, opset21, nhwc_input, gemm_head, matmul_head,
+                                 depthwise, bn_after_add, no_bn, dynamic_batch, fixed_batch)}
+# Models with BN statistics (fold_bn has something to fold).
+WITH_BN = {k: f for k, f in VALID.items() if k != "no_bn"}
+# Models the front end must refuse (without --input-size for dynamic_hw).
+REFUSED = {f.__name__: f for f in (custom_op, two_inputs, int64_input, dynamic_hw, opset20_gelu)}
+
+
+def save(model: onnx.ModelProto, tmp_path: Path, name: str = "model") -> Path:
+    path = Path(tmp_path) / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def random_input(model: onnx.ModelProto, batch: int, seed: int = 0, hw: tuple | None = None) -> np.ndarray:
+    """A float32 batch matching ``model``'s first input (symbolic dims other than batch need ``hw``)."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    dims[0] = batch
+    if hw is not None:
+        spatial = (1, 2) if dims[3] in (1, 3, 4) else (2, 3)
+        for axis, size in zip(spatial, hw):
+            dims[axis] = size
+    return np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's first output on ``x`` with one ORT thread."""
+    from onnxgenie.ortrain import inference_session
+
+    sess = inference_session(model, threads=1)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
