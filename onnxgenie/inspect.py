@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from .errors import NoBatchNormError, OnnxGenieError
+from .errors import NoBatchNormError
 from .graph.bn import bn_layers, require_bn
 from .graph.load import _dims, image_io, load_model, model_opset, normalize
 
@@ -28,7 +28,12 @@ def _no_bn_reason(model: onnx.ModelProto) -> str:
 
 
 def inspect_model(src, input_hw=None) -> dict:
-    """Summary of a model as the front end sees it. Raises for models it cannot read at all."""
+    """Summary of a model as the front end sees it.
+
+    Raises the front end's typed error for a model the tool cannot take (unreadable, several inputs,
+    custom ops, dynamic H/W without ``input_hw``); a model without BN is reported, not refused,
+    because it can still be quantized with real calibration images.
+    """
     original = load_model(src)
     info = {
         "opset": model_opset(original),
@@ -38,13 +43,8 @@ def inspect_model(src, input_hw=None) -> dict:
         "outputs": [{"name": o.name, "shape": _dims(o)} for o in original.graph.output],
         "nodes": len(original.graph.node),
     }
-    try:
-        model = normalize(original, input_hw=input_hw)
-        io = image_io(model)
-    except OnnxGenieError as err:
-        info.update(normalized_nodes=None, bn_layers=[], strided_convs=[], zero_shot_ready=False,
-                    reason=str(err))
-        return info
+    model = normalize(original, input_hw=input_hw)  # a model the tool cannot take raises (exit 2)
+    io = image_io(model)
     layers = bn_layers(model)
     info.update(
         normalized_nodes=len(model.graph.node),

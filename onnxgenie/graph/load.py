@@ -96,8 +96,8 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         name = onnx.TensorProto.DataType.Name(elem)
         raise UnsupportedModelError(
-            f"input {inp.name} is {name}, not a float image; this tool quantizes image classifiers "
-            "(float NCHW or NHWC input)")
+            f"input {inp.name} is {name}, not a float image; export the model with a float32 NCHW (or NHWC) "
+            "image input and do the integer-to-float conversion in preprocessing")
     if len(inp.type.tensor_type.shape.dim) != 4:
         raise UnsupportedModelError(
             f"input {inp.name} has rank {len(inp.type.tensor_type.shape.dim)}; a 4-D image input "
