@@ -1,0 +1,116 @@
+"""The GENIE-D generator as an ONNX graph (the reference's ``Generator``, latent 256, c1 128, c2 64).
+
+latents [N, 256] → Linear → view [N, c1, h0, w0] → BN → Upsample×2 → Conv3×3 (c1→c2) → BN →
+LeakyReLU 0.2 → Upsample×2 → Conv3×3 (c2→C) → Tanh → BN without affine → images [N, C, H, W].
+
+h0, w0 = ceil(H/4), ceil(W/4); when H or W is not a multiple of 4 the last conv's output is
+cropped to H×W (top-left) before Tanh. Every BN uses the statistics of the current batch, written
+out with ReduceMean/Sub/Mul/Sqrt/Div (no BatchNormalization node, no running statistics), so a
+training and an inference session of this graph compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LATENT_DIM, C1, C2 = 256, 128, 64
+BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default
+PREFIX = "generator."
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), PREFIX + name))
+        return PREFIX + name
+
+    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        out = PREFIX + name
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def batch_norm(self, x: str, name: str, channels: int, affine: bool = True) -> str:
+        """Training-mode BN: normalise by this batch's per-channel mean and biased variance."""
+        mean = self.op("ReduceMean", [x], f"{name}.mean", axes=[0, 2, 3], keepdims=1)
+        centred = self.op("Sub", [x, mean], f"{name}.centred")
+        var = self.op("ReduceMean", [self.op("Mul", [centred, centred], f"{name}.sq")], f"{name}.var",
+                      axes=[0, 2, 3], keepdims=1)
+        std = self.op("Sqrt", [self.op("Add", [var, self.const(f"{name}.eps", np.float32(BN_EPS))],
+                                       f"{name}.var_eps")], f"{name}.std")
+        y = self.op("Div", [centred, std], f"{name}.normed")
+        if not affine:
+            return y
+        shape = (1, channels, 1, 1)
+        y = self.op("Mul", [y, self.const(f"{name}.weight", np.ones(shape, np.float32))], f"{name}.scaled")
+        return self.op("Add", [y, self.const(f"{name}.bias", np.zeros(shape, np.float32))], f"{name}.out")
+
+    def upsample2(self, x: str, name: str, h: int, w: int) -> str:
+        """Nearest ×2 as Reshape→Expand→Reshape (onnxruntime-training has no CPU ResizeGrad)."""
+        x = self.op("Reshape", [x, self.const(f"{name}.split_shape", np.array([0, 0, h, 1, w, 1], np.int64))],
+                    f"{name}.split")
+        x = self.op("Expand", [x, self.const(f"{name}.repeat_shape", np.array([1, 1, 1, 2, 1, 2], np.int64))],
+                    f"{name}.repeat")
+        return self.op("Reshape", [x, self.const(f"{name}.merge_shape", np.array([0, 0, 2 * h, 2 * w], np.int64))],
+                       name)
+
+    def conv3x3(self, x: str, name: str, cin: int, cout: int) -> str:
+        w = self.const(f"{name}.weight", np.zeros((cout, cin, 3, 3), np.float32))
+        b = self.const(f"{name}.bias", np.zeros(cout, np.float32))
+        return self.op("Conv", [x, w, b], name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+
+def build_generator(chw: tuple[int, int, int], latents: str = "latents", images: str = "images",
+                    latent_dim: int = LATENT_DIM, c1: int = C1, c2: int = C2) -> onnx.ModelProto:
+    """The generator graph (input ``latents``, output ``images``); weights are placeholders: use
+    ``init_generator`` for a fresh PyTorch-style initialisation."""
+    c, h, w = chw
+    h0, w0 = math.ceil(h / 4), math.ceil(w / 4)
+    g = _Graph()
+    weight = g.const("linear.weight", np.zeros((c1 * h0 * w0, latent_dim), np.float32))
+    bias = g.const("linear.bias", np.zeros(c1 * h0 * w0, np.float32))
+    x = g.op("Gemm", [latents, weight, bias], "linear", transB=1)
+    x = g.op("Reshape", [x, g.const("view_shape", np.array([-1, c1, h0, w0], np.int64))], "view")
+    x = g.batch_norm(x, "bn1", c1)
+    x = g.conv3x3(g.upsample2(x, "up1", h0, w0), "conv1", c1, c2)
+    x = g.op("LeakyRelu", [g.batch_norm(x, "bn2", c2)], "lrelu", alpha=0.2)
+    x = g.conv3x3(g.upsample2(x, "up2", 2 * h0, 2 * w0), "conv2", c2, c)
+    if (4 * h0, 4 * w0) != (h, w):
+        x = g.op("Slice", [x, g.const("crop_starts", np.array([0, 0], np.int64)),
+                           g.const("crop_ends", np.array([h, w], np.int64)),
+                           g.const("crop_axes", np.array([2, 3], np.int64))], "crop")
+    x = g.batch_norm(g.op("Tanh", [x], "tanh"), "bn3", c, affine=False)
+    g.nodes.append(helper.make_node("Identity", [x], [images], name=PREFIX + "images"))
+    graph = helper.make_graph(
+        g.nodes, "genie_generator", [helper.make_tensor_value_info(latents, TensorProto.FLOAT, ["N", latent_dim])],
+        [helper.make_tensor_value_info(images, TensorProto.FLOAT, ["N", c, h, w])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxgenie")
+    model.ir_version = 8
+    return model
+
+
+def trainable_names(generator: onnx.ModelProto) -> list[str]:
+    """The generator's learned parameters (weights and biases of Linear, Conv and BN)."""
+    return [t.name for t in generator.graph.initializer if t.name.endswith((".weight", ".bias"))]
+
+
+def init_generator(generator: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh parameters as PyTorch initialises them: Linear/Conv weight and bias U(±1/sqrt(fan_in))
+    (kaiming_uniform with a=sqrt(5)), BN weight 1 and bias 0."""
+    values = {}
+    shapes = {t.name: tuple(t.dims) for t in generator.graph.initializer}
+    for name in trainable_names(generator):
+        layer, shape = name[len(PREFIX):].split(".")[0], shapes[name]
+        if layer.startswith("bn"):
+            values[name] = (np.ones if name.endswith("weight") else np.zeros)(shape, np.float32)
+            continue
+        weight_shape = shapes[f"{PREFIX}{layer}.weight"]
+        bound = 1.0 / math.sqrt(int(np.prod(weight_shape[1:])))
+        values[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
+    return values

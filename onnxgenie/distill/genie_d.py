@@ -1,0 +1,357 @@
+"""GENIE-D (Sec. 3.1): distil a synthetic calibration set from the teacher's BN statistics.
+
+One training graph per run: latents → generator → swing teacher → BNS loss (``bns.py``). Each
+batch starts from fresh latents and a fresh generator (seeded by (seed, batch index), so a batch's
+result does not depend on which process computes it, or whether the run was resumed) and takes
+``iters`` Adam steps with two parameter groups, as in the reference:
+latents lr 0.1 with ReduceLROnPlateau (patience 100, min lr 1e-4), generator lr 0.01 ×0.95 every
+100 steps. The swing offsets are drawn each step from the batch's generator.
+
+Modes (the paper's Table 2 ablation), each with or without swing:
+  genie  generator + trainable latents
+  noise  generator on fixed latents (the latents are a graph input, not a parameter)
+  zeroq  the pixels themselves are the parameters (ZeroQ's Adam lr 0.5 with the same plateau schedule)
+
+The images returned are those of the last step's forward pass (as the reference does), in the
+teacher's input space (the generator's last BN without affine gives zero mean, unit std per channel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from ..errors import BadInputError, DivergenceError, ResumeMismatchError, UnsupportedModelError
+from ..graph.bn import require_bn
+from ..graph.load import image_io, nhwc_transpose, normalize
+from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
+from ..ortrain import Adam, GradientGraph, ParamGroup
+from .bns import LOSS, bns_loss_model
+from .generator import LATENT_DIM, build_generator, init_generator, trainable_names
+
+MODES = ("genie", "zeroq", "noise")
+LATENTS, PIXELS, IMAGES = "latents", "pixels", "distilled_images"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    n_batches: int
+    batch: int
+    iters: int
+    mode: str = "genie"
+    swing: bool = True
+    seed: int = 0
+    lr_latent: float = 0.1
+    lr_generator: float = 0.01
+    lr_pixels: float = 0.5
+    fused: bool = True
+
+
+class ReduceLROnPlateau:
+    """torch.optim.lr_scheduler.ReduceLROnPlateau (mode min, relative threshold, no cooldown) for one group."""
+
+    def __init__(self, group: ParamGroup, patience: int = 100, factor: float = 0.1, threshold: float = 1e-4,
+                 min_lr: float = 1e-4, eps: float = 1e-8):
+        self.group, self.patience, self.factor, self.threshold = group, patience, factor, threshold
+        self.min_lr, self.eps = min_lr, eps
+        self.best, self.bad_steps = math.inf, 0
+
+    def step(self, loss: float) -> None:
+        if loss < self.best * (1 - self.threshold):
+            self.best, self.bad_steps = loss, 0
+        else:
+            self.bad_steps += 1
+        if self.bad_steps > self.patience:
+            new_lr = max(self.group.lr * self.factor, self.min_lr)
+            if self.group.lr - new_lr > self.eps:
+                self.group.lr = new_lr
+            self.bad_steps = 0
+
+
+# The training graph ---------------------------------------------------------------------------
+
+def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """latents → generator → (swing) teacher → BNS loss, outputs (bns_loss, distilled_images).
+
+    ``teacher`` is in normal form. Returns the model and its trainable names per parameter group
+    (``latents``, ``generator`` or ``pixels``).
+    """
+    io = image_io(teacher)
+    loss_model = bns_loss_model(swing_rewrite(teacher) if cfg.swing else teacher, fused=cfg.fused)
+    image = io.input
+    shape = [cfg.batch, *io.chw]
+    nodes, inits, inputs = [], [], [i for i in loss_model.graph.input if i.name != image]
+    groups: dict[str, list[str]] = {}
+    if cfg.mode == "zeroq":
+        inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), PIXELS))
+        nodes.append(helper.make_node("Identity", [PIXELS], [image], name="pixels_to_image"))
+        groups["pixels"] = [PIXELS]
+    else:
+        gen = build_generator(io.chw, latents=LATENTS, images=image)
+        nodes.extend(gen.graph.node)
+        inits.extend(gen.graph.initializer)
+        groups["generator"] = trainable_names(gen)
+        if cfg.mode == "genie":
+            inits.append(numpy_helper.from_array(np.zeros((cfg.batch, LATENT_DIM), np.float32), LATENTS))
+            groups["latents"] = [LATENTS]
+        else:  # noise: fixed latents are data, fed each step
+            inputs.insert(0, helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [cfg.batch, LATENT_DIM]))
+    clash = {t.name for t in inits} & {t.name for t in loss_model.graph.initializer}
+    if clash:
+        raise UnsupportedModelError(f"the model uses tensor names reserved for the generator ({sorted(clash)[:3]}); "
+                                    "rename them in the model")
+    nodes.append(helper.make_node("Identity", [image], [IMAGES], name=IMAGES))
+    graph = helper.make_graph(
+        nodes + list(loss_model.graph.node), "genie_d", inputs,
+        [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
+         helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)],
+        inits + list(loss_model.graph.initializer))
+    model = helper.make_model(graph, opset_imports=list(loss_model.opset_import), producer_name="onnxgenie")
+    model.ir_version = loss_model.ir_version
+    return shape_inference.infer_shapes(model), groups
+
+
+def initial_values(model: onnx.ModelProto, cfg: DistillConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh parameters for one batch: N(0,1) latents or pixels, a PyTorch-style generator init."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    if cfg.mode == "zeroq":
+        return {PIXELS: rng.standard_normal(shapes[PIXELS]).astype(np.float32)}
+    values = {}
+    if cfg.mode == "genie":
+        values[LATENTS] = rng.standard_normal(shapes[LATENTS]).astype(np.float32)
+    else:
+        values[LATENTS] = rng.standard_normal((cfg.batch, LATENT_DIM)).astype(np.float32)
+    gen = onnx.ModelProto()
+    gen.graph.initializer.extend(t for t in model.graph.initializer if t.name.startswith("generator."))
+    values.update(init_generator(gen, rng))
+    return values
+
+
+# One batch ------------------------------------------------------------------------------------
+
+class BatchDistiller:
+    """Owns one GradientGraph of the training model and distils batches on it, one at a time."""
+
+    def __init__(self, model: onnx.ModelProto, groups: dict[str, list[str]], cfg: DistillConfig, threads: int = 1):
+        self.model, self.cfg, self.groups = model, cfg, groups
+        self.trainable = [n for names in groups.values() for n in names]
+        self.graph = GradientGraph(model, self.trainable, threads=threads)
+
+    def _step(self, feeds: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        inputs = [feeds[n] for n in self.graph.input_names]
+        if inputs:
+            loss, images = self.graph(*inputs)
+            return loss, images
+        # GradientGraph.__call__ cannot convert the OrtValues ORT returns for an input-less graph
+        self.graph.module.lazy_reset_grad()
+        loss, images = self.graph.module()
+        return float(loss.numpy()), images.numpy()
+
+    def run(self, index: int, on_step=None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Distil batch ``index``: (images, loss per step, seconds)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, index])
+        values = initial_values(self.model, cfg, rng)
+        fixed = {LATENTS: values.pop(LATENTS)} if cfg.mode == "noise" else {}
+        self.graph.set_params(values)
+        lrs = {"latents": cfg.lr_latent, "generator": cfg.lr_generator, "pixels": cfg.lr_pixels}
+        groups = {name: ParamGroup(names, lrs[name]) for name, names in self.groups.items()}
+        adam = Adam(list(groups.values()))
+        plateau = [ReduceLROnPlateau(groups[g]) for g in ("latents", "pixels") if g in groups]
+        history = np.zeros(cfg.iters, np.float32)
+        start = time.perf_counter()
+        images = None
+        for step in range(cfg.iters):
+            feeds = dict(fixed)
+            if cfg.swing:
+                feeds.update(swing_feed(*rng.integers(0, 3, size=2)))
+            loss, images = self._step(feeds)
+            history[step] = loss
+            if not np.isfinite(loss):
+                rates = ", ".join(f"{g} {p.lr:g}" for g, p in groups.items())
+                raise DivergenceError(f"batch {index}: the BNS loss became {loss} at step {step} (learning rates "
+                                      f"{rates}); rerun with lower learning rates")
+            self.graph.set_params(adam.step(self.graph.params(), self.graph.grads()))
+            for sched in plateau:
+                sched.step(loss)
+            if "generator" in groups and (step + 1) % 100 == 0:
+                groups["generator"].lr *= 0.95
+            if on_step is not None:
+                on_step(step, loss)
+        return np.ascontiguousarray(images, np.float32), history, time.perf_counter() - start
+
+
+# Work directory, resume -----------------------------------------------------------------------
+
+def batch_path(workdir: Path, index: int) -> Path:
+    return workdir / f"batch_{index:04d}.npz"
+
+
+def _save_batch(workdir: Path, index: int, images: np.ndarray, history: np.ndarray, seconds: float) -> None:
+    tmp = workdir / f".batch_{index:04d}.tmp.npz"
+    np.savez(tmp, images=images, loss_history=history, seconds=np.float64(seconds))
+    os.replace(tmp, batch_path(workdir, index))
+
+
+def _run_config(model: onnx.ModelProto, cfg: DistillConfig) -> dict:
+    return {"model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(), **asdict(cfg)}
+
+
+def _prepare_workdir(workdir: Path, config: dict, resume: bool) -> list[int]:
+    """Check or write the run's config; return the batch indices already finished."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / CONFIG_FILE
+    done = sorted(int(p.stem.split("_")[1]) for p in workdir.glob("batch_*.npz"))
+    if cfg_file.exists() or done:
+        if not resume:
+            raise BadInputError(f"{workdir} already holds a distillation run ({len(done)} finished batches); "
+                                "add --resume to continue it, or choose an empty --workdir")
+        saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if differ:
+            raise ResumeMismatchError(f"{workdir} was made with a different {', '.join(differ)}; resume with the "
+                                      "same model and flags, or choose a new --workdir")
+        return [b for b in done if b < config["n_batches"]]
+    tmp = workdir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=1))
+    os.replace(tmp, cfg_file)
+    return []
+
+
+# Parallel workers (spawn: each builds its own GradientGraph, one ORT thread) ---------------------
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_bytes: bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    _WORKER.update(distiller=BatchDistiller(model, groups, cfg, threads=1), workdir=Path(workdir), steps=steps)
+
+
+def _worker_run(index: int) -> tuple[int, float]:
+    steps = _WORKER["steps"]
+
+    def on_step(step, loss):
+        if (step + 1) % 10 == 0:
+            steps.put(10)
+
+    images, history, seconds = _WORKER["distiller"].run(index, on_step)
+    _save_batch(_WORKER["workdir"], index, images, history, seconds)
+    return index, float(history[-1])
+
+
+def _progress(total: int, enabled: bool, **kw):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):
+    distiller = BatchDistiller(model, groups, cfg, threads=threads)
+    with _progress(len(todo), progress, desc="batches", unit="batch", position=0) as overall:
+        for index in todo:
+            with _progress(cfg.iters, progress, desc=f"batch {index}", unit="step", position=1,
+                           leave=False) as bar:
+                def on_step(step, loss):
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                images, history, seconds = distiller.run(index, on_step)
+            _save_batch(workdir, index, images, history, seconds)
+            overall.update(1)
+            overall.set_postfix(last_loss=f"{history[-1]:.3f}")
+
+
+def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs):
+    ctx = mp.get_context("spawn")
+    steps = ctx.Queue()
+    with _progress(len(todo) * cfg.iters, progress, desc=f"{len(todo)} batches on {jobs} workers",
+                   unit="step") as bar:
+        def drain():
+            while True:
+                n = steps.get()
+                if n is None:
+                    return
+                bar.update(n)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            with ctx.Pool(jobs, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps)) as pool:
+                for _ in pool.imap_unordered(_worker_run, todo):
+                    pass
+        finally:
+            steps.put(None)
+            reader.join(timeout=5)
+
+
+# Public entry point -----------------------------------------------------------------------------
+
+def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iters: int = 500, mode: str = "genie",
+            swing: bool = True, seed: int = 0, jobs: int = 1, workdir: str | None = None, resume: bool = False,
+            progress: bool = True, *, lr_latent: float = 0.1, lr_generator: float = 0.01, lr_pixels: float = 0.5,
+            fused: bool = True, threads: int = 1) -> tuple[np.ndarray, dict]:
+    """GENIE-D: ``n_images`` synthetic images (float32 NCHW, the model's input space) and an info dict.
+
+    ``n_images`` is rounded up to a whole number of batches (said on stderr). Finished batches are
+    kept in ``workdir`` (``batch_0003.npz``); ``resume=True`` continues a run there. ``jobs`` > 1
+    distils batches in that many processes with one ORT thread each; ``threads`` is the ORT thread
+    count when ``jobs`` == 1.
+    """
+    if mode not in MODES:
+        raise BadInputError(f"unknown distillation mode {mode!r}; use one of {', '.join(MODES)}")
+    for name, value in (("images", n_images), ("batch", batch), ("iters", iters), ("jobs", jobs)):
+        if int(value) < 1:
+            raise BadInputError(f"--{name} must be at least 1 (got {value})")
+    if resume and workdir is None:
+        raise BadInputError("--resume needs the --workdir of the interrupted run")
+    teacher = normalize(model)
+    require_bn(teacher)
+    if nhwc_transpose(teacher) is not None:
+        raise UnsupportedModelError("the model takes NHWC images, which distillation does not support yet; "
+                                    "export it with an NCHW input")
+    batch = min(batch, n_images)
+    n_batches = math.ceil(n_images / batch)
+    if n_batches * batch != n_images:
+        print(f"onnxgenie: note: {n_images} images is not a multiple of the batch size {batch}; "
+              f"distilling {n_batches * batch} ({n_batches} batches)", file=sys.stderr)
+    cfg = DistillConfig(n_batches, batch, iters, mode, bool(swing), seed, lr_latent, lr_generator, lr_pixels, fused)
+    tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-distill-") if workdir is None else None
+    work = Path(tmp.name if tmp else workdir)
+    try:
+        done = _prepare_workdir(work, _run_config(model, cfg), resume)
+        todo = [b for b in range(n_batches) if b not in done]
+        start = time.perf_counter()
+        if todo:
+            train_model, groups = training_model(teacher, cfg)
+            jobs = min(jobs, len(todo))
+            if jobs > 1:
+                _run_parallel(train_model, groups, cfg, todo, work, progress, jobs)
+            else:
+                _run_sequential(train_model, groups, cfg, todo, work, progress, threads)
+        files = [np.load(batch_path(work, b)) for b in range(n_batches)]
+        images = np.concatenate([f["images"] for f in files])
+        history = np.stack([f["loss_history"] for f in files])
+        batch_seconds = np.array([float(f["seconds"]) for f in files])
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    info = {"loss_history": history, "final_losses": history[:, -1], "seconds": time.perf_counter() - start,
+            "seconds_per_step": float(batch_seconds.mean() / iters), "resumed_batches": done,
+            "mode": mode, "swing": bool(swing), "n_images": int(images.shape[0])}
+    return images, info

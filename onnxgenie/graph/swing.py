@@ -1,0 +1,77 @@
+"""Swing convolution (GENIE-D, Sec. 3.1) as a graph rewrite.
+
+Every Conv with a stride > 1 reads ``crop(reflect_pad(x, 1), offset)`` instead of ``x``: the input
+is shifted by up to one pixel in each direction, so a strided conv sees every input position over
+the course of distillation instead of the same sub-grid each step. Reflection is built from Gather
+along H and W with a reflected index vector (Pad has no gradient in reflect mode in
+onnxruntime-training), and the crop is a Slice whose starts are the two graph inputs
+``SWING_INPUTS`` (int64 [1], each in {0, 1, 2}). Offsets (1, 1) give back the original model exactly.
+
+All rewritten convs share the two offsets (the reference draws them per layer). Strided pooling and
+strided Slice are left alone, as in the reference, which swings only Conv modules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+SWING_INPUTS = ("swing_offset_h", "swing_offset_w")
+
+
+def _strided(node: onnx.NodeProto) -> bool:
+    strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [])
+    return node.op_type == "Conv" and any(s > 1 for s in strides)
+
+
+def reflect_index(size: int) -> np.ndarray:
+    """Indices of ``reflect_pad(range(size), 1)``: [1, 0, 1, ..., size-1, size-2]."""
+    return np.concatenate([[1], np.arange(size), [size - 2]]).astype(np.int64)
+
+
+def _spatial_shape(model: onnx.ModelProto, tensor: str) -> tuple[int, int]:
+    infos = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    for vi in infos:
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:]):
+                return dims[2].dim_value, dims[3].dim_value
+    raise ValueError(f"no static spatial shape for {tensor}; run graph.load.normalize first")
+
+
+def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose strided convs read a reflect-padded input cropped at the offsets."""
+    out = onnx.ModelProto()
+    out.CopyFrom(shape_inference.infer_shapes(model))
+    offsets = helper.make_node("Concat", list(SWING_INPUTS), ["swing_starts"], name="swing_starts", axis=0)
+    nodes, inits, rewritten = [offsets], [numpy_helper.from_array(np.array([2, 3], np.int64), "swing_axes")], 0
+    for node in out.graph.node:
+        if not _strided(node):
+            nodes.append(node)
+            continue
+        x, tag = node.input[0], f"swing{rewritten}"
+        h, w = _spatial_shape(out, x)
+        inits += [numpy_helper.from_array(reflect_index(h), f"{tag}_idx_h"),
+                  numpy_helper.from_array(reflect_index(w), f"{tag}_idx_w"),
+                  numpy_helper.from_array(np.array([h, w], np.int64), f"{tag}_hw")]
+        nodes += [helper.make_node("Gather", [x, f"{tag}_idx_h"], [f"{tag}_pad_h"], name=f"{tag}_pad_h", axis=2),
+                  helper.make_node("Gather", [f"{tag}_pad_h", f"{tag}_idx_w"], [f"{tag}_pad"], name=f"{tag}_pad",
+                                   axis=3),
+                  helper.make_node("Add", ["swing_starts", f"{tag}_hw"], [f"{tag}_ends"], name=f"{tag}_ends"),
+                  helper.make_node("Slice", [f"{tag}_pad", "swing_starts", f"{tag}_ends", "swing_axes"],
+                                   [f"{tag}_crop"], name=f"{tag}_crop")]
+        node.input[0] = f"{tag}_crop"
+        nodes.append(node)
+        rewritten += 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes if rewritten else nodes[1:])
+    if rewritten:
+        out.graph.initializer.extend(inits)
+        out.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.INT64, [1]) for n in SWING_INPUTS)
+    del out.graph.value_info[:]
+    return shape_inference.infer_shapes(out)
+
+
+def swing_feed(offset_h: int, offset_w: int) -> dict[str, np.ndarray]:
+    return {SWING_INPUTS[0]: np.array([offset_h], np.int64), SWING_INPUTS[1]: np.array([offset_w], np.int64)}
