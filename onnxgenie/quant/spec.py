@@ -68,14 +68,18 @@ class ActQuant:
         return int_range(self.bits, self.signed)
 
 
+TARGETS = ("ort", "tensorrt")
+
+
 @dataclass
 class QuantPlan:
     weights: dict[str, WeightQuant] = field(default_factory=dict)   # by node name
     acts: dict[str, ActQuant] = field(default_factory=dict)         # by tensor name
+    target: str = "ort"        # "tensorrt": symmetric int8 storage, biases as int32 (s_x * s_w)
 
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-able metadata, arrays) for saving with ``np.savez``."""
-        meta: dict = {"weights": {}, "acts": {}}
+        meta: dict = {"weights": {}, "acts": {}, "target": self.target}
         arrays: dict[str, np.ndarray] = {}
         for i, (name, w) in enumerate(self.weights.items()):
             d = {k: v for k, v in asdict(w).items() if k not in ("scale", "zero_point", "wint")}
@@ -89,7 +93,7 @@ class QuantPlan:
 
     @classmethod
     def from_arrays(cls, meta: dict, arrays) -> "QuantPlan":
-        plan = cls()
+        plan = cls(target=meta.get("target", "ort"))
         for name, d in meta["weights"].items():
             d = dict(d)
             key = d.pop("key")

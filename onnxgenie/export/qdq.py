@@ -1,0 +1,161 @@
+"""QDQ export (opset 21, IR 10): integer weights + per-channel DequantizeLinear, Q->DQ on activations.
+
+The exported model computes exactly what ``quant.fakequant.fakequant_model`` simulates:
+DequantizeLinear(wint) == WeightQuant.dequantized(), and Q->DQ == Div/Round/Clip/Mul.
+``target="tensorrt"`` follows TensorRT's explicit-quantization rules: zero points 0, int8 storage
+only (lower-bit weights are int8 values inside the narrow b-bit range), weights in [-127, 127],
+per-tensor activations, int32 biases with scale s_x * s_w, Q/DQ on both inputs of residual Adds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+from ..errors import BadInputError, UnsupportedModelError
+from ..quant.fakequant import bias_scale, insert_before_consumers, quantize_bias, rewire
+from ..quant.spec import ActQuant, QuantPlan, WeightQuant
+
+EXPORT_OPSET = 21
+EXPORT_IR = 10
+
+
+def storage_type(bits: int, signed: bool, target: str) -> int:
+    """Smallest ONNX integer type holding the grid (int8 only for TensorRT)."""
+    if bits <= 4 and target != "tensorrt":
+        return TensorProto.INT4 if signed else TensorProto.UINT4
+    return TensorProto.INT8 if signed else TensorProto.UINT8
+
+
+def _int_tensor(name: str, values: np.ndarray, dtype: int) -> onnx.TensorProto:
+    values = np.asarray(values)
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):  # two 4-bit values per byte, low nibble first
+        flat = np.concatenate([values.astype(np.int32).ravel(), np.zeros(values.size % 2, np.int32)]) & 0xF
+        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+        return helper.make_tensor(name, dtype, values.shape, packed.tobytes(), raw=True)
+    np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[dtype]
+    return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def check_target(plan: QuantPlan) -> None:
+    if plan.target != "tensorrt":
+        return
+    for a in plan.acts.values():
+        if a.bits != 8 or not a.signed or a.zero_point != 0:
+            raise BadInputError(f"activation {a.tensor} is {a.bits}-bit {'signed' if a.signed else 'unsigned'}; "
+                                "TensorRT runs signed int8 activations only: use --abits 8 or --target ort")
+    for w in plan.weights.values():
+        if not (w.symmetric and w.narrow) or np.any(w.zero_point != 0):
+            raise BadInputError(f"weight of {w.node} is not symmetric narrow-range; TensorRT needs zero points 0: "
+                                "build the plan with target='tensorrt'")
+
+
+def _weight_dq(wq: WeightQuant, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    dtype = storage_type(wq.bits, wq.signed, target)
+    p = wq.weight
+    inits = [_int_tensor(f"{p}_quantized", wq.wint, dtype),
+             numpy_helper.from_array(wq.scale.astype(np.float32), f"{p}_scale"),
+             _int_tensor(f"{p}_zero_point", wq.zero_point, dtype)]
+    node = helper.make_node("DequantizeLinear", [f"{p}_quantized", f"{p}_scale", f"{p}_zero_point"], [p],
+                            name=f"{p}_DequantizeLinear", axis=wq.axis)
+    return [node], inits
+
+
+def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    qmin, qmax = act.qrange
+    dtype = storage_type(act.bits, act.signed, target)
+    p = act.tensor
+    inits = [numpy_helper.from_array(np.float32(act.scale), f"{p}_scale"),
+             _int_tensor(f"{p}_zero_point", np.array(act.zero_point), dtype)]
+    nodes, x = [], p
+    if act.bits not in (4, 8):  # a 5-7 bit grid in an 8-bit container: clip to the grid's range first
+        inits += [numpy_helper.from_array(np.float32(qmin * np.float32(act.scale)), f"{p}_clip_min"),
+                  numpy_helper.from_array(np.float32(qmax * np.float32(act.scale)), f"{p}_clip_max")]
+        nodes.append(helper.make_node("Clip", [p, f"{p}_clip_min", f"{p}_clip_max"], [f"{p}_clipped"],
+                                      name=f"{p}_Clip"))
+        x = f"{p}_clipped"
+    nodes += [helper.make_node("QuantizeLinear", [x, f"{p}_scale", f"{p}_zero_point"], [f"{p}_quantized"],
+                               name=f"{p}_QuantizeLinear"),
+              helper.make_node("DequantizeLinear", [f"{p}_quantized", f"{p}_scale", f"{p}_zero_point"],
+                               [f"{p}_dequantized"], name=f"{p}_DequantizeLinear")]
+    return nodes, inits, f"{p}_dequantized"
+
+
+def _to_export_opset(folded: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        model = version_converter.convert_version(folded, EXPORT_OPSET)
+    except Exception as err:
+        raise UnsupportedModelError(f"cannot convert the model to opset {EXPORT_OPSET} for QDQ export "
+                                    f"({str(err).splitlines()[0][:120]}); report the model's op list") from None
+    model.ir_version = EXPORT_IR
+    return model
+
+
+def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> onnx.ModelProto:
+    """The deployable QDQ model of ``plan`` (scales must be initialised). ``folded`` is not changed."""
+    check_target(plan)
+    model = _to_export_opset(folded)
+    nodes_by_name = {n.name: n for n in model.graph.node}
+    params = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    drop: set[str] = set()
+    new_inits: list[onnx.TensorProto] = []
+    dq_nodes: list[onnx.NodeProto] = []
+    for wq in plan.weights.values():
+        nodes, inits = _weight_dq(wq, plan.target)
+        dq_nodes += nodes
+        new_inits += inits
+        drop.add(wq.weight)
+        node = nodes_by_name[wq.node]
+        scale = bias_scale(plan, node)
+        if scale is not None:
+            b = node.input[2]
+            drop.add(b)
+            new_inits += [_int_tensor(f"{b}_quantized", quantize_bias(params[b], scale), TensorProto.INT32),
+                          numpy_helper.from_array(scale, f"{b}_scale"),
+                          _int_tensor(f"{b}_zero_point", np.zeros(scale.shape, np.int32), TensorProto.INT32)]
+            dq_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"],
+                                             [b], name=f"{b}_DequantizeLinear", axis=0))
+    keep = [t for t in model.graph.initializer if t.name not in drop]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    for i, node in enumerate(dq_nodes):
+        model.graph.node.insert(i, node)
+    for act in plan.acts.values():
+        nodes, inits, out = _act_qdq(act, plan.target)
+        model.graph.initializer.extend(inits)
+        insert_before_consumers(model, act.tensor, nodes)
+        rewire(model, act.tensor, act.consumers, out)
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    if check:
+        check_export(model)
+    return model
+
+
+def check_export(model: onnx.ModelProto) -> None:
+    """Full ONNX check and finite parameters; raises on failure."""
+    onnx.checker.check_model(model, full_check=True)
+    for t in model.graph.initializer:
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            if not np.isfinite(numpy_helper.to_array(t)).all():
+                raise UnsupportedModelError(f"exported parameter {t.name} has NaN/Inf values; check the input "
+                                            "model's weights and BN statistics")
+
+
+def weight_grid_errors(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, float]:
+    """Max |exported dequantized weight - plan.dequantized()| per weight (0.0 means exactly on its grid)."""
+    params = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for wq in plan.weights.values():
+        q = numpy_helper.to_array(params[f"{wq.weight}_quantized"]).astype(np.int64)
+        z = numpy_helper.to_array(params[f"{wq.weight}_zero_point"]).astype(np.int64)
+        s = numpy_helper.to_array(params[f"{wq.weight}_scale"]).astype(np.float32)
+        qmin, qmax = wq.qrange
+        if q.min() < qmin or q.max() > qmax:
+            out[wq.node] = float("inf")
+            continue
+        shape = wq.bshape(q.ndim)
+        deq = ((q - z.reshape(shape)).astype(np.float32) * s.reshape(shape)).astype(np.float32)
+        out[wq.node] = float(np.abs(deq - wq.dequantized()).max())
+    return out

@@ -1,0 +1,137 @@
+"""Step-size initialisation: the step minimising the L_p quantization error, p = 2.4 (GENIE/BRECQ).
+
+For each channel (weights) or tensor (activations) the range is shrunk by clip ratios 1.00, 0.99,
+..., 0.01 and the step with the smallest mean |x - Q(x)|^p is kept (the first one on ties).
+Symmetric quantizers search the max-abs range with zero point 0; asymmetric ones the min/max range
+(widened to contain 0) with the zero point that puts the minimum on the grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph.bn import initializers
+from .spec import ActQuant, QuantPlan, int_range
+
+P_NORM = 2.4
+CLIP_RATIOS = np.arange(100, 0, -1, dtype=np.float32) / np.float32(100)
+MAX_SAMPLES = 1 << 18  # activation values scored per tensor (the range is taken from all values)
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """scale * (clip(round(x / scale) + zp, qmin, qmax) - zp), float32, round half to even like ONNX."""
+    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).astype(np.float32)
+
+
+def _candidates(x: np.ndarray, ratio: np.float32, qmin: int, qmax: int, symmetric: bool,
+                lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step and zero point of each row for one clip ratio."""
+    if symmetric:
+        top = np.maximum(np.abs(lo), np.abs(hi)) * ratio
+        bottom = -top if qmin < 0 else np.zeros_like(top)
+        scale = (top - bottom) / np.float32(qmax - qmin)
+        zero = np.zeros_like(scale)
+    else:
+        top, bottom = hi * ratio, lo * ratio
+        scale = (top - bottom) / np.float32(qmax - qmin)
+        zero = np.clip(np.round(qmin - bottom / np.where(scale > 0, scale, 1)), qmin, qmax)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # all-zero rows: any step is exact
+    return scale, zero.astype(np.float32)
+
+
+def lp_search(x: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = P_NORM,
+              lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (x is [rows, n]) step and zero point minimising mean |x - Q(x)|^p over the clip ratios.
+
+    ``lo``/``hi`` override the row ranges (used when ``x`` is a sample of a larger tensor).
+    """
+    x = x.astype(np.float32)
+    lo = np.minimum(x.min(axis=1) if lo is None else lo, 0).astype(np.float32)
+    hi = np.maximum(x.max(axis=1) if hi is None else hi, 0).astype(np.float32)
+    best = np.full(x.shape[0], np.inf)
+    best_scale = np.ones(x.shape[0], np.float32)
+    best_zero = np.zeros(x.shape[0], np.float32)
+    for ratio in CLIP_RATIOS:
+        scale, zero = _candidates(x, ratio, qmin, qmax, symmetric, lo, hi)
+        err = np.abs(x - fake_quant(x, scale[:, None], zero[:, None], qmin, qmax))
+        score = (err ** np.float32(p)).mean(axis=1, dtype=np.float64)
+        better = score < best
+        best = np.where(better, score, best)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    return best_scale.astype(np.float32), best_zero.astype(np.int32)
+
+
+def init_weights(folded: onnx.ModelProto, plan: QuantPlan, p: float = P_NORM) -> QuantPlan:
+    """Fill scale, zero_point and round-to-nearest ``wint`` of every weight quantizer (in place; returned)."""
+    inits = initializers(folded)
+    for wq in plan.weights.values():
+        w = inits[wq.weight].astype(np.float32)
+        rows = np.moveaxis(w, wq.axis, 0).reshape(w.shape[wq.axis], -1)
+        qmin, qmax = wq.qrange
+        wq.scale, wq.zero_point = lp_search(rows, qmin, qmax, wq.symmetric, p)
+        wq.wint = quantize_weight(w, wq.scale, wq.zero_point, wq.axis, qmin, qmax)
+    return plan
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int,
+                    qmin: int, qmax: int) -> np.ndarray:
+    """Round-to-nearest integer weights (zero point included), int32."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    s, z = scale.reshape(shape).astype(np.float32), zero_point.reshape(shape).astype(np.float32)
+    return np.clip(np.round(w.astype(np.float32) / s) + z, qmin, qmax).astype(np.int32)
+
+
+def activation_batches(folded: onnx.ModelProto, tensors: list[str], images: np.ndarray,
+                       batch_size: int = 64, threads: int = 1):
+    """Run the float model on ``images`` (NCHW float32) with ``tensors`` as extra outputs; yields
+    ``(batch_images, {tensor: values})`` per batch."""
+    from ..ortrain import inference_session
+
+    model = onnx.ModelProto()
+    model.CopyFrom(folded)
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+    session = inference_session(model, threads)
+    input_name = session.get_inputs()[0].name
+    for start in range(0, len(images), batch_size):
+        batch = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
+        yield batch, dict(zip(tensors, session.run(tensors, {input_name: batch})))
+
+
+def init_activations(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, batch_size: int = 64,
+                     threads: int = 1, p: float = P_NORM, seed: int = 0) -> QuantPlan:
+    """Per-tensor symmetric steps from calibration images; signed iff the tensor has negative values.
+
+    The range is the exact min/max over all images; the L_p score uses a uniform random sample of
+    about ``MAX_SAMPLES`` nonzero values per tensor (memory stays bounded for any number of images;
+    zeros are quantized exactly by every step, so leaving them out does not change the argmin).
+    """
+    rng = np.random.default_rng(seed)
+    names = list(plan.acts)
+    lo = dict.fromkeys(names, np.inf)
+    hi = dict.fromkeys(names, -np.inf)
+    samples: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    for batch, values in activation_batches(folded, names, images, batch_size, threads):
+        for t, v in values.items():
+            flat = v.ravel()
+            lo[t], hi[t] = min(lo[t], float(flat.min())), max(hi[t], float(flat.max()))
+            flat = flat[flat != 0]  # exact zeros (half of a ReLU output) have zero error at every step
+            keep = int(np.ceil(MAX_SAMPLES * len(batch) / len(images)))
+            samples[t].append(flat if flat.size <= keep else flat[rng.integers(0, flat.size, keep)])
+    for t, act in plan.acts.items():
+        act.signed = plan.target == "tensorrt" or lo[t] < 0
+        qmin, qmax = act.qrange
+        sample = np.concatenate([*samples.pop(t), np.zeros(1, np.float32)])
+        scale, _ = lp_search(sample[None, :], qmin, qmax, True, p,
+                             lo=np.float32([lo[t]]), hi=np.float32([hi[t]]))
+        act.scale, act.zero_point = float(scale[0]), 0
+    return plan
+
+
+def act_fake_quant(x: np.ndarray, act: ActQuant) -> np.ndarray:
+    qmin, qmax = int_range(act.bits, act.signed)
+    return fake_quant(x, np.float32(act.scale), np.float32(act.zero_point), qmin, qmax)

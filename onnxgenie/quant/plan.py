@@ -1,0 +1,150 @@
+"""Which tensors are quantized, to how many bits: the quantization plan of a BN-folded model.
+
+Follows the GENIE/BRECQ setting: weights of every Conv/Gemm/MatMul per output channel, the
+activation entering each of those ops, and the shortcut input of residual Adds (the reference
+quantizes the identity path with the same quantizer as the block's first conv). One quantizer per
+tensor, shared by all its consumers, with the highest bit width any consumer asked for. The first
+layer keeps 8-bit weights and a float input (the image), the second layer's input is 8-bit, and
+the last layer's weights and input are 8-bit (``first_last_bits``).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from ..errors import BadInputError
+from .spec import TARGETS, ActQuant, QuantPlan, WeightQuant
+
+QUANT_OPS = ("Conv", "Gemm", "MatMul")
+WEIGHT_BITS = range(2, 9)
+ACT_BITS = range(4, 9)
+# Ops that move values without changing them: a tensor after them is non-negative iff before.
+_SIGN_PRESERVING = ("Relu", "MaxPool", "Reshape", "Transpose", "Flatten", "Slice", "Pad", "Identity",
+                    "Squeeze", "Unsqueeze", "GlobalAveragePool", "AveragePool", "Concat")
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def weight_axis(node: onnx.NodeProto) -> int:
+    """Output-channel axis of the weight: Conv [O, I, kH, kW] -> 0, Gemm B^T [O, I] -> 0, B [I, O] -> 1."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return 1  # MatMul x @ W, W [I, O]
+
+
+def quantized_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Conv/Gemm/MatMul nodes with an initializer weight, in topological order."""
+    inits = {t.name for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in QUANT_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.input[0] in inits or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+            continue
+        layers.append(node)
+    return layers
+
+
+def residual_adds(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Add nodes whose two inputs are both activations (not constants): the residual joins."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n for n in model.graph.node
+            if n.op_type == "Add" and len(n.input) == 2 and not (set(n.input) & consts)]
+
+
+def _non_negative(model: onnx.ModelProto, tensor: str) -> bool:
+    """True if ``tensor`` is a ReLU output, possibly through value-moving ops (a guess before calibration)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen = set()
+    todo = [tensor]
+    while todo:
+        t = todo.pop()
+        node = producers.get(t)
+        if node is None or node.op_type not in _SIGN_PRESERVING or t in seen:
+            return False
+        seen.add(t)
+        if node.op_type == "Relu":
+            continue
+        todo.extend([node.input[0]] if node.op_type != "Concat" else list(node.input))
+    return True
+
+
+def check_bits(wbits: int, abits: int, first_last_bits: int, target: str) -> None:
+    if target not in TARGETS:
+        raise BadInputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    for what, bits, allowed in (("weight", wbits, WEIGHT_BITS), ("activation", abits, ACT_BITS),
+                                ("first/last layer", first_last_bits, ACT_BITS)):
+        if bits not in allowed:
+            raise BadInputError(f"{what} bit width {bits} is not supported; use {allowed.start} to "
+                                f"{allowed.stop - 1} bits")
+    if target == "tensorrt" and (abits != 8 or first_last_bits != 8):
+        raise BadInputError(f"--target tensorrt runs int8 activations only ({min(abits, first_last_bits)}-bit "
+                            "asked; TensorRT's int4 is weight-only); use --abits 8 or --target ort")
+
+
+def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits: int = 8,
+               target: str = "ort", exclude=()) -> QuantPlan:
+    """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
+
+    ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
+    ``"tensorrt"``: symmetric narrow-range weights, signed activations, and Q/DQ on both inputs of
+    every residual Add. ``exclude`` names nodes that stay float.
+    """
+    check_bits(wbits, abits, first_last_bits, target)
+    names = {n.name for n in folded.graph.node}
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise BadInputError(f"--exclude names no node of the model: {', '.join(unknown)}; "
+                            "see `onnxgenie inspect --plan` for the node names")
+    excluded = set(exclude)
+    graph_inputs = {i.name for i in folded.graph.input}
+    layers = [n for n in quantized_layers(folded)]
+    plan = QuantPlan(target=target)
+    trt = target == "tensorrt"
+
+    def add_act(tensor: str, bits: int, consumer: str) -> None:
+        if tensor in graph_inputs:
+            return  # the image: already quantized by its 8-bit encoding
+        act = plan.acts.get(tensor)
+        if act is None:
+            act = plan.acts[tensor] = ActQuant(tensor, bits, signed=trt or not _non_negative(folded, tensor))
+        act.bits = max(act.bits, bits)
+        act.consumers.append(consumer)
+
+    last = len(layers) - 1
+    for i, node in enumerate(layers):
+        if node.name in excluded:
+            continue
+        edge = i in (0, last)
+        plan.weights[node.name] = WeightQuant(
+            node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
+            symmetric=trt, axis=weight_axis(node), narrow=trt)
+        if i > 0:  # the first layer reads the image
+            add_act(node.input[0], first_last_bits if i in (1, last) else abits, node.name)
+
+    producers = {o: n.op_type for n in folded.graph.node for o in n.output}
+    for add in residual_adds(folded):
+        if add.name in excluded:
+            continue
+        for tensor in add.input:
+            if trt or producers.get(tensor) not in QUANT_OPS:
+                add_act(tensor, abits, add.name)
+    return plan
+
+
+def format_plan(plan: QuantPlan) -> str:
+    """One line per quantizer, for ``onnxgenie inspect --plan``."""
+    lines = [f"target {plan.target}: {len(plan.weights)} weight quantizers, {len(plan.acts)} activation quantizers"]
+    for w in plan.weights.values():
+        kind = "symmetric" if w.symmetric else "asymmetric"
+        lines.append(f"  W{w.bits} {kind:10} axis {w.axis}  {w.node}  ({w.weight})")
+    for a in plan.acts.values():
+        sign = "signed" if a.signed else "unsigned"
+        lines.append(f"  A{a.bits} {sign:10}         {a.tensor}  -> {', '.join(a.consumers)}")
+    return "\n".join(lines)
