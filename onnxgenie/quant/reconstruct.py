@@ -1,0 +1,490 @@
+"""GENIE-M: block-wise reconstruction of a quantized model (GENIE Sec. 3.3, BRECQ's blocks, QDrop).
+
+For each block, in order: the block's ops with softbit weights (``softbits``) and LSQ + QDrop
+activations (``lsq``) form a training graph whose loss is
+
+    L = mean_{batch, positions} Σ_channels (ŷ − y)²  +  λ · Σ_layers Σ (1 − |2h(V) − 1|^β)
+
+(the reconstruction term sums over the channel axis and averages the rest, as the reference code
+does; λ is 0 during the first 20 % of the steps, then β decays linearly from 20 to 2). The input
+is, per element, the FP teacher's block input or the already-quantized prefix's (QDrop); the target
+is the teacher's block output, computed once with onnxruntime inference. Gradients come from
+onnxruntime-training, the Adam steps from NumPy. After a block the soft bits are rounded and the
+plan's integers and steps updated; the block's result is saved so that a rerun resumes after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import BadInputError, ResumeMismatchError
+from ..graph.blocks import Block, extract_block_model, partition_blocks
+from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session
+from .lsq import lsq_quantize, qdrop
+from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
+from .spec import ActQuant, QuantPlan, WeightQuant
+
+QUANTIZERS = ("genie", "adaround")
+DEFAULT_LAMBDA = {"genie": 1.0, "adaround": 0.1}
+LR_WEIGHT_STEP, LR_SOFTBITS, LR_ACT_STEP = 1e-4, 1e-3, 4e-5
+BETA_RANGE, WARMUP = (20.0, 2.0), 0.2
+INPUT_TARGET, INPUT_BETA, INPUT_LAMBDA = "recon_target", "round_beta", "round_lambda"
+
+
+@dataclass
+class TrainNames:
+    """What the training graph expects and learns, for one block."""
+
+    inputs: list[str]                                  # x, target, beta, lambda, masks...
+    mask_tensors: list[str]                            # activation tensor under each mask
+    weight_steps: dict[str, str] = field(default_factory=dict)   # node -> s initializer
+    softbits: dict[str, str] = field(default_factory=dict)       # node -> V initializer
+    bases: dict[str, np.ndarray] = field(default_factory=dict)   # node -> B
+    act_steps: dict[str, str] = field(default_factory=dict)      # tensor -> s_a initializer
+    init: dict[str, np.ndarray] = field(default_factory=dict)    # initial value of every trainable
+
+
+# ----------------------------------------------------------------------------------------------
+# Graphs
+
+def _block_acts(block_model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[ActQuant, list[onnx.NodeProto]]]:
+    """Activation quantizers with consumers inside the block, with those consumers."""
+    nodes = list(block_model.graph.node)
+    out = []
+    for aq in plan.acts.values():
+        users = [n for n in nodes if aq.tensor in n.input and (not aq.consumers or n.name in aq.consumers)]
+        if users:
+            out.append((aq, users))
+    return out
+
+
+def _rewire(users: list[onnx.NodeProto], old: str, new: str) -> None:
+    for node in users:
+        node.input[:] = [new if i == old else i for i in node.input]
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    done, ordered, todo = set(available), [], list(nodes)
+    while todo:
+        ready = [n for n in todo if all(not i or i in done for i in n.input)]
+        if not ready:
+            raise ValueError("cycle or missing tensor while inserting quantizers")
+        for n in ready:
+            ordered.append(n)
+            done.update(n.output)
+        todo = [n for n in todo if n not in ready]
+    return ordered
+
+
+def _finish(model: onnx.ModelProto, b: GraphBuilder, inputs: list[onnx.ValueInfoProto],
+            outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    g = model.graph
+    inits = list(g.initializer) + b.inits
+    available = {t.name for t in inits} | {i.name for i in inputs}
+    nodes = _toposort(list(g.node) + b.nodes, available)
+    graph = helper.make_graph(nodes, g.name, inputs, outputs, inits)
+    out = helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+def _typed_like(model: onnx.ModelProto, tensor: str, name: str) -> onnx.ValueInfoProto:
+    """A value info named ``name`` with ``tensor``'s type and shape (batch axis symbolic)."""
+    g = model.graph
+    found = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    if tensor not in found or not found[tensor].type.tensor_type.HasField("shape"):
+        g = onnx.shape_inference.infer_shapes(model).graph
+        found = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    vi = onnx.ValueInfoProto()
+    vi.CopyFrom(found[tensor])
+    vi.name = name
+    return vi
+
+
+def _weights_of(block_model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[onnx.NodeProto, WeightQuant]]:
+    return [(n, plan.weights[n.name]) for n in block_model.graph.node if n.name in plan.weights]
+
+
+def training_model(block_model: onnx.ModelProto, plan: QuantPlan,
+                   quantizer: str = "genie") -> tuple[onnx.ModelProto, TrainNames]:
+    """The block with softbit weights, LSQ+QDrop activations and the GENIE-M loss as first output."""
+    model = copy.deepcopy(block_model)
+    g = model.graph
+    b = GraphBuilder("recon/")
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    x_in, y_out = g.input[0], g.output[0]
+    names = TrainNames(inputs=[x_in.name, INPUT_TARGET, INPUT_BETA, INPUT_LAMBDA], mask_tensors=[])
+    beta, lam = INPUT_BETA, INPUT_LAMBDA
+
+    round_terms = []
+    for node, wq in _weights_of(model, plan):
+        w = inits[node.input[1]]
+        base, v0 = init_softbits(w, wq.scale, wq.axis)
+        shape = [1] * w.ndim
+        shape[wq.axis] = -1
+        s_name, v_name = f"{wq.weight}/step", f"{wq.weight}/softbits"
+        s0 = wq.scale.astype(np.float32).reshape(shape)
+        b.const(s0, s_name)
+        b.const(v0, v_name)
+        w_q, h = softbit_weight(b, base, wq.zero_point, wq.axis, wq.qrange, s_name, v_name)
+        node.input[1] = w_q
+        names.softbits[node.name] = v_name
+        names.bases[node.name] = base
+        names.init[v_name] = v0
+        if quantizer == "genie":
+            names.weight_steps[node.name] = s_name
+            names.init[s_name] = s0
+        # rounding regulariser: Σ(1 − |2h − 1|^β)
+        sharp = b.op("Pow", b.op("Abs", b.op("Sub", b.op("Mul", h, b.const(2.0)), b.const(1.0))), beta)
+        round_terms.append(b.op("ReduceSum", b.op("Sub", b.const(1.0), sharp), keepdims=0))
+
+    mask_inputs = []
+    for k, (aq, users) in enumerate(_block_acts(model, plan)):
+        s_name = f"{aq.tensor}/act_step"
+        b.const(np.array([aq.scale], np.float32), s_name)
+        names.act_steps[aq.tensor] = s_name
+        names.init[s_name] = np.array([aq.scale], np.float32)
+        mask = f"qdrop_mask_{k}"
+        x_q = lsq_quantize(b, aq.tensor, s_name, aq.qrange)
+        _rewire(users, aq.tensor, qdrop(b, aq.tensor, x_q, mask))
+        names.inputs.append(mask)
+        names.mask_tensors.append(aq.tensor)
+        mask_inputs.append(_typed_like(block_model, aq.tensor, mask))
+
+    diff = b.op("Sub", y_out.name, INPUT_TARGET)
+    per_position = b.op("ReduceSum", b.op("Mul", diff, diff), b.const(np.array([1], np.int64), dtype=np.int64),
+                        keepdims=0)
+    recon = b.op("ReduceMean", per_position, keepdims=0, out="recon_loss")
+    total = recon
+    if round_terms:
+        rounding = round_terms[0]
+        for term in round_terms[1:]:
+            rounding = b.op("Add", rounding, term)   # n-ary Sum has no gradient
+        total = b.op("Add", recon, b.op("Mul", lam, rounding))
+    b.op("Identity", total, out="loss")
+
+    inputs = [x_in, _typed_like(block_model, y_out.name, INPUT_TARGET),
+              helper.make_tensor_value_info(beta, TensorProto.FLOAT, []),
+              helper.make_tensor_value_info(lam, TensorProto.FLOAT, []), *mask_inputs]
+    outputs = [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []),
+               helper.make_tensor_value_info("recon_loss", TensorProto.FLOAT, [])]
+    out = _finish(model, b, inputs, outputs)
+    return out, names
+
+
+def quantized_block_model(block_model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """Inference form of the block with the plan's hard-rounded weights and activation steps."""
+    model = copy.deepcopy(block_model)
+    b = GraphBuilder("quant/")
+    for node, wq in _weights_of(model, plan):
+        node.input[1] = b.const(wq.dequantized(), f"{wq.weight}/dequantized")
+    for aq, users in _block_acts(model, plan):
+        s = b.const(np.float32(aq.scale))
+        c = b.op("Clip", b.op("Div", aq.tensor, s), b.const(float(aq.qrange[0])), b.const(float(aq.qrange[1])))
+        _rewire(users, aq.tensor, b.op("Mul", b.op("Round", c), s))
+    return _finish(model, b, list(model.graph.input), list(model.graph.output))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules (the reference's LinearTempDecay and CosineAnnealingLR)
+
+def round_beta(step: int, iters: int) -> float:
+    start = WARMUP * iters
+    if step < start:
+        return BETA_RANGE[0]
+    rel = (step - start) / max(iters - start, 1)
+    return BETA_RANGE[1] + (BETA_RANGE[0] - BETA_RANGE[1]) * max(0.0, 1.0 - rel)
+
+
+def cosine(base_lr: float, step: int, iters: int) -> float:
+    """Learning rate for 1-based ``step`` (decays to 0 after ``iters`` steps)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def _run_batched(model: onnx.ModelProto, x: np.ndarray, out: np.ndarray | None, threads: int,
+                 chunk: int = 256, extra_outputs: list[str] | None = None):
+    sess = inference_session(model, threads)
+    name = sess.get_inputs()[0].name
+    results = []
+    for i in range(0, len(x), chunk):
+        y = sess.run(None, {name: np.ascontiguousarray(x[i:i + chunk], dtype=np.float32)})
+        if out is None:
+            results.append(y)
+        else:
+            out[i:i + chunk] = y[0]
+    return out if out is not None else results
+
+
+def _output_shape(model: onnx.ModelProto, x: np.ndarray, threads: int) -> tuple[int, ...]:
+    return _run_batched(model, x[:1], None, threads)[0][0].shape[1:]
+
+
+class _Store:
+    """Block inputs/targets: in RAM under the budget, memory-mapped files in the work dir above it."""
+
+    def __init__(self, folder: Path, budget_bytes: int):
+        self.folder, self.budget, self.count = folder, budget_bytes, 0
+
+    def empty(self, shape: tuple[int, ...], live_arrays: int = 3) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * 4
+        if nbytes * live_arrays <= self.budget:
+            return np.empty(shape, np.float32)
+        self.count += 1
+        path = self.folder / f"stream_{self.count % 4}.npy"   # at most 4 files alive
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def _tensor_shapes(block_model: onnx.ModelProto, tensors: list[str], x: np.ndarray,
+                   threads: int) -> list[tuple[int, ...]]:
+    """Per-sample shapes of block tensors (run once on one sample)."""
+    if not tensors:
+        return []
+    model = copy.deepcopy(block_model)
+    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for t in tensors:
+        if t not in known:
+            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    sess = inference_session(model, threads)
+    feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x[:1], np.float32)}
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    values[sess.get_inputs()[0].name] = x[:1]
+    return [tuple(values[t].shape[1:]) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# One block
+
+@dataclass
+class BlockConfig:
+    iters: int
+    batch: int
+    quantizer: str
+    lam: float
+    threads: int = 1
+
+
+def _optimizer(names: TrainNames, lr_scale: float = 1.0) -> Adam:
+    return Adam(groups=[ParamGroup(list(names.weight_steps.values()), LR_WEIGHT_STEP * lr_scale),
+                        ParamGroup(list(names.softbits.values()), LR_SOFTBITS * lr_scale),
+                        ParamGroup(list(names.act_steps.values()), LR_ACT_STEP * lr_scale)])
+
+
+def _step(gg: GradientGraph, *inputs: np.ndarray) -> tuple[float, float]:
+    """Forward+backward; (loss, recon_loss). Calls the ORT module directly because
+    ``GradientGraph.__call__`` cannot convert the (1,)-shaped loss ORT returns next to extra outputs."""
+    gg.module.lazy_reset_grad()
+    loss, recon = gg.module(*[np.ascontiguousarray(x) for x in inputs])
+    return float(np.asarray(loss).reshape(-1)[0]), float(np.asarray(recon).reshape(-1)[0])
+
+
+def _train(gg: GradientGraph, names: TrainNames, x_fp, x_q, y, mask_shapes, cfg: BlockConfig,
+           rng: np.random.Generator, lr_scale: float, progress) -> tuple[dict | None, dict]:
+    """Adam steps on one block; returns the final parameters (None if the loss diverged) and stats."""
+    params = {k: v.copy() for k, v in names.init.items()}
+    gg.set_params(params)
+    adam = _optimizer(names, lr_scale)
+    base_lrs = [g.lr for g in adam.groups]
+    n = len(x_fp)
+    order, pos = rng.permutation(n), 0
+    t_ort, losses, recon_first, recon_last = 0.0, [], None, None
+    for step in range(1, cfg.iters + 1):
+        if pos + cfg.batch > n:
+            order, pos = rng.permutation(n), 0
+        idx = np.sort(order[pos:pos + cfg.batch])
+        pos += cfg.batch
+        xb, xqb = x_fp[idx], x_q[idx]
+        x_mix = np.where(rng.random(xb.shape, dtype=np.float32) < 0.5, xqb, xb)
+        masks = [(rng.random((len(idx), *s), dtype=np.float32) < 0.5).astype(np.float32) for s in mask_shapes]
+        warm = step >= WARMUP * cfg.iters
+        beta = np.array(round_beta(step, cfg.iters), np.float32)
+        lam = np.array(cfg.lam if warm else 0.0, np.float32)
+        t0 = time.perf_counter()
+        loss, recon = _step(gg, x_mix, y[idx], beta, lam, *masks)
+        grads = gg.grads()
+        t_ort += time.perf_counter() - t0
+        if not (np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())):
+            return None, {"diverged_at": step}
+        adam.groups[0].lr = cosine(base_lrs[0], step + 1, cfg.iters)
+        adam.groups[2].lr = cosine(base_lrs[2], step + 1, cfg.iters)
+        params = adam.step(params, grads)
+        t0 = time.perf_counter()
+        gg.set_params(params)
+        t_ort += time.perf_counter() - t0
+        recon_first = recon if recon_first is None else recon_first
+        recon_last = recon
+        losses.append(loss)
+        if progress is not None:
+            progress.update(1)
+    return params, {"recon_first": recon_first, "recon_last": recon_last, "loss_last": losses[-1] if losses else None,
+                    "ort_s": t_ort}
+
+
+def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.ndarray, x_q: np.ndarray,
+                      y: np.ndarray, cfg: BlockConfig, rng: np.random.Generator,
+                      progress=None) -> tuple[dict, dict]:
+    """Learn one block. Returns (updates: {node: (wint, scale)}, {tensor: scale}) and stats.
+
+    Divergence: restart from the block's start with halved learning rates once, then keep RTN.
+    A block whose training graph cannot be built keeps RTN too; the reason is in the stats.
+    """
+    try:
+        model, names = training_model(block_model, plan, cfg.quantizer)
+        mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
+        gg = GradientGraph(model, list(names.init), threads=cfg.threads)
+    except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
+        return {}, {"status": f"rtn (training graph failed: {str(err).strip().splitlines()[0][:160]})"}
+    stats: dict = {}
+    for attempt, lr_scale in enumerate((1.0, 0.5)):
+        params, stats = _train(gg, names, x_fp, x_q, y, mask_shapes, cfg, rng, lr_scale, progress)
+        if params is not None:
+            stats["status"] = "ok" if attempt == 0 else "ok (retried with halved learning rates)"
+            break
+    else:
+        return {}, {**stats, "status": "rtn (loss diverged twice)"}
+    updates = {"weights": {}, "acts": {}}
+    for node, v_name in names.softbits.items():
+        wq = plan.weights[node]
+        s_name = names.weight_steps.get(node)
+        scale = params[s_name].reshape(-1) if s_name else wq.scale
+        wint = hard_round(names.bases[node], params[v_name], wq.zero_point, wq.axis, wq.qrange)
+        updates["weights"][node] = (wint, scale.astype(np.float32))
+    for tensor, s_name in names.act_steps.items():
+        updates["acts"][tensor] = float(params[s_name].reshape(-1)[0])
+    return updates, stats
+
+
+def apply_updates(plan: QuantPlan, updates: dict) -> None:
+    for node, (wint, scale) in updates.get("weights", {}).items():
+        plan.weights[node].wint, plan.weights[node].scale = wint, scale
+    for tensor, scale in updates.get("acts", {}).items():
+        plan.acts[tensor].scale = scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def _save_block(path: Path, key: str, updates: dict, stats: dict) -> None:
+    arrays, meta = {}, {"key": key, "stats": stats, "weights": [], "acts": updates.get("acts", {})}
+    for j, (node, (wint, scale)) in enumerate(updates.get("weights", {}).items()):
+        meta["weights"].append(node)
+        arrays[f"w{j}_wint"], arrays[f"w{j}_scale"] = wint, scale
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+
+
+def _load_block(path: Path, key: str) -> tuple[dict, dict]:
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        if meta["key"] != key:
+            raise ResumeMismatchError(
+                f"{path} was written for another model, plan or reconstruction setting; "
+                "use a fresh work directory or rerun with the same settings")
+        weights = {node: (data[f"w{j}_wint"], data[f"w{j}_scale"]) for j, node in enumerate(meta["weights"])}
+    return {"weights": weights, "acts": meta["acts"]}, meta["stats"]
+
+
+def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg: BlockConfig, seed: int) -> str:
+    h = hashlib.sha256(folded.SerializeToString())
+    meta, arrays = plan.to_arrays()
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for k in sorted(arrays):
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    h.update(np.ascontiguousarray(calib[: min(len(calib), 64)]).tobytes())
+    h.update(json.dumps([len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]).encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, iters: int = 2000,
+                batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
+                workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
+                mem_budget_mb: int = 2048) -> tuple[QuantPlan, dict]:
+    """GENIE-M over all blocks of ``folded`` (BN folded, normal form); returns a new plan and a report.
+
+    ``plan`` must carry initial steps (weights and activations) and round-to-nearest integers;
+    ``calib`` are preprocessed NCHW images (distilled or real). With ``workdir`` finished blocks are
+    saved as ``block_007.npz`` and skipped by a rerun with the same settings.
+    """
+    if quantizer not in QUANTIZERS:
+        raise BadInputError(f"unknown quantizer {quantizer!r}; use one of {', '.join(QUANTIZERS)}")
+    if iters < 1 or batch < 1:
+        raise BadInputError(f"--recon-iters ({iters}) and --recon-batch ({batch}) must be positive")
+    calib = np.asarray(calib, dtype=np.float32)
+    if len(calib) < batch:
+        raise BadInputError(f"{len(calib)} calibration images are fewer than the batch size {batch}; "
+                            "give more images or lower --recon-batch")
+    missing = [n for n, w in plan.weights.items() if w.scale is None or w.zero_point is None] + \
+        [t for t, a in plan.acts.items() if a.scale is None]
+    if missing:
+        raise ValueError(f"plan has quantizers without initial steps: {missing[:3]}")
+    cfg = BlockConfig(iters, batch, quantizer, DEFAULT_LAMBDA[quantizer] if lam is None else float(lam), threads)
+    plan = copy.deepcopy(plan)
+    key = _config_key(folded, plan, calib, cfg, seed)
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-recon-")
+        folder = Path(tmp.name)
+    else:
+        folder = Path(workdir)
+        folder.mkdir(parents=True, exist_ok=True)
+    store = _Store(folder, mem_budget_mb * 2 ** 20)
+    blocks = partition_blocks(folded, quantized=list(plan.weights))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=iters * len(blocks), desc="reconstruct", unit="step", leave=False)
+    report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "iters": iters, "batch": batch,
+              "images": len(calib)}
+    t_start = time.perf_counter()
+    x_fp = x_q = calib
+    try:
+        for i, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            fp_model = extract_block_model(folded, block)
+            y = store.empty((len(calib), *_output_shape(fp_model, x_fp, threads)))
+            _run_batched(fp_model, x_fp, y, threads)
+            path = folder / f"{block.name}.npz"
+            if workdir is not None and path.exists():
+                updates, stats = _load_block(path, key)
+                stats = {**stats, "status": "resumed"}
+                if bar is not None:
+                    bar.update(iters)
+            else:
+                rng = np.random.default_rng([seed, i])
+                updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, bar)
+                if workdir is not None:
+                    _save_block(path, key, updates, stats)
+            apply_updates(plan, updates)
+            x_q_next = store.empty(y.shape)
+            _run_batched(quantized_block_model(fp_model, plan), x_q, x_q_next, threads)
+            x_fp, x_q = y, x_q_next
+            report["blocks"].append({"name": block.name, "layers": len(block.quantized_nodes),
+                                     "wall_s": round(time.perf_counter() - t0, 3), **stats})
+    finally:
+        if bar is not None:
+            bar.close()
+        del x_fp, x_q
+        if tmp is not None:
+            tmp.cleanup()
+    wall = time.perf_counter() - t_start
+    ort = sum(b.get("ort_s", 0.0) for b in report["blocks"])
+    report.update(wall_s=round(wall, 3), ort_train_s=round(ort, 3), ort_fraction=round(ort / wall, 3) if wall else 0.0,
+                  rtn_blocks=[b["name"] for b in report["blocks"] if str(b.get("status", "")).startswith("rtn")])
+    return plan, report
