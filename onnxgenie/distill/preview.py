@@ -1,0 +1,31 @@
+"""A contact sheet of distilled images (Pillow), for a quick look at what GENIE-D produced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, limit: int = 64, zoom: int = 2) -> Path:
+    """The first ``limit`` NCHW images, each stretched to its own 1st–99th percentile, in a grid."""
+    from PIL import Image
+
+    x = np.asarray(images[:limit], np.float32)
+    lo = np.percentile(x, 1, axis=(1, 2, 3), keepdims=True)
+    hi = np.percentile(x, 99, axis=(1, 2, 3), keepdims=True)
+    x = np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    x = (x * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)  # NHWC
+    if x.shape[-1] not in (1, 3):
+        x = x[..., :3] if x.shape[-1] > 3 else x[..., :1]
+    n, h, w, c = x.shape
+    rows = -(-n // columns)
+    sheet = np.full((rows * (h + 2), min(n, columns) * (w + 2), c), 255, np.uint8)
+    for i, img in enumerate(x):
+        r, col = divmod(i, columns)
+        sheet[r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = img
+    pic = Image.fromarray(sheet[..., 0] if c == 1 else sheet)
+    pic = pic.resize((pic.width * zoom, pic.height * zoom), Image.NEAREST)
+    path = Path(path)
+    pic.save(path)
+    return path
