@@ -283,6 +283,13 @@ def _optimizer(names: TrainNames, lr_scale: float = 1.0) -> Adam:
                         ParamGroup(list(names.act_steps.values()), LR_ACT_STEP * lr_scale)])
 
 
+def coin_flips(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A {0, 1} float32 array, each element 1 with probability 0.5 (one random bit per element)."""
+    n = int(np.prod(shape))
+    bits = np.unpackbits(np.frombuffer(rng.bytes((n + 7) // 8), np.uint8), count=n)
+    return bits.reshape(shape).astype(np.float32)
+
+
 def _step(gg: GradientGraph, *inputs: np.ndarray) -> tuple[float, float]:
     """Forward+backward; (loss, recon_loss). Calls the ORT module directly because
     ``GradientGraph.__call__`` cannot convert the (1,)-shaped loss ORT returns next to extra outputs."""
@@ -307,8 +314,8 @@ def _train(gg: GradientGraph, names: TrainNames, x_fp, x_q, y, mask_shapes, cfg:
         idx = np.sort(order[pos:pos + cfg.batch])
         pos += cfg.batch
         xb, xqb = x_fp[idx], x_q[idx]
-        x_mix = np.where(rng.random(xb.shape, dtype=np.float32) < 0.5, xqb, xb)
-        masks = [(rng.random((len(idx), *s), dtype=np.float32) < 0.5).astype(np.float32) for s in mask_shapes]
+        x_mix = np.where(coin_flips(rng, xb.shape) > 0, xqb, xb)
+        masks = [coin_flips(rng, (len(idx), *s)) for s in mask_shapes]
         warm = step >= WARMUP * cfg.iters
         beta = np.array(round_beta(step, cfg.iters), np.float32)
         lam = np.array(cfg.lam if warm else 0.0, np.float32)
