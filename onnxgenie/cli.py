@@ -17,8 +17,56 @@ def _cmd_inspect(args) -> int:
     from .inspect import format_summary, inspect_model
 
     info = inspect_model(args.model, input_hw=tuple(args.input_size) if args.input_size else None)
+    if args.plan:
+        from .pipeline import prepare
+        from .quant.plan import build_plan, format_plan
+
+        plan = build_plan(prepare(args.model)[1], args.wbits, args.abits, args.first_last_bits, args.target)
+        if args.json:
+            info["plan"] = plan.to_arrays()[0]
+        else:
+            print(format_plan(plan))
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.data, args.mean, args.std, args.reference, threads=args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"top-1 {result['top1']:.2f} % on {result['images']} images"
+        if "agreement" in result:
+            line += f"; reference top-1 {result['reference_top1']:.2f} %, agreement {result['agreement']:.2f} %"
+        print(line)
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .pipeline import QuantizeConfig, run_quantize
+
+    calib = "data" if args.calib_data else args.calib
+    config = QuantizeConfig(
+        wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
+        exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, distill_iters=args.distill_iters,
+        jobs=args.jobs or (_auto_jobs(-(-args.calib_images // 128)) if calib == "distill" else 1),
+        reconstruct=not args.no_reconstruct, seed=args.seed, threads=args.threads, workdir=args.workdir,
+        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
+    info = run_quantize(args.model, args.output, config, args.calib_data, args.overwrite)
+    if args.json:
+        print(json.dumps({k: v for k, v in info.items() if k != "reconstruction"}))
+    return 0
+
+
+def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) -> None:
+    p.add_argument("--wbits", type=int, default=wbits, required=wbits is None, help="weight bits (2-8)")
+    p.add_argument("--abits", type=int, default=abits, required=abits is None, help="activation bits (4-8)")
+    p.add_argument("--first-last-bits", type=int, default=8,
+                   help="bits of the first/last layer's weights and of the 2nd/last layer's input (default 8)")
+    p.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
+                   help="ort: asymmetric per-channel weights; tensorrt: int8, zero points 0, int32 biases")
 
 
 def _auto_jobs(n_batches: int) -> int:
@@ -70,7 +118,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="fix a dynamic input size")
+    p.add_argument("--plan", action="store_true", help="also show the quantization plan (see --wbits/--abits)")
+    _add_bits(p, 4, 4)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("eval", help="top-1 accuracy on a labelled .npz, and agreement with a reference model")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help=".npz with images (uint8 NHWC or float32 NCHW) and labels")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 images (after /255)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 images (after /255)")
+    p.add_argument("--reference", metavar="FP.onnx", help="also report top-1 agreement with this model")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a model and export it as QDQ ONNX")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (refused if it exists, see --overwrite)")
+    _add_bits(p, None, None)
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
+    p.add_argument("--no-reconstruct", action="store_true", help="step initialisation only (no GENIE-M)")
+    p.add_argument("--calib", choices=("distill", "noise"), default="distill",
+                   help="calibration images without --calib-data: GENIE-D (default) or Gaussian noise")
+    p.add_argument("--calib-data", metavar="X.npz", help="real (or previously distilled) calibration images")
+    p.add_argument("--calib-images", type=int, default=256, help="number of calibration images (default 256)")
+    p.add_argument("--distill-iters", type=int, default=500, help="GENIE-D steps per batch (default 500)")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
+    p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
+    p.add_argument("--workdir", help="keep finished distillation batches / reconstructed blocks here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print the run's info as JSON")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("distill", help="GENIE-D: distil synthetic calibration images from the BN statistics")
     p.add_argument("model")

@@ -1,0 +1,186 @@
+"""``onnxgenie quantize``: the stages from a float model to a QDQ model, one plain call each.
+
+    normalize -> fold BN -> plan -> weight steps -> calibration images -> activation steps
+    -> [GENIE-M reconstruction] -> QDQ export -> parity check -> atomic write
+
+Calibration images are distilled with GENIE-D (zero-shot, the default), read from a file
+(``calib="data"``) or drawn as Gaussian noise (``calib="noise"``, the naive zero-shot baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import BadInputError, OnnxGenieError
+from .export.qdq import export_qdq
+from .graph.bn import fold_bn
+from .graph.load import image_io, load_model, normalize
+from .quant.fakequant import fakequant_model
+from .quant.init import init_activations, init_weights
+from .quant.plan import build_plan, check_bits
+from .quant.spec import QuantPlan
+
+CALIB_SOURCES = ("distill", "data", "noise")
+PARITY_TOLERANCE = 1e-4  # of the logit range
+PARITY_IMAGES = 16
+# The simulation and the export agree bit for bit at this level; ORT_ENABLE_ALL re-lays-out the float
+# convolutions of the simulation (NCHWc), which changes float sums and so a few rounding decisions.
+PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    wbits: int = 4
+    abits: int = 4
+    first_last_bits: int = 8
+    target: str = "ort"
+    exclude: tuple[str, ...] = ()
+    calib: str = "distill"
+    calib_images: int = 256
+    distill_iters: int = 500
+    jobs: int = 1                       # distillation worker processes
+    act_batch: int = 64
+    reconstruct: bool = False
+    recon_iters: int = 2000
+    recon_batch: int = 32
+    seed: int = 0
+    threads: int = 1
+    workdir: str | None = None
+    progress: bool = True
+    mean: tuple[float, ...] | None = None  # preprocessing of uint8 calibration files
+    std: tuple[float, ...] | None = None
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto            # the exported QDQ model
+    plan: QuantPlan
+    simulation: onnx.ModelProto       # the float fake-quant model the export reproduces
+    info: dict = field(default_factory=dict)
+
+
+def prepare(model) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(normal form, BN-folded normal form)."""
+    normal = normalize(load_model(model))
+    return normal, fold_bn(normal)
+
+
+def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, config: QuantizeConfig,
+                       calib_data: str | os.PathLike | None = None) -> np.ndarray:
+    """float32 NCHW images in the model's input space for the activation steps (and reconstruction)."""
+    chw = image_io(normal).chw
+    rng = np.random.default_rng(config.seed)
+    n = config.calib_images
+    if config.calib == "data":
+        from .evaluate import load_npz, preprocess
+
+        if calib_data is None:
+            raise BadInputError("calibration from data needs --calib-data FILE.npz")
+        images, _ = load_npz(calib_data, need_labels=False)
+        x = preprocess(images, chw, config.mean, config.std)
+        return x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
+    if config.calib == "noise":
+        return rng.standard_normal((n, *chw)).astype(np.float32)
+    if config.calib == "distill":
+        from .distill import distill
+
+        x, _ = distill(original, n_images=n, iters=config.distill_iters, seed=config.seed, jobs=config.jobs,
+                       progress=config.progress, threads=config.threads,
+                       workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
+                       resume=config.workdir is not None and (Path(config.workdir) / "distill").exists())
+        return np.asarray(x, dtype=np.float32)[:n]
+    raise BadInputError(f"unknown calibration source {config.calib!r}; use one of {', '.join(CALIB_SOURCES)}")
+
+
+def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
+                      config: QuantizeConfig) -> tuple[QuantPlan, dict]:
+    """GENIE-M (``quant.reconstruct``): learned softbits and steps, block by block."""
+    from .quant.reconstruct import reconstruct
+
+    workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
+    return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch, seed=config.seed,
+                       workdir=workdir, progress=config.progress, threads=config.threads)
+
+
+def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray) -> float:
+    """max |exported - simulated logits| / logit range on ``x``."""
+    from .evaluate import predict
+
+    a = predict(simulation, x, level=PARITY_LEVEL)
+    b = predict(exported, x, level=PARITY_LEVEL)
+    return float(np.abs(a - b).max() / max(float(np.ptp(a)), 1e-12))
+
+
+def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None = None,
+             calib: np.ndarray | None = None) -> QuantizeResult:
+    """The whole pipeline in memory. ``calib`` (float32 NCHW) overrides ``config.calib``."""
+    check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
+    original = load_model(model)
+    normal, folded = prepare(original)
+    plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude)
+    init_weights(folded, plan)
+    if calib is None:
+        calib = calibration_images(original, normal, config, calib_data)
+    init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
+    info: dict = {"config": asdict(config), "calib_images": int(len(calib))}
+    if config.reconstruct:
+        plan, info["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
+    exported = export_qdq(folded, plan)
+    simulation = fakequant_model(folded, plan)
+    info["parity"] = parity(exported, simulation, calib[:PARITY_IMAGES])
+    if not info["parity"] <= PARITY_TOLERANCE:
+        raise OnnxGenieError(f"the exported model differs from its simulation by {info['parity']:.2e} of the "
+                             "logit range; this is a bug, please report it with the model")
+    meta = {"wbits": config.wbits, "abits": config.abits, "first_last_bits": config.first_last_bits,
+            "target": config.target, "calib": config.calib, "reconstruct": config.reconstruct}
+    exported.metadata_props.add(key="onnxgenie", value=json.dumps(meta))
+    return QuantizeResult(exported, plan, simulation, info)
+
+
+def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an output that would clobber the input or an existing file."""
+    out = Path(out)
+    if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+        raise BadInputError(f"the output {out} is the input model; write the quantized model to another path")
+    if out.is_dir():
+        raise BadInputError(f"{out} is a directory; give the output .onnx file path")
+    if out.exists() and not overwrite:
+        raise BadInputError(f"{out} exists; pass --overwrite to replace it, or choose another path")
+    if not out.parent.exists():
+        raise BadInputError(f"the folder {out.parent} does not exist; create it first")
+    return out
+
+
+def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over ``out`` when complete."""
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: QuantizeConfig,
+                 calib_data: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """CLI entry: checks the output path first, quantizes, writes atomically; returns the info dict."""
+    out = check_output(src, out, overwrite)
+    result = quantize(src, config, calib_data)
+    write_model(result.model, out)
+    if config.progress:
+        print(f"onnxgenie: wrote {out} (W{config.wbits}A{config.abits}, target {config.target}, "
+              f"parity {result.info['parity']:.1e})", file=sys.stderr)
+    return result.info
