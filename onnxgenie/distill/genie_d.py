@@ -192,6 +192,7 @@ class BatchDistiller:
                 groups["generator"].lr *= 0.95
             if on_step is not None:
                 on_step(step, loss)
+        self.lrs = {g: p.lr for g, p in groups.items()}  # the schedules' final learning rates
         return np.ascontiguousarray(images, np.float32), history, time.perf_counter() - start
 
 

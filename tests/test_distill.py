@@ -1,0 +1,229 @@
+"""GENIE-D: generator, BNS loss graph vs NumPy, latent gradients vs finite differences, the two
+learning-rate groups and their schedules, resume, parallel workers, divergence, CLI, a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from fixtures import conv_bn_net, no_bn, random_input, save
+from onnxgenie.cli import main
+from onnxgenie.distill import distill
+from onnxgenie.distill.bns import LOSS, STD_EPS, bns_loss_model, fused_layers
+from onnxgenie.distill.generator import build_generator, init_generator
+from onnxgenie.distill.genie_d import (LATENTS, BatchDistiller, DistillConfig, ReduceLROnPlateau,
+                                       initial_values, training_model)
+from onnxgenie.errors import BadInputError, DivergenceError, NoBatchNormError, ResumeMismatchError
+from onnxgenie.graph.bn import bn_layers
+from onnxgenie.graph.load import normalize
+from onnxgenie.ortrain import ParamGroup, inference_session
+
+SHARED = Path(__file__).parents[1].parent / "shared"
+
+
+def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(onnx.numpy_helper.from_array(values[t.name], t.name))
+    return out
+
+
+def _numpy_bns(teacher: onnx.ModelProto, x: np.ndarray) -> float:
+    """Σ_l mean_c[(μ−μ_BN)² + (σ−σ_BN)²] + Σ_{n,c}[μ_nc² + (σ_nc−1)²]/N, in float64 from tapped activations."""
+    layers = bn_layers(teacher)
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(teacher)
+    tapped.graph.output.extend(helper.make_tensor_value_info(bn.input, onnx.TensorProto.FLOAT, None)
+                               for bn in layers)
+    acts = inference_session(tapped).run([bn.input for bn in layers], {tapped.graph.input[0].name: x})
+    x64 = x.astype(np.float64)
+    mean, std = x64.mean((2, 3)), np.sqrt(x64.var((2, 3)) + STD_EPS)
+    loss = ((mean ** 2).sum() + ((std - 1) ** 2).sum()) / x.shape[0]
+    for bn, a in zip(layers, acts):
+        axes = (0, *range(2, a.ndim))
+        a = a.astype(np.float64)
+        mu, sigma = a.mean(axes), np.sqrt(a.var(axes) + STD_EPS)
+        loss += ((mu - bn.mean) ** 2).mean() + ((sigma - np.sqrt(bn.var.astype(np.float64) + STD_EPS)) ** 2).mean()
+    return float(loss)
+
+
+# Generator ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chw", [(3, 8, 8), (1, 10, 6)])
+def test_generator_uses_batch_statistics_and_any_input_size(chw):
+    gen = build_generator(chw)
+    gen = _with_values(gen, init_generator(gen, np.random.default_rng(0)))
+    z = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    images = inference_session(gen).run(None, {"latents": z})[0]
+    assert images.shape == (5, *chw)
+    # the last BN (no affine) normalises with this batch's statistics: mean 0, std 1 per channel
+    np.testing.assert_allclose(images.mean((0, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(images.std((0, 2, 3)), 1, atol=1e-3)
+    # and each image depends on the others through those statistics
+    alone = inference_session(gen).run(None, {"latents": z[:2]})[0]
+    assert not np.allclose(alone, images[:2], atol=1e-3)
+    assert not any(n.op_type == "BatchNormalization" for n in gen.graph.node)
+
+
+# BNS loss ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", [{}, {"bn_after_add": True}, {"depthwise": True}])
+@pytest.mark.parametrize("fused", [True, False])
+def test_bns_loss_equals_numpy_on_the_same_activations(variant, fused):
+    teacher = normalize(conv_bn_net(**variant))
+    loss_model = bns_loss_model(teacher, fused=fused)
+    assert loss_model.graph.output[0].name == LOSS
+    assert not any(n.op_type == "BatchNormalization" for n in loss_model.graph.node)
+    x = random_input(teacher, 6, seed=3) * 1.7 + 0.3
+    got = float(inference_session(loss_model).run(None, {teacher.graph.input[0].name: x})[0])
+    assert got == pytest.approx(_numpy_bns(teacher, x), rel=1e-4)
+
+
+def test_fused_loss_folds_the_conv_bns():
+    teacher = normalize(conv_bn_net(bn_after_add=True))
+    # stem, block, down fold into their convs, fc1.bn into its Gemm; block.add_bn follows an Add
+    assert fused_layers(teacher) == len(bn_layers(teacher)) - 1
+
+
+# Gradients and learning-rate groups ---------------------------------------------------------------
+
+def _tiny_setup(mode="genie", swing=False, iters=1, **kw):
+    teacher = normalize(conv_bn_net())
+    cfg = DistillConfig(n_batches=1, batch=4, iters=iters, mode=mode, swing=swing, **kw)
+    model, groups = training_model(teacher, cfg)
+    return cfg, model, groups
+
+
+def test_latent_gradient_matches_finite_differences():
+    cfg, model, groups = _tiny_setup()
+    distiller = BatchDistiller(model, groups, cfg)
+    values = initial_values(model, cfg, np.random.default_rng(0))
+    distiller.graph.set_params(values)
+    loss, _ = distiller._step({})
+    grad = distiller.graph.grads()[LATENTS]
+    # finite differences through a plain inference session (float32, central, along random directions)
+    sess_model = _with_values(model, values)
+    del sess_model.graph.output[1:]
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        # directions with a sizeable derivative (float32 losses of ~5 leave ~1e-5 of resolution)
+        d = grad / np.linalg.norm(grad) + rng.standard_normal(grad.shape).astype(np.float32) / np.sqrt(grad.size)
+        d = (d / np.linalg.norm(d)).astype(np.float32)
+        h = 1e-2
+        plus = _with_values(sess_model, {LATENTS: values[LATENTS] + h * d})
+        minus = _with_values(sess_model, {LATENTS: values[LATENTS] - h * d})
+        fd = (inference_session(plus).run(None, {})[0] - inference_session(minus).run(None, {})[0]) / (2 * h)
+        assert float(fd) == pytest.approx(float((grad * d).sum()), rel=1e-2)
+    assert loss == pytest.approx(float(inference_session(sess_model).run(None, {})[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode,lrs", [("genie", {"latents": 0.1, "generator": 0.01}),
+                                      ("zeroq", {"pixels": 0.5}), ("noise", {"generator": 0.01})])
+def test_first_adam_step_moves_each_group_by_its_own_lr(mode, lrs):
+    cfg, model, groups = _tiny_setup(mode)
+    assert set(groups) == set(lrs)
+    distiller = BatchDistiller(model, groups, cfg)
+    before = initial_values(model, cfg, np.random.default_rng([cfg.seed, 0]))
+    distiller.run(0)
+    after = distiller.graph.params()
+    for group, lr in lrs.items():
+        moves = np.concatenate([np.abs(after[n] - before[n]).ravel() for n in groups[group]])
+        # Adam's first step is lr·g/(|g|+eps): ≈ lr wherever the gradient is not vanishingly small
+        assert np.median(moves) == pytest.approx(lr, rel=1e-3)
+        assert moves.max() <= lr * (1 + 1e-5)
+
+
+def test_generator_lr_decays_by_095_every_100_steps():
+    cfg, model, groups = _tiny_setup(iters=201)
+    distiller = BatchDistiller(model, groups, cfg)
+    distiller.run(0)
+    assert distiller.lrs["generator"] == pytest.approx(0.01 * 0.95 ** 2)
+
+
+def test_reduce_lr_on_plateau_follows_torch_defaults():
+    group = ParamGroup(["z"], 0.1)
+    sched = ReduceLROnPlateau(group)
+    sched.step(1.0)
+    for _ in range(100):  # 100 steps without a relative improvement of 1e-4: still patient
+        sched.step(0.99995)
+    assert group.lr == 0.1
+    sched.step(1.0)  # the 101st bad step
+    assert group.lr == pytest.approx(0.01)
+    sched.step(0.5)  # an improvement resets the count
+    for _ in range(300):
+        sched.step(0.5)
+    assert group.lr == pytest.approx(1e-4)  # 0.01 → 0.001 → 1e-4, clipped at min_lr
+
+
+# Runs: resume, parallel, divergence, bad input -------------------------------------------------
+
+def _run(tmp_path, name, **kw):
+    args = dict(n_images=8, batch=4, iters=3, progress=False, workdir=str(tmp_path / name))
+    args.update(kw)
+    return distill(conv_bn_net(), **args)
+
+
+def test_resume_after_an_interrupted_run_gives_the_same_images(tmp_path):
+    full, info = _run(tmp_path, "full")
+    assert full.shape == (8, 3, 8, 8) and info["loss_history"].shape == (2, 3)
+    # interrupted after batch 0: batch 1 never finished (its file was not written)
+    _run(tmp_path, "cut")
+    (tmp_path / "cut" / "batch_0001.npz").unlink()
+    resumed, info = _run(tmp_path, "cut", resume=True)
+    assert info["resumed_batches"] == [0]
+    np.testing.assert_array_equal(resumed, full)
+    with pytest.raises(ResumeMismatchError, match="seed"):
+        _run(tmp_path, "cut", resume=True, seed=1)
+    with pytest.raises(BadInputError, match="--resume"):
+        _run(tmp_path, "cut")
+
+
+def test_parallel_workers_match_one_process(tmp_path):
+    one, _ = _run(tmp_path, "one", mode="zeroq", iters=2)
+    two, _ = _run(tmp_path, "two", mode="zeroq", iters=2, jobs=2)
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+
+
+def test_divergence_names_batch_and_step_and_writes_nothing(tmp_path):
+    with pytest.raises(DivergenceError, match=r"batch 0: .* at step 1 .*lower learning rates"):
+        _run(tmp_path, "nan", mode="zeroq", lr_pixels=1e30)
+    assert not list((tmp_path / "nan").glob("batch_*.npz"))
+
+
+def test_model_without_bn_is_refused():
+    with pytest.raises(NoBatchNormError):
+        distill(no_bn(), n_images=4, batch=4, iters=1, progress=False)
+
+
+def test_cli_rounds_up_and_writes_images_loss_history_and_preview(tmp_path, capsys):
+    model = save(conv_bn_net(), tmp_path)
+    out, grid = tmp_path / "data.npz", tmp_path / "grid.png"
+    assert main(["distill", str(model), "-o", str(out), "--images", "6", "--batch", "4", "--iters", "2",
+                 "--jobs", "1", "--preview", str(grid)]) == 0
+    assert "distilling 8" in capsys.readouterr().err
+    data = np.load(out)
+    assert data["images"].shape == (8, 3, 8, 8) and data["images"].dtype == np.float32
+    assert data["loss_history"].shape == (2, 2)
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 0
+    assert main(["distill", str(save(no_bn(), tmp_path, "nobn")), "-o", str(tmp_path / "x.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists()
+
+
+# A real model ------------------------------------------------------------------------------------
+
+def test_resnet20_bns_loss_falls_within_a_few_dozen_steps():
+    path = SHARED / "models" / "resnet20_cifar10.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared pretrained models are not in this checkout")
+    images, info = distill(onnx.load(str(path)), n_images=16, batch=16, iters=30, progress=False)
+    history = info["loss_history"][0]
+    assert images.shape == (16, 3, 32, 32)
+    assert history[-5:].mean() < 0.5 * history[0]
