@@ -100,3 +100,19 @@ def shared_model_name(request) -> str:
     """Parametrises a test over the three shared models (skips without ../shared)."""
     shared_dir()
     return request.param
+
+
+DEFAULT_MODEL = REPO / "models" / "digits_resnet8.onnx"
+
+
+def default_model_info() -> dict:
+    """models/digits_resnet8.json (input, output, mean, std, size, fp32_top1_test, ...)."""
+    return json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+
+
+def digits_split():
+    """onnxgenie.datasets.load_digits_split(), or skip when scikit-learn is not installed."""
+    pytest.importorskip("sklearn", reason="scikit-learn not installed: pip install -e '.[test]'")
+    from onnxgenie.datasets import load_digits_split
+
+    return load_digits_split()

@@ -100,3 +100,14 @@ def test_fold_bn_leaves_its_argument_alone():
     fold_bn(normal)
     fold_bn(normal, fold_into_producer=False)
     assert normal.SerializeToString() == before
+
+
+def test_fold_bn_parity_on_default_model():
+    from conftest import DEFAULT_MODEL, digits_split
+
+    normal = normalize(onnx.load(str(DEFAULT_MODEL)))
+    x = digits_split().x_test[:128]
+    for fold_into_producer in (True, False):
+        folded = fold_bn(normal, fold_into_producer=fold_into_producer)
+        assert "BatchNormalization" not in _ops(folded)
+        np.testing.assert_allclose(fixtures.run(folded, x), fixtures.run(normal, x), rtol=0, atol=1e-4)

@@ -175,3 +175,31 @@ def test_normalize_shared_models_cleans_and_keeps_logits(shared_model_name):
     for batch in (1, 5):
         np.testing.assert_allclose(fixtures.run(normal, x[:batch]), fixtures.run(original, x[:batch]),
                                    rtol=0, atol=1e-4)
+
+
+# The embedded default model ----------------------------------------------------------------------
+
+def test_default_model_is_small_clean_and_as_documented():
+    from conftest import DEFAULT_MODEL, default_model_info
+
+    meta = default_model_info()
+    assert DEFAULT_MODEL.stat().st_size < 200_000
+    model = load_model(DEFAULT_MODEL)
+    info = inspect_model(DEFAULT_MODEL)
+    assert info["zero_shot_ready"] and len(info["bn_layers"]) == 9 and len(info["strided_convs"]) == 4
+    assert info["image"] == {"input": meta["input"], "chw": [1, *meta["size"]], "output": meta["output"],
+                             "classes": 10}
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert all(a.i == 0 for n in bns for a in n.attribute if a.name == "training_mode")
+    assert {"Add", "Gemm"} <= {n.op_type for n in model.graph.node}
+
+
+def test_default_model_accuracy_matches_its_json():
+    from conftest import DEFAULT_MODEL, default_model_info, digits_split
+
+    split = digits_split()
+    meta = default_model_info()
+    logits = fixtures.run(load_model(DEFAULT_MODEL), split.x_test)
+    top1 = float((logits.argmax(1) == split.y_test).mean() * 100)
+    assert top1 == pytest.approx(meta["fp32_top1_test"], abs=0.01)
+    assert top1 >= 95.0

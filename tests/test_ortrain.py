@@ -174,3 +174,21 @@ def test_adam_lr_schedule_and_state_round_trip():
     expected = _torch_adam(start, grad, None, 30, lr_at=schedule)
     for k in params:
         np.testing.assert_allclose(params[k], expected[k], rtol=1e-12, atol=1e-12)
+
+
+def test_default_model_training_script_smoke():
+    """One epoch of tools/train_default_model.py: training runs on ORT, the exported eval model with
+    real BatchNormalization nodes reproduces the batch-statistics pass it was calibrated on."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn", reason="scikit-learn not installed: pip install -e '.[test]'")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import train_default_model
+    finally:
+        sys.path.pop(0)
+    model, report = train_default_model.train(epochs=1, log=lambda *_: None)
+    assert report["eval_vs_batch_stats_max_abs"] < 1e-4
+    assert report["bn_layers"] == 9 and report["test_top1"] > 30  # 10 classes: chance is 10 %
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 9
