@@ -1,0 +1,189 @@
+"""The reconstruction loop on tiny fixtures (and ResNet-20 when ../shared is present): parity of the
+hard-rounded result with the fake-quant simulation, resume, divergence and graph-failure fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import fixtures
+from conftest import shared_model, train_images
+from onnxgenie.errors import BadInputError, ResumeMismatchError
+from onnxgenie.graph.blocks import extract_block_model, partition_blocks
+from onnxgenie.graph.bn import fold_bn
+from onnxgenie.graph.load import normalize
+from onnxgenie.ortrain import inference_session
+from onnxgenie.quant.fakequant import fakequant_model
+from onnxgenie.quant.init import init_activations, init_weights
+from onnxgenie.quant.plan import build_plan
+from onnxgenie.quant.reconstruct import quantized_block_model, reconstruct, training_model
+from onnxgenie.quant.spec import QuantPlan
+
+ITERS = 30
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, outputs=None) -> list[np.ndarray]:
+    sess = inference_session(model, threads=1)
+    return sess.run(outputs, {sess.get_inputs()[0].name: x})
+
+
+def _setup(wbits=4, abits=4, n=64):
+    folded = fold_bn(normalize(fixtures.opset17()))
+    x = fixtures.random_input(folded, n, seed=5)
+    plan = build_plan(folded, wbits, abits, first_last_bits=8)
+    init_weights(folded, plan)
+    init_activations(folded, plan, x[:32])
+    return folded, plan, x
+
+
+@pytest.fixture(scope="module")
+def reconstructed(tmp_path_factory):
+    folded, plan, x = _setup()
+    work = tmp_path_factory.mktemp("recon")
+    new, report = reconstruct(folded, plan, x, iters=ITERS, batch=16, workdir=work, progress=False)
+    return folded, plan, x, new, report, work
+
+
+def _block_plan(plan: QuantPlan, block_model: onnx.ModelProto) -> QuantPlan:
+    names = {n.name for n in block_model.graph.node}
+    sub = QuantPlan(target=plan.target)
+    sub.weights = {k: w for k, w in plan.weights.items() if k in names}
+    sub.acts = {k: a for k, a in plan.acts.items() if set(a.consumers) & names}
+    return sub
+
+
+def test_every_block_trained_and_plan_on_grid(reconstructed):
+    folded, plan, _, new, report, work = reconstructed
+    assert [b["status"] for b in report["blocks"]] == ["ok"] * len(report["blocks"])
+    assert report["rtn_blocks"] == [] and 0 < report["ort_fraction"] <= 1
+    assert sorted(p.name for p in work.glob("block_*.npz")) == [f"{b['name']}.npz" for b in report["blocks"]]
+    changed = 0
+    for name, wq in new.weights.items():
+        lo, hi = wq.qrange
+        assert wq.wint.dtype == np.int32 and wq.wint.min() >= lo and wq.wint.max() <= hi
+        assert wq.wint.shape == plan.weights[name].wint.shape and np.all(wq.scale > 0)
+        changed += int((wq.wint != plan.weights[name].wint).sum())
+        # only a flip of at most one step from the floor base: |wint - RTN| <= 1
+        assert np.abs(wq.wint - plan.weights[name].wint).max() <= 1
+    assert changed > 0                                   # learning moved some rounding decisions
+    assert any(new.acts[t].scale != plan.acts[t].scale for t in plan.acts)
+    assert plan.weights is not new.weights               # the input plan is not modified
+
+
+def test_quantized_blocks_equal_fakequant_simulation(reconstructed):
+    folded, plan, x, new, _, _ = reconstructed
+    h = x[:8]
+    for block in partition_blocks(folded, list(new.weights)):
+        bm = extract_block_model(folded, block)
+        ours = _run(quantized_block_model(bm, new), h)[0]
+        theirs = _run(fakequant_model(bm, _block_plan(new, bm)), h)[0]
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+        # the training graph (built from the initial plan: same B = floor(W/s0)) with the learned steps,
+        # hard bits (V = ±10 ⇒ h(V) ∈ {0, 1}) and all QDrop masks 1 computes the same
+        tm, names = training_model(bm, plan, "genie")
+        for node, v_name in names.softbits.items():
+            wq = new.weights[node]
+            shape = [1] * wq.wint.ndim
+            shape[wq.axis] = -1
+            frac = wq.wint - wq.zero_point.reshape(shape) - names.bases[node]
+            _set_init(tm, v_name, np.where(frac >= 1, 10.0, -10.0))
+            _set_init(tm, names.weight_steps[node], wq.scale.reshape(shape))
+        for tensor, s_name in names.act_steps.items():
+            _set_init(tm, s_name, np.array([new.acts[tensor].scale]))
+        tm.graph.output.append(helper.make_tensor_value_info(block.output, onnx.TensorProto.FLOAT, None))
+        sess = inference_session(tm)
+        feeds = {names.inputs[0]: h, names.inputs[1]: ours, names.inputs[2]: np.array(2, np.float32),
+                 names.inputs[3]: np.array(0, np.float32)}
+        for name in names.inputs[4:]:
+            shape = next(a for a in sess.get_inputs() if a.name == name).shape
+            feeds[name] = np.ones([len(h) if not isinstance(d, int) else d for d in shape], np.float32)
+        out, recon = sess.run([block.output, "recon_loss"], feeds)
+        np.testing.assert_allclose(out, ours, rtol=1e-5, atol=1e-5)
+        assert recon < 1e-8
+        h = ours
+    # chained blocks == the whole simulated model
+    np.testing.assert_allclose(h, _run(fakequant_model(folded, new), x[:8])[0], rtol=1e-5, atol=1e-5)
+
+
+def _set_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def test_resume_skips_finished_blocks_and_refuses_other_settings(reconstructed):
+    folded, plan, x, new, _, work = reconstructed
+    again, report = reconstruct(folded, plan, x, iters=ITERS, batch=16, workdir=work, progress=False)
+    assert [b["status"] for b in report["blocks"]] == ["resumed"] * len(report["blocks"])
+    for name in new.weights:
+        np.testing.assert_array_equal(again.weights[name].wint, new.weights[name].wint)
+        np.testing.assert_array_equal(again.weights[name].scale, new.weights[name].scale)
+    with pytest.raises(ResumeMismatchError):
+        reconstruct(folded, plan, x, iters=ITERS, batch=16, seed=1, workdir=work, progress=False)
+
+
+def test_same_seed_same_result_without_workdir(reconstructed):
+    folded, plan, x, new, _, _ = reconstructed
+    again, _ = reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False)
+    for name in new.weights:
+        np.testing.assert_array_equal(again.weights[name].wint, new.weights[name].wint)
+
+
+def test_diverging_loss_keeps_round_to_nearest():
+    folded, plan, x = _setup()
+    new, report = reconstruct(folded, plan, x, iters=10, batch=16, lam=float("inf"), progress=False)
+    assert all(b["status"] == "rtn (loss diverged twice)" for b in report["blocks"])
+    assert len(report["rtn_blocks"]) == len(report["blocks"])
+    for name, wq in plan.weights.items():
+        np.testing.assert_array_equal(new.weights[name].wint, wq.wint)
+
+
+def test_op_without_gradient_keeps_block_at_round_to_nearest():
+    folded, plan, x = _setup()
+    # a Floor after the residual block's conv: no gradient reaches its softbits through it
+    conv = next(n for n in folded.graph.node if n.name == "block.conv")
+    out = conv.output[0]
+    floor = helper.make_node("Floor", [out], ["block.floor"], name="block.floor")
+    for node in folded.graph.node:
+        node.input[:] = ["block.floor" if i == out else i for i in node.input]
+    folded.graph.node.insert(list(folded.graph.node).index(conv) + 1, floor)
+    new, report = reconstruct(folded, plan, x, iters=5, batch=16, progress=False)
+    statuses = {b["name"]: b["status"] for b in report["blocks"]}
+    owner = next(b for b in partition_blocks(folded, list(plan.weights)) if "block.floor" in b.nodes)
+    assert statuses.pop(owner.name).startswith("rtn (training graph failed")
+    assert set(statuses.values()) == {"ok"}
+    for name in owner.quantized_nodes:
+        np.testing.assert_array_equal(new.weights[name].wint, plan.weights[name].wint)
+
+
+def test_bad_arguments():
+    folded, plan, x = _setup(n=8)
+    with pytest.raises(BadInputError):
+        reconstruct(folded, plan, x, quantizer="brecq", progress=False)
+    with pytest.raises(BadInputError):
+        reconstruct(folded, plan, x, batch=32, progress=False)
+
+
+def test_resnet20_reconstruction_lowers_block_error():
+    """A short run on real images: every block's hard-rounded output error vs the teacher is no worse
+    than round-to-nearest's on the calibration images, and lower on most blocks."""
+    name = "resnet20_cifar10"
+    folded = fold_bn(normalize(shared_model(name)))
+    x, _ = train_images(name, 64)
+    plan = build_plan(folded, 2, 4)
+    init_weights(folded, plan)
+    init_activations(folded, plan, x)
+    new, report = reconstruct(folded, plan, x, iters=60, batch=32, progress=False)
+    assert report["rtn_blocks"] == []
+    better = 0
+    h = x
+    for block in partition_blocks(folded, list(plan.weights)):
+        bm = extract_block_model(folded, block)
+        y = _run(bm, h)[0]
+        err_rtn = ((_run(quantized_block_model(bm, plan), h)[0] - y) ** 2).mean()
+        err_new = ((_run(quantized_block_model(bm, new), h)[0] - y) ** 2).mean()
+        better += err_new < err_rtn
+        h = y
+    assert better >= 0.7 * len(report["blocks"])
