@@ -181,6 +181,31 @@ def fixed_batch() -> onnx.ModelProto:
     return conv_bn_net(batch=2)
 
 
+def fixed_batch1_reshape() -> onnx.ModelProto:
+    """Batch 1 baked in, as a fixed-shape export folds ``x.view(x.size(0), -1)`` into Reshape [1, -1]."""
+    model = conv_bn_net(batch=1)
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    del flatten.attribute[:]
+    flatten.input.append("flatten.shape")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "flatten.shape"))
+    onnx.checker.check_model(model)
+    return model
+
+
+def fixed_batch_baked_constant() -> onnx.ModelProto:
+    """Batch 2 baked into a constant of shape [2, 16] added to the features (cannot be freed)."""
+    model = conv_bn_net(batch=2)
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    out = flatten.output[0]
+    flatten.output[0] = "flatten.raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.full((2, 2 * WIDTH), 0.1, np.float32), "baked"))
+    index = list(model.graph.node).index(flatten)
+    model.graph.node.insert(index + 1, helper.make_node("Add", ["flatten.raw", "baked"], [out], name="baked_add"))
+    onnx.checker.check_model(model)
+    return model
+
+
 def dynamic_hw() -> onnx.ModelProto:
     return conv_bn_net(hw=("height", "width"))
 
@@ -221,11 +246,13 @@ def int64_input() -> onnx.ModelProto:
 
 # Models the front end must accept and that keep one float image input.
 VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean, opset21, nhwc_input, gemm_head, matmul_head,
-                                 depthwise, bn_after_add, no_bn, dynamic_batch, fixed_batch)}
+                                 depthwise, bn_after_add, no_bn, dynamic_batch, fixed_batch,
+                                 fixed_batch1_reshape)}
 # Models with BN statistics (fold_bn has something to fold).
 WITH_BN = {k: f for k, f in VALID.items() if k != "no_bn"}
 # Models the front end must refuse (without --input-size for dynamic_hw).
-REFUSED = {f.__name__: f for f in (custom_op, two_inputs, int64_input, dynamic_hw, opset20_gelu)}
+REFUSED = {f.__name__: f for f in (custom_op, two_inputs, int64_input, dynamic_hw, opset20_gelu,
+                                   fixed_batch_baked_constant)}
 
 
 def save(model: onnx.ModelProto, tmp_path: Path, name: str = "model") -> Path:

@@ -17,14 +17,18 @@ from onnxgenie.graph.load import (INTERNAL_OPSET, check_dynamic_batch, image_io,
 from onnxgenie.inspect import inspect_model
 
 
-def _batches(name: str) -> tuple[int, int]:
-    return (2, 4) if name == "fixed_batch" else (1, 3)
+def _fixed_batch(model: onnx.ModelProto) -> int:
+    return model.graph.input[0].type.tensor_type.shape.dim[0].dim_value  # 0 when symbolic
 
 
-def _run_original(model: onnx.ModelProto, x: np.ndarray, name: str) -> np.ndarray:
-    if name == "fixed_batch":  # the original only accepts batches of 2
-        return np.concatenate([fixtures.run(model, x[i:i + 2]) for i in range(0, len(x), 2)])
-    return fixtures.run(model, x)
+def _batches(model: onnx.ModelProto) -> tuple[int, int]:
+    fixed = _fixed_batch(model)
+    return (fixed, 2 * fixed) if fixed > 1 else (1, 3)
+
+
+def _run_original(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    step = _fixed_batch(model) or len(x)  # a fixed-batch original runs chunk by chunk
+    return np.concatenate([fixtures.run(model, x[i:i + step]) for i in range(0, len(x), step)])
 
 
 @pytest.mark.parametrize("name", sorted(fixtures.VALID))
@@ -38,9 +42,9 @@ def test_normalize_keeps_outputs_at_two_batch_sizes(name):
     onnx.checker.check_model(normal, full_check=True)
     batch_dim = normal.graph.input[0].type.tensor_type.shape.dim[0]
     assert not batch_dim.HasField("dim_value"), "the batch axis must stay dynamic"
-    for seed, batch in enumerate(_batches(name)):
+    for seed, batch in enumerate(_batches(original)):
         x = fixtures.random_input(original, batch, seed=seed)
-        expected = _run_original(original, x, name)
+        expected = _run_original(original, x)
         got = fixtures.run(normal, x)
         assert got.shape == (batch, fixtures.CLASSES)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
@@ -92,7 +96,8 @@ def test_dynamic_hw_needs_input_size_and_works_with_it():
 
 @pytest.mark.parametrize("name, words", [("custom_op", "com.example::FancyRelu"), ("two_inputs", "2 inputs"),
                                          ("int64_input", "INT64"), ("dynamic_hw", "--input-size"),
-                                         ("opset20_gelu", "Gelu")])
+                                         ("opset20_gelu", "Gelu"),
+                                         ("fixed_batch_baked_constant", "dynamic_axes")])
 def test_refused_models_raise_one_line_typed_errors(name, words):
     with pytest.raises(UnsupportedModelError) as err:
         normalize(fixtures.REFUSED[name]())

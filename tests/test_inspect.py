@@ -107,7 +107,8 @@ def test_unreadable_inputs_exit_2(capsys, tmp_path, case):
 @pytest.mark.parametrize("name, words", [("two_inputs", ("2 inputs", "single input")),
                                          ("int64_input", ("INT64", "float32")),
                                          ("dynamic_hw", ("--input-size",)),
-                                         ("custom_op", ("com.example::FancyRelu", "standard ONNX ops"))])
+                                         ("custom_op", ("com.example::FancyRelu", "standard ONNX ops")),
+                                         ("fixed_batch_baked_constant", ("fixed batch size", "dynamic_axes"))])
 def test_unsupported_models_exit_2(capsys, tmp_path, name, words):
     path = fixtures.save(fixtures.REFUSED[name](), tmp_path)
     before = path.read_bytes()

@@ -222,6 +222,40 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph)
 
 
+def _unfix_batch(model: onnx.ModelProto, batch: int) -> None:
+    """A fixed-batch export bakes its batch into Reshape targets (``x.view(x.size(0), -1)`` becomes
+    ``[1, -1]``); give those the folding batch so that ``_restore_dynamic_batch`` frees them."""
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.input[0] in consts or node.input[1] not in consts:
+            continue
+        tensor = consts[node.input[1]]
+        target = numpy_helper.to_array(tensor)
+        if target.ndim == 1 and target.size > 1 and target[0] == batch:
+            target = target.copy()
+            target[0] = _FOLD_BATCH
+            tensor.CopyFrom(numpy_helper.from_array(target, tensor.name))
+
+
+def _check_batch_is_free(model: onnx.ModelProto, io: ImageIO) -> None:
+    from ..ortrain import inference_session, ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure is reported below, in one line
+    try:
+        sess = inference_session(model)
+        shape = _dims(_image_input(model))[1:]
+        outs = [sess.run(None, {io.input: np.zeros((b, *shape), np.float32)}, quiet)[0].shape[0] for b in (1, 2)]
+    except Exception as err:
+        outs = [str(err).splitlines()[0][:100]]
+    if outs != [1, 2]:
+        raise UnsupportedModelError(
+            f"the model was exported with a fixed batch size that could not be made dynamic ({outs}); "
+            "re-export it with dynamic_axes={'input': {0: 'N'}, 'output': {0: 'N'}}")
+
+
 def _restore_dynamic_batch(model: onnx.ModelProto, io_names: set[str]) -> onnx.ModelProto:
     """Give Reshape targets folded at batch ``_FOLD_BATCH`` a -1 batch entry back."""
     consts = {t.name: t for t in model.graph.initializer}
@@ -230,7 +264,8 @@ def _restore_dynamic_batch(model: onnx.ModelProto, io_names: set[str]) -> onnx.M
             target = numpy_helper.to_array(consts[node.input[1]])
             if target.size and target[0] == _FOLD_BATCH:
                 target = target.copy()
-                target[0] = -1
+                allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+                target[0] = 0 if -1 in target[1:] and not allowzero else -1  # 0: copy the input's batch
                 consts[node.input[1]].CopyFrom(numpy_helper.from_array(target, node.input[1]))
     for vi in list(model.graph.input) + list(model.graph.output):
         if vi.name in io_names:
@@ -264,6 +299,9 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
                 f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
+    fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    if fixed_batch is not None:
+        _unfix_batch(model, fixed_batch)
     _set_dims(inp, [_FOLD_BATCH, *dims[1:]])
     outputs = [o.name for o in model.graph.output]
     for out in model.graph.output:
@@ -280,6 +318,8 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
     model.ir_version = INTERNAL_IR
+    if fixed_batch is not None:
+        _check_batch_is_free(model, image_io(model))
     return model
 
 
