@@ -68,6 +68,7 @@ def test_opset_conversion_really_happens():
         normal = normalize(make())
         assert model_opset(normal) == INTERNAL_OPSET
         assert normal.ir_version <= 10
+        assert [i.name for i in normal.graph.input] == ["input"]  # opset 11 listed initializers as inputs
     reduce = next(n for n in normalize(fixtures.opset18_reduce_mean()).graph.node if n.op_type == "ReduceMean")
     assert len(reduce.input) == 1 and [a.name for a in reduce.attribute if a.name == "axes"] == ["axes"]
 

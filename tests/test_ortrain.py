@@ -192,3 +192,34 @@ def test_default_model_training_script_smoke():
     assert report["eval_vs_batch_stats_max_abs"] < 1e-4
     assert report["bn_layers"] == 9 and report["test_top1"] > 30  # 10 classes: chance is 10 %
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 9
+
+
+def _with_square_loss(model):
+    """Append loss = mean(logits^2) as the first output."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    logits = out.graph.output[0].name
+    out.graph.node.extend([helper.make_node("Mul", [logits, logits], ["sq"]),
+                           helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0)])
+    out.graph.output.insert(0, helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
+    return out
+
+
+def test_frozen_bn_must_be_mul_add_inside_training_graphs():
+    """ORT trains every BatchNormalization with batch statistics (the trap in the notes); its
+    Mul+Add form from fold_bn(fold_into_producer=False) gives the inference-mode loss."""
+    import fixtures
+    from onnxgenie.graph.bn import fold_bn
+    from onnxgenie.graph.load import normalize
+    from onnxgenie.ortrain import inference_session
+
+    normal = normalize(fixtures.opset17())
+    x = fixtures.random_input(normal, 4)
+    reference = float(inference_session(_with_square_loss(normal)).run(None, {"input": x})[0])
+    affine = GradientGraph(_with_square_loss(fold_bn(normal, fold_into_producer=False)), ["fc.bias"])
+    assert affine(x)[0] == pytest.approx(reference, rel=1e-5)
+    assert affine.evaluate(x)[0] == pytest.approx(reference, rel=1e-5)
+    kept = GradientGraph(_with_square_loss(normal), ["fc.bias"])
+    assert kept(x)[0] != pytest.approx(reference, rel=1e-2)
