@@ -272,9 +272,18 @@ def random_input(model: onnx.ModelProto, batch: int, seed: int = 0, hw: tuple | 
     return np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """The model's first output on ``x`` with one ORT thread."""
-    from onnxgenie.ortrain import inference_session
+def run(model: onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.ndarray:
+    """The model's first output on ``x`` with one ORT thread.
 
-    sess = inference_session(model, threads=1)
+    ``optimize=False`` turns ORT's graph optimisations off, so that BatchNormalization is computed
+    as written rather than fused into the Conv before it (a fair reference for our own folding).
+    """
+    import onnxruntime as ort
+
+    from onnxgenie.ortrain import session_options
+
+    opts = session_options(1)
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
