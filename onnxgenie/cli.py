@@ -52,7 +52,8 @@ def _cmd_quantize(args) -> int:
         wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
         exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, distill_iters=args.distill_iters,
         jobs=args.jobs or (_auto_jobs(-(-args.calib_images // 128)) if calib == "distill" else 1),
-        reconstruct=not args.no_reconstruct, seed=args.seed, threads=args.threads, workdir=args.workdir,
+        reconstruct=not args.no_reconstruct, recon_iters=args.recon_iters, recon_batch=args.recon_batch,
+        quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads, workdir=args.workdir,
         mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
     info = run_quantize(args.model, args.output, config, args.calib_data, args.overwrite)
     if args.json:
@@ -138,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bits(p, None, None)
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
     p.add_argument("--no-reconstruct", action="store_true", help="step initialisation only (no GENIE-M)")
+    p.add_argument("--quantizer", choices=("genie", "adaround"), default="genie",
+                   help="reconstruction weight quantizer: genie learns the weight steps, adaround keeps them")
+    p.add_argument("--recon-iters", type=int, default=2000, help="reconstruction steps per block (default 2000)")
+    p.add_argument("--recon-batch", type=int, default=32, help="reconstruction batch size (default 32)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="rounding-loss weight (default 1.0 genie, 0.1 adaround)")
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",
                    help="calibration images without --calib-data: GENIE-D (default) or Gaussian noise")
     p.add_argument("--calib-data", metavar="X.npz", help="real (or previously distilled) calibration images")

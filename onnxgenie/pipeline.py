@@ -52,6 +52,8 @@ class QuantizeConfig:
     reconstruct: bool = False
     recon_iters: int = 2000
     recon_batch: int = 32
+    quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
+    lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
     threads: int = 1
     workdir: str | None = None
@@ -107,7 +109,8 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     from .quant.reconstruct import reconstruct
 
     workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
-    return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch, seed=config.seed,
+    return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch,
+                       quantizer=config.quantizer, lam=config.lam, seed=config.seed,
                        workdir=workdir, progress=config.progress, threads=config.threads)
 
 
@@ -124,6 +127,11 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
              calib: np.ndarray | None = None) -> QuantizeResult:
     """The whole pipeline in memory. ``calib`` (float32 NCHW) overrides ``config.calib``."""
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
+    if config.reconstruct:
+        from .quant.reconstruct import check_args
+
+        check_args(config.recon_iters, config.recon_batch, config.quantizer,
+                   len(calib) if calib is not None else config.calib_images)
     original = load_model(model)
     normal, folded = prepare(original)
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude)

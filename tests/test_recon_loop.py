@@ -187,3 +187,20 @@ def test_resnet20_reconstruction_lowers_block_error():
         better += err_new < err_rtn
         h = y
     assert better >= 0.7 * len(report["blocks"])
+
+
+@pytest.mark.parametrize("quantizer", ["genie", "adaround"])
+def test_cli_quantize_reconstructs_by_default(tmp_path, quantizer):
+    from onnxgenie.cli import main
+
+    src = fixtures.save(fixtures.opset17(), tmp_path)
+    out, work = tmp_path / "q.onnx", tmp_path / "work"
+    rc = main(["quantize", str(src), "-o", str(out), "--wbits", "4", "--abits", "4", "--calib", "noise",
+               "--calib-images", "32", "--recon-iters", "5", "--recon-batch", "16", "--quantizer", quantizer,
+               "--workdir", str(work)])
+    assert rc == 0 and out.is_file()
+    assert len(list((work / "reconstruct").glob("block_*.npz"))) == 5   # stem, residual, down, fc1, fc
+    bad = tmp_path / "bad.onnx"
+    rc = main(["quantize", str(src), "-o", str(bad), "--wbits", "4", "--abits", "4", "--calib", "noise",
+               "--calib-images", "32", "--recon-batch", "64"])
+    assert rc == 2 and not bad.exists()

@@ -419,6 +419,17 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
+    """Refuse unusable settings before any work (the pipeline calls this before distillation)."""
+    if quantizer not in QUANTIZERS:
+        raise BadInputError(f"unknown quantizer {quantizer!r}; use one of {', '.join(QUANTIZERS)}")
+    if iters < 1 or batch < 1:
+        raise BadInputError(f"--recon-iters ({iters}) and --recon-batch ({batch}) must be positive")
+    if images < batch:
+        raise BadInputError(f"{images} calibration images are fewer than the reconstruction batch {batch}; "
+                            "give more images (--calib-images) or lower --recon-batch")
+
+
 def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, iters: int = 2000,
                 batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
                 workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
@@ -429,14 +440,8 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     ``calib`` are preprocessed NCHW images (distilled or real). With ``workdir`` finished blocks are
     saved as ``block_007.npz`` and skipped by a rerun with the same settings.
     """
-    if quantizer not in QUANTIZERS:
-        raise BadInputError(f"unknown quantizer {quantizer!r}; use one of {', '.join(QUANTIZERS)}")
-    if iters < 1 or batch < 1:
-        raise BadInputError(f"--recon-iters ({iters}) and --recon-batch ({batch}) must be positive")
     calib = np.asarray(calib, dtype=np.float32)
-    if len(calib) < batch:
-        raise BadInputError(f"{len(calib)} calibration images are fewer than the batch size {batch}; "
-                            "give more images or lower --recon-batch")
+    check_args(iters, batch, quantizer, len(calib))
     missing = [n for n, w in plan.weights.items() if w.scale is None or w.zero_point is None] + \
         [t for t, a in plan.acts.items() if a.scale is None]
     if missing:
