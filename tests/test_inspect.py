@@ -137,3 +137,14 @@ def test_subprocess_json_and_error(tmp_path):
     bad = _subprocess(_write(tmp_path, "empty.onnx", b""))
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_external_weight_data(capsys, tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(fixtures.opset17(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    code, out, _ = _cli(capsys, path, "--json")
+    assert code == 0 and len(json.loads(out)["bn_layers"]) == 4
+    (tmp_path / "ext.data").unlink()
+    code, out, err = _cli(capsys, path)
+    _assert_one_line_error(code, out, err, "external weight data", "next to the model")

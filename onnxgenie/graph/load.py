@@ -56,6 +56,13 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         except Exception:
             raise BadInputError(f"{path} is not an ONNX model (unreadable protobuf, or truncated); "
                                 "re-export it or copy it again") from None
+        if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+            try:  # weights saved next to the model (save_as_external_data) are read into memory
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            except Exception as err:  # onnx raises checker.ValidationError for a missing file
+                raise BadInputError(f"{path}: cannot read its external weight data ({err.__class__.__name__}: "
+                                    f"{str(err).splitlines()[0][:100]}); keep the data file next to the model") \
+                    from None
     if not model.graph.node or not model.opset_import:
         raise BadInputError("the file holds no ONNX graph (protobuf without nodes or opset); "
                             "re-export the model to ONNX")
