@@ -149,6 +149,29 @@ def opset20_gelu() -> onnx.ModelProto:
     return model
 
 
+def _with_input_pad(opset: int, mode: str) -> onnx.ModelProto:
+    model = conv_bn_net(opset)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    stem = model.graph.node[0]
+    stem.input[0] = "padded"
+    for a in stem.attribute:
+        if a.name == "pads":
+            a.ints[:] = [0, 0, 0, 0]
+    model.graph.node.insert(0, helper.make_node("Pad", ["input", "pads"], ["padded"], name="pad", mode=mode))
+    onnx.checker.check_model(model)
+    return model
+
+
+def opset19_pad_reflect() -> onnx.ModelProto:
+    """The stem's padding as a separate Pad (reflect), which means the same at opset 17."""
+    return _with_input_pad(19, "reflect")
+
+
+def opset19_pad_wrap() -> onnx.ModelProto:
+    """Pad mode 'wrap' exists only from opset 19."""
+    return _with_input_pad(19, "wrap")
+
+
 def nhwc_input() -> onnx.ModelProto:
     return conv_bn_net(nhwc=True)
 
@@ -245,14 +268,14 @@ def int64_input() -> onnx.ModelProto:
 
 
 # Models the front end must accept and that keep one float image input.
-VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean, opset21, nhwc_input, gemm_head, matmul_head,
-                                 depthwise, bn_after_add, no_bn, dynamic_batch, fixed_batch,
-                                 fixed_batch1_reshape)}
+VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean, opset19_pad_reflect, opset21,
+                                 nhwc_input, gemm_head, matmul_head, depthwise, bn_after_add, no_bn,
+                                 dynamic_batch, fixed_batch, fixed_batch1_reshape)}
 # Models with BN statistics (fold_bn has something to fold).
 WITH_BN = {k: f for k, f in VALID.items() if k != "no_bn"}
 # Models the front end must refuse (without --input-size for dynamic_hw).
 REFUSED = {f.__name__: f for f in (custom_op, two_inputs, int64_input, dynamic_hw, opset20_gelu,
-                                   fixed_batch_baked_constant)}
+                                   fixed_batch_baked_constant, opset19_pad_wrap)}
 
 
 def save(model: onnx.ModelProto, tmp_path: Path, name: str = "model") -> Path:

@@ -98,7 +98,8 @@ def test_dynamic_hw_needs_input_size_and_works_with_it():
 @pytest.mark.parametrize("name, words", [("custom_op", "com.example::FancyRelu"), ("two_inputs", "2 inputs"),
                                          ("int64_input", "INT64"), ("dynamic_hw", "--input-size"),
                                          ("opset20_gelu", "Gelu"),
-                                         ("fixed_batch_baked_constant", "dynamic_axes")])
+                                         ("fixed_batch_baked_constant", "dynamic_axes"),
+                                         ("opset19_pad_wrap", "Pad-19")])
 def test_refused_models_raise_one_line_typed_errors(name, words):
     with pytest.raises(UnsupportedModelError) as err:
         normalize(fixtures.REFUSED[name]())

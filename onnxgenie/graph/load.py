@@ -134,7 +134,15 @@ _NEW_ATTRS_SINCE_17 = {"AveragePool": {"dilations"}, "Resize": {"antialias", "ax
                        "DequantizeLinear": {"block_size"}}
 _REDUCE_AXES_INPUT_SINCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
                                "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
-_CHANGED_SINCE_17 = {"DFT", "GridSample", "ScatterElements", "ScatterND", "Pad"}  # checked one by one below
+
+
+def _same_meaning_at_17(node: onnx.NodeProto, attrs: dict) -> bool:
+    """False for the post-17 versions whose meaning changed (new modes, axes moved to inputs)."""
+    if node.op_type == "Pad":  # 18: optional axes input; 19: mode 'wrap'
+        return attrs.get("mode", b"constant") != b"wrap" and (len(node.input) < 4 or not node.input[3])
+    if node.op_type in ("ScatterElements", "ScatterND"):  # 18: reduction max/min
+        return attrs.get("reduction", b"none") in (b"none", b"add", b"mul")
+    return node.op_type not in ("DFT", "GridSample")  # 20: axis as input; renamed modes
 
 
 def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -180,11 +188,7 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
                     break
             continue
         bad = _NEW_ATTRS_SINCE_17.get(node.op_type, set()) & set(attrs)
-        changed = node.op_type in _CHANGED_SINCE_17 and not (
-            (node.op_type == "Pad" and attrs.get("mode", b"constant") != b"wrap"
-             and (len(node.input) < 4 or not node.input[3]))
-            or (node.op_type.startswith("Scatter") and attrs.get("reduction", b"none") in (b"none", b"add", b"mul")))
-        if bad or changed:
+        if bad or not _same_meaning_at_17(node, attrs):
             what = f"attribute {sorted(bad)[0]}" if bad else "semantics that opset 17 lacks"
             raise UnsupportedModelError(f"{label} uses {what}; re-export the model with opset {INTERNAL_OPSET}")
     del model.opset_import[:]
