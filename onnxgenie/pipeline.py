@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BadInputError, OnnxGenieError
-from .export.qdq import export_qdq
+from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.fakequant import fakequant_model
@@ -66,7 +66,7 @@ class QuantizeConfig:
 class QuantizeResult:
     model: onnx.ModelProto            # the exported QDQ model
     plan: QuantPlan
-    simulation: onnx.ModelProto       # the float fake-quant model the export reproduces
+    simulation: onnx.ModelProto       # the float fake-quant model (opset 21) the export reproduces
     info: dict = field(default_factory=dict)
 
 
@@ -143,7 +143,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     if config.reconstruct:
         plan, info["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
     exported = export_qdq(folded, plan)
-    simulation = fakequant_model(folded, plan)
+    simulation = fakequant_model(folded, plan, opset=EXPORT_OPSET)
     info["parity"] = parity(exported, simulation, calib[:PARITY_IMAGES])
     if not info["parity"] <= PARITY_TOLERANCE:
         raise OnnxGenieError(f"the exported model differs from its simulation by {info['parity']:.2e} of the "

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, version_converter
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, UnsupportedModelError
-from ..quant.fakequant import bias_scale, insert_before_consumers, quantize_bias, rewire
+from ..quant.fakequant import at_opset, bias_scale, insert_before_consumers, quantize_bias, rewire
 from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 
 EXPORT_OPSET = 21
@@ -82,20 +82,11 @@ def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onn
     return nodes, inits, f"{p}_dequantized"
 
 
-def _to_export_opset(folded: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        model = version_converter.convert_version(folded, EXPORT_OPSET)
-    except Exception as err:
-        raise UnsupportedModelError(f"cannot convert the model to opset {EXPORT_OPSET} for QDQ export "
-                                    f"({str(err).splitlines()[0][:120]}); report the model's op list") from None
-    model.ir_version = EXPORT_IR
-    return model
-
-
 def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> onnx.ModelProto:
     """The deployable QDQ model of ``plan`` (scales must be initialised). ``folded`` is not changed."""
     check_target(plan)
-    model = _to_export_opset(folded)
+    model = at_opset(folded, EXPORT_OPSET)
+    model.ir_version = EXPORT_IR
     nodes_by_name = {n.name: n for n in model.graph.node}
     params = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     drop: set[str] = set()

@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 
+from ..errors import UnsupportedModelError
 from .spec import ActQuant, QuantPlan, WeightQuant
 
 # weight_fn(quantizer) -> (nodes, initializers) that write a tensor named ``quantizer.weight``
@@ -78,11 +79,33 @@ def insert_before_consumers(model: onnx.ModelProto, tensor: str, nodes: list[onn
         model.graph.node.insert(position + offset, node)
 
 
+def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` converted to ``opset`` (a copy; IR 10 from opset 21 on)."""
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    try:
+        out = version_converter.convert_version(model, opset)
+    except Exception as err:
+        raise UnsupportedModelError(f"cannot convert the model to opset {opset} "
+                                    f"({str(err).splitlines()[0][:120]}); report the model's op list") from None
+    if opset >= 21:
+        out.ir_version = max(out.ir_version, 10)
+    return out
+
+
 def fakequant_model(folded: onnx.ModelProto, plan: QuantPlan, weight_fn: WeightFn = nearest_weights,
-                    quantize_acts: bool = True) -> onnx.ModelProto:
-    """The simulation of ``plan`` on ``folded`` (same opset, float ops only; input model unchanged)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(folded)
+                    quantize_acts: bool = True, opset: int | None = None) -> onnx.ModelProto:
+    """The simulation of ``plan`` on ``folded`` (float ops only; input model unchanged).
+
+    It keeps ``folded``'s opset (17, what training graphs use) unless ``opset`` is given: onnxruntime
+    runs some ops (AveragePool) with different kernels at opset 19+, so a bit-exact comparison with
+    the opset-21 export simulates at opset 21 (``export.qdq.EXPORT_OPSET``).
+    """
+    model = at_opset(folded, opset) if opset else onnx.ModelProto()
+    if not opset:
+        model.CopyFrom(folded)
     nodes_by_name = {n.name: n for n in model.graph.node}
     weight_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []

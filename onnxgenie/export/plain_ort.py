@@ -1,0 +1,71 @@
+"""Run an exported model on the latest plain ``onnxruntime`` (what deployment users install).
+
+onnxruntime-training installs the module ``onnxruntime`` too, so the two cannot share a venv: the
+plain one lives in a second venv (``.venv-ort`` at the repository root, ignored by git, or
+``$ONNXGENIE_PLAIN_ORT_VENV``), created on first use with ``pip install onnxruntime numpy``, and
+models run there in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_RUNNER = r"""
+import sys, json, numpy as np, onnxruntime as ort
+model, x_path, out_path, level = sys.argv[1:5]
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = 1
+opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+s = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+x = np.load(x_path)
+np.save(out_path, s.run(None, {s.get_inputs()[0].name: x})[0])
+print(ort.__version__)
+"""
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("ONNXGENIE_PLAIN_ORT_VENV", Path(__file__).resolve().parents[2] / ".venv-ort"))
+
+
+def plain_ort_python(create: bool = True) -> tuple[Path | None, str]:
+    """(python of the plain-onnxruntime venv, '') or (None, why it is unavailable)."""
+    venv = venv_dir()
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    check = [str(python), "-c", "import onnxruntime, numpy; assert not hasattr(onnxruntime, 'training')"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python, ""
+    if not create:
+        return None, f"no plain-onnxruntime venv at {venv}"
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "-q", "--upgrade", "onnxruntime", "numpy"]]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            return None, f"cannot create {venv} ({' '.join(cmd[-3:])}: {tail[0][:160]})"
+    if subprocess.run(check, capture_output=True).returncode != 0:
+        return None, f"{venv} has no working plain onnxruntime"
+    return python, ""
+
+
+def run_plain_ort(model_path: str | os.PathLike, x: np.ndarray, level: str = "ORT_ENABLE_ALL",
+                  python: Path | None = None) -> tuple[np.ndarray, str]:
+    """(first output of the model on ``x``, onnxruntime version) in the plain-onnxruntime venv."""
+    if python is None:
+        python, why = plain_ort_python()
+        if python is None:
+            raise RuntimeError(why)
+    with tempfile.TemporaryDirectory(prefix="onnxgenie-plain-ort-") as tmp:
+        x_path, out_path = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
+        np.save(x_path, np.ascontiguousarray(x, dtype=np.float32))
+        done = subprocess.run([str(python), "-c", _RUNNER, str(model_path), str(x_path), str(out_path), level],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"plain onnxruntime failed: {done.stderr.strip().splitlines()[-1:]}")
+        return np.load(out_path), done.stdout.strip()

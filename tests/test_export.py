@@ -1,0 +1,258 @@
+"""QDQ export: the exported model reproduces the simulation (fixtures and the shared models, real
+images), weights lie exactly on their grids, target rules hold, it runs on the latest plain
+onnxruntime, and the quantize/eval commands refuse bad input with exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import fixtures
+from conftest import dev_images, shared_dir, shared_model, shared_model_path, train_images
+from onnxgenie.cli import main
+from onnxgenie.errors import BadInputError
+from onnxgenie.evaluate import predict
+from onnxgenie.export.plain_ort import plain_ort_python, run_plain_ort
+from onnxgenie.export.qdq import EXPORT_OPSET, export_qdq, weight_grid_errors
+from onnxgenie.graph.bn import fold_bn
+from onnxgenie.graph.load import normalize
+from onnxgenie.pipeline import PARITY_LEVEL, parity
+from onnxgenie.quant.fakequant import fakequant_model
+from onnxgenie.quant.init import init_activations, init_weights
+from onnxgenie.quant.plan import build_plan
+
+TOL = 1e-4  # of the logit range
+
+
+def _quantized(model, wbits, abits, calib, target="ort", exclude=()):
+    folded = fold_bn(normalize(model))
+    plan = build_plan(folded, wbits, abits, target=target, exclude=exclude)
+    init_weights(folded, plan)
+    init_activations(folded, plan, calib)
+    return folded, plan, export_qdq(folded, plan), fakequant_model(folded, plan, opset=EXPORT_OPSET)
+
+
+def _check_exported(q: onnx.ModelProto, plan) -> None:
+    onnx.checker.check_model(q, full_check=True)
+    assert q.ir_version == 10 and q.opset_import[0].version == 21
+    assert max(weight_grid_errors(q, plan).values()) == 0.0
+    for t in q.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            assert np.isfinite(numpy_helper.to_array(t)).all()
+    float_weights = {t.name for t in q.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert not any(wq.weight in float_weights for wq in plan.weights.values())
+
+
+FIXTURE_CASES = [("conv_bn_net", 8, 8, "ort"), ("conv_bn_net", 4, 4, "ort"), ("depthwise", 4, 4, "ort"),
+                 ("matmul_head", 3, 6, "ort"), ("conv_bn_net", 8, 8, "tensorrt"), ("depthwise", 4, 8, "tensorrt")]
+
+
+@pytest.mark.parametrize("name,wbits,abits,target", FIXTURE_CASES)
+def test_fixture_parity_and_grid(name, wbits, abits, target):
+    model = getattr(fixtures, name)()
+    before = model.SerializeToString()
+    x = fixtures.random_input(model, 32, seed=3)
+    folded, plan, q, sim = _quantized(model, wbits, abits, x[:16], target)
+    assert model.SerializeToString() == before
+    _check_exported(q, plan)
+    assert parity(q, sim, x) <= TOL
+    # quantization is not a no-op: the simulation differs from the float model
+    assert not np.array_equal(predict(sim, x), predict(folded, x))
+
+
+def test_storage_types_ort():
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    _, plan, q, _ = _quantized(model, 4, 4, x)
+    types = {t.name: t.data_type for t in q.graph.initializer}
+    for wq in plan.weights.values():
+        expected = TensorProto.UINT4 if wq.bits == 4 else TensorProto.UINT8
+        assert types[f"{wq.weight}_quantized"] == expected == types[f"{wq.weight}_zero_point"]
+    for act in plan.acts.values():
+        small = {True: TensorProto.INT4, False: TensorProto.UINT4}
+        big = {True: TensorProto.INT8, False: TensorProto.UINT8}
+        assert types[f"{act.tensor}_zero_point"] == (small if act.bits == 4 else big)[act.signed]
+
+
+def test_tensorrt_rules():
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    _, plan, q, _ = _quantized(model, 4, 8, x, target="tensorrt")
+    inits = {t.name: t for t in q.graph.initializer}
+    dq_q = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    for node in dq_q:
+        zp = inits[node.input[2]]
+        assert zp.data_type in (TensorProto.INT8, TensorProto.INT32)
+        assert not numpy_helper.to_array(zp).any()
+    for wq in plan.weights.values():
+        w = numpy_helper.to_array(inits[f"{wq.weight}_quantized"])
+        bound = 2 ** (wq.bits - 1) - 1
+        assert w.dtype == np.int8 and w.min() >= -bound and w.max() <= bound
+    biases = [t for t in q.graph.initializer if t.data_type == TensorProto.INT32 and t.name.endswith("_quantized")]
+    assert len(biases) >= 2
+    adds = [n for n in q.graph.node if n.op_type == "Add" and not n.name.endswith("_fq")]
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    residual = [a for a in adds if all(producers.get(i) == "DequantizeLinear" for i in a.input)]
+    assert residual, "both inputs of the residual Add go through Q/DQ"
+
+
+def test_tensorrt_refuses_4bit_activations():
+    with pytest.raises(BadInputError, match="int8 activations only"):
+        _quantized(fixtures.conv_bn_net(), 8, 4, fixtures.random_input(fixtures.conv_bn_net(), 4), "tensorrt")
+
+
+def test_exclude_keeps_node_float():
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    folded = fold_bn(normalize(model))
+    conv = [n for n in folded.graph.node if n.op_type == "Conv"][1]
+    _, plan, q, sim = _quantized(model, 4, 4, x, exclude=[conv.name])
+    node = next(n for n in q.graph.node if n.name == conv.name)
+    weights = {t.name: t for t in q.graph.initializer}
+    assert weights[node.input[1]].data_type == TensorProto.FLOAT
+    assert parity(q, sim, x) <= TOL
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar10", "shufflenet_g3_cifar10"])
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 4)])
+def test_shared_model_parity(name, wbits, abits):
+    model = shared_model(name)
+    calib, _ = train_images(name, 32)
+    x, labels = dev_images(name, 64)
+    folded, plan, q, sim = _quantized(model, wbits, abits, calib)
+    _check_exported(q, plan)
+    assert parity(q, sim, x) <= TOL
+    top1_fp = (predict(folded, x).argmax(1) == labels).mean()
+    top1_q = (predict(q, x).argmax(1) == labels).mean()
+    assert top1_q >= top1_fp - (0.05 if wbits == 8 else 0.35)   # a working model, not noise
+
+
+@pytest.fixture(scope="module")
+def plain_python():
+    python, why = plain_ort_python()
+    if python is None:
+        pytest.skip(f"plain onnxruntime venv unavailable: {why}")
+    return python
+
+
+def test_runs_on_latest_plain_onnxruntime(plain_python, tmp_path):
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    for wbits, abits, target in ((4, 4, "ort"), (8, 8, "tensorrt")):
+        _, _, q, sim = _quantized(model, wbits, abits, x, target)
+        path = tmp_path / f"q{wbits}{target}.onnx"
+        onnx.save(q, str(path))
+        expected = predict(sim, x, level=PARITY_LEVEL)
+        y, version = run_plain_ort(path, x, "ORT_DISABLE_ALL", python=plain_python)
+        assert not hasattr(ort, "__version__") or version != "" and int(version.split(".")[1]) >= 20
+        assert np.abs(y - expected).max() <= TOL * np.ptp(expected)
+        y, _ = run_plain_ort(path, x, "ORT_ENABLE_ALL", python=plain_python)  # its own int kernels
+        assert np.isfinite(y).all() and (y.argmax(1) == expected.argmax(1)).mean() >= 0.8
+
+
+def test_shared_model_on_plain_onnxruntime(plain_python, tmp_path):
+    name = "resnet20_cifar10"
+    shared_model_path(name)
+    calib, _ = train_images(name, 32)
+    x, _ = dev_images(name, 64)
+    _, _, q, sim = _quantized(shared_model(name), 4, 4, calib)
+    onnx.save(q, str(tmp_path / "q.onnx"))
+    expected = predict(sim, x, level=PARITY_LEVEL)
+    y, _ = run_plain_ort(tmp_path / "q.onnx", x, "ORT_DISABLE_ALL", python=plain_python)
+    assert np.abs(y - expected).max() <= TOL * np.ptp(expected)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def _one_line_exit_2(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnxgenie: error: ") and "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--wbits", "1", "--abits", "8"], ["weight bit width 1"]),
+    (["--wbits", "8", "--abits", "4", "--target", "tensorrt"], ["int8 activations only"]),
+    (["--wbits", "4", "--abits", "4", "--exclude", "no_such_node"], ["--exclude"]),
+    (["--wbits", "4", "--abits", "4", "--calib-data", "BADNPZ"], ["expected [N, H, W, 3]"]),
+])
+def test_quantize_bad_input(capsys, tmp_path, extra, words):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 3, 8, 8), np.uint8))  # NCHW uint8: wrong layout
+    before = src.read_bytes()
+    out = tmp_path / "q.onnx"
+    args = [a.replace("BADNPZ", str(tmp_path / "bad.npz")) for a in extra]
+    code = main(["quantize", str(src), "-o", str(out), "--no-reconstruct", "--calib", "noise", *args])
+    _one_line_exit_2(code, capsys.readouterr().err, *words)
+    assert not out.exists() and src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "model.onnx"]
+
+
+def test_quantize_refuses_to_clobber(capsys, tmp_path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    before = src.read_bytes()
+    code = main(["quantize", str(src), "-o", str(src), "--wbits", "8", "--abits", "8", "--no-reconstruct",
+                 "--calib", "noise", "--overwrite"])
+    _one_line_exit_2(code, capsys.readouterr().err, "is the input model")
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"keep me")
+    code = main(["quantize", str(src), "-o", str(existing), "--wbits", "8", "--abits", "8", "--no-reconstruct",
+                 "--calib", "noise"])
+    _one_line_exit_2(code, capsys.readouterr().err, "--overwrite")
+    assert existing.read_bytes() == b"keep me" and src.read_bytes() == before
+
+
+def test_quantize_then_eval(capsys, tmp_path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    out = tmp_path / "q.onnx"
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", images=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, 40))
+    mean_std = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]
+    code = main(["quantize", str(src), "-o", str(out), "--wbits", "4", "--abits", "8", "--no-reconstruct",
+                 "--calib-data", str(tmp_path / "data.npz"), *mean_std, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    info = json.loads(captured.out)
+    assert info["parity"] <= TOL and info["calib_images"] == 40
+    q = onnx.load(str(out))
+    assert json.loads(next(p.value for p in q.metadata_props if p.key == "onnxgenie"))["wbits"] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    code = main(["eval", str(out), "--data", str(tmp_path / "data.npz"), *mean_std, "--reference", str(src),
+                 "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["images"] == 40 and 0 <= result["top1"] <= 100
+    assert result["agreement"] >= 50.0
+    # the same numbers computed here by hand
+    from onnxgenie.evaluate import preprocess
+    data = np.load(tmp_path / "data.npz")
+    x = preprocess(data["images"], (3, 8, 8), [0.5] * 3, [0.25] * 3)
+    assert result["top1"] == round(100 * float((predict(q, x).argmax(1) == data["labels"]).mean()), 2)
+
+
+def test_eval_bad_data(capsys, tmp_path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    np.savez(tmp_path / "nolabels.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    code = main(["eval", str(src), "--data", str(tmp_path / "nolabels.npz")])
+    _one_line_exit_2(code, capsys.readouterr().err, "labels")
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 8, 8, 3), np.float32), labels=np.zeros(2))
+    code = main(["eval", str(src), "--data", str(tmp_path / "float.npz")])
+    _one_line_exit_2(code, capsys.readouterr().err, "NCHW")
+
+
+def test_eval_shared_fp32_matches_models_json(capsys):
+    from conftest import model_info
+    shared = shared_dir()
+    info = model_info("resnet20_cifar10")
+    code = main(["eval", str(shared_model_path("resnet20_cifar10")), "--data",
+                 str(shared / "data" / "cifar10_dev_test.npz"), "--mean", *map(str, info["mean"]),
+                 "--std", *map(str, info["std"]), "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(info["fp32_top1_dev"], abs=0.01)

@@ -1,0 +1,106 @@
+"""Step-size initialisation: the vectorised L2.4 search against a brute-force loop, and the weights
+and activations it fills in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fixtures
+from onnxgenie.graph.bn import fold_bn, initializers
+from onnxgenie.graph.load import normalize
+from onnxgenie.quant.init import (CLIP_RATIOS, activation_batches, init_activations, init_weights, lp_search)
+from onnxgenie.quant.plan import build_plan
+from onnxgenie.quant.spec import int_range
+
+
+def brute_force(row: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = 2.4):
+    """One channel, one ratio at a time, with scalar Python arithmetic (float64 except the grid)."""
+    lo, hi = min(float(row.min()), 0.0), max(float(row.max()), 0.0)
+    best, best_s, best_z = np.inf, 1.0, 0
+    for r in CLIP_RATIOS:
+        if symmetric:
+            top = np.float32(max(abs(lo), abs(hi))) * r
+            bottom = -top if qmin < 0 else np.float32(0)
+            s = np.float32((top - bottom) / np.float32(qmax - qmin))
+            z = 0.0
+        else:
+            top, bottom = np.float32(hi) * r, np.float32(lo) * r
+            s = np.float32((top - bottom) / np.float32(qmax - qmin))
+            z = float(np.clip(np.round(qmin - bottom / s), qmin, qmax)) if s > 0 else 0.0
+        if not s > 0:
+            s = np.float32(1.0)
+        err = 0.0
+        for v in row:
+            q = min(max(np.round(np.float32(v) / s) + z, qmin), qmax)
+            err += abs(float(v) - float(np.float32((q - z) * s))) ** p
+        err /= len(row)
+        if err < best * (1 - 1e-6):  # the vectorised search sums in float32 powers: allow rounding noise
+            best, best_s, best_z = err, float(s), int(z)
+    return best_s, best_z
+
+
+@pytest.mark.parametrize("symmetric,signed,narrow", [(True, True, False), (True, True, True),
+                                                      (True, False, False), (False, False, False)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lp_search_matches_brute_force(symmetric, signed, narrow, bits):
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((6, 40)).astype(np.float32) * rng.uniform(0.1, 3, (6, 1)).astype(np.float32)
+    x[1] += 1.5                     # a channel that is all positive (asymmetric zero point at the bottom)
+    x[2, :5] = 9.0                  # outliers: clipping pays off
+    if not signed:
+        x = np.abs(x)
+    qmin, qmax = int_range(bits, signed, narrow)
+    scale, zero = lp_search(x, qmin, qmax, symmetric)
+    for c in range(x.shape[0]):
+        s, z = brute_force(x[c], qmin, qmax, symmetric)
+        assert scale[c] == pytest.approx(s, rel=1e-6), c
+        assert zero[c] == z
+    assert scale.dtype == np.float32 and zero.dtype == np.int32
+
+
+def test_outliers_are_clipped_and_zero_rows_are_exact():
+    x = np.zeros((2, 4000), np.float32)
+    x[0] = np.random.default_rng(0).laplace(size=4000)  # heavy tails: at 4 bits clipping them pays off
+    scale, zero = lp_search(x, -8, 7, True)
+    full_range = np.abs(x[0]).max() / 7.5
+    assert scale[0] < 0.9 * full_range
+    assert scale[1] == 1.0 and zero[1] == 0  # all-zero channel: any step represents it exactly
+
+
+def test_init_weights_fills_grid_and_rounds_to_nearest():
+    folded = fold_bn(normalize(fixtures.conv_bn_net()))
+    plan = init_weights(folded, build_plan(folded, 4, 8))
+    inits = initializers(folded)
+    for wq in plan.weights.values():
+        w = inits[wq.weight]
+        qmin, qmax = wq.qrange
+        assert wq.wint.shape == w.shape and wq.wint.min() >= qmin and wq.wint.max() <= qmax
+        assert wq.scale.shape == (w.shape[wq.axis],) and np.all(wq.scale > 0)
+        assert np.all((wq.zero_point >= qmin) & (wq.zero_point <= qmax))
+        # round to nearest: inside the clipping range every weight is within half a step
+        deq = wq.dequantized()
+        s = wq.scale.reshape(wq.bshape(w.ndim))
+        inside = (wq.wint > qmin) & (wq.wint < qmax)
+        assert np.all(np.abs(deq - w)[inside] <= (0.5 * s * np.ones_like(w))[inside] * (1 + 1e-5))
+
+
+def test_init_activations_sign_and_range():
+    folded = fold_bn(normalize(fixtures.conv_bn_net()))
+    plan = build_plan(folded, 8, 8)
+    x = np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)
+    init_activations(folded, plan, x, batch_size=7)
+    values = {t: [] for t in plan.acts}
+    for _, batch in activation_batches(folded, list(plan.acts), x, batch_size=20):
+        for t, v in batch.items():
+            values[t].append(v)
+    for t, act in plan.acts.items():
+        v = np.concatenate(values[t])
+        assert act.signed == bool(v.min() < 0)
+        qmin, qmax = act.qrange
+        top = act.scale * (qmax - qmin) / (2 if act.signed else 1)  # the clipped range the step came from
+        assert 0 < top <= np.abs(v).max() * (1 + 1e-6)
+        assert act.zero_point == 0
+        # few values: the search saw all of them (zeros left out), so it equals the search on the full tensor
+        full, _ = lp_search(v.reshape(1, -1), qmin, qmax, True)
+        assert act.scale == pytest.approx(float(full[0]), rel=1e-6)

@@ -1,0 +1,105 @@
+"""The quantization plan: which tensors, how many bits, the first/last-layer policy, shared
+quantizers, residual Adds, targets, --exclude and bad bit widths."""
+
+from __future__ import annotations
+
+import pytest
+
+import fixtures
+from conftest import shared_model
+from onnxgenie.cli import main
+from onnxgenie.errors import BadInputError
+from onnxgenie.graph.bn import fold_bn
+from onnxgenie.graph.load import normalize
+from onnxgenie.quant.plan import build_plan, quantized_layers, residual_adds
+from onnxgenie.quant.spec import QuantPlan
+
+
+def _folded(model):
+    return fold_bn(normalize(model))
+
+
+def test_policy_on_fixture():
+    folded = _folded(fixtures.conv_bn_net())
+    layers = quantized_layers(folded)
+    plan = build_plan(folded, 4, 4)
+    assert [w.node for w in plan.weights.values()] == [n.name for n in layers]
+    bits = [plan.weights[n.name].bits for n in layers]
+    assert bits[0] == 8 and bits[-1] == 8 and set(bits[1:-1]) == {4}
+    assert layers[0].input[0] not in plan.acts                     # the image is not quantized
+    assert plan.acts[layers[1].input[0]].bits == 8                 # second layer's input
+    assert plan.acts[layers[-1].input[0]].bits == 8                # last layer's input
+    assert {plan.acts[n.input[0]].bits for n in layers[2:-1]} == {4}
+    gemm = next(n for n in layers if n.op_type == "Gemm")
+    assert plan.weights[gemm.name].axis == 0                       # transB=1: weight [out, in]
+    assert not any(w.symmetric for w in plan.weights.values())     # ort: asymmetric like the reference
+
+
+def test_residual_add_shares_the_conv_input_quantizer():
+    folded = _folded(fixtures.conv_bn_net())
+    plan = build_plan(folded, 4, 4)
+    (add,) = residual_adds(folded)
+    producers = {o: n.op_type for n in folded.graph.node for o in n.output}
+    shortcut = next(t for t in add.input if producers[t] != "Conv")
+    act = plan.acts[shortcut]
+    # the shortcut also feeds the second layer, whose input is 8-bit: one quantizer, the wider width
+    assert add.name in act.consumers and len(act.consumers) == 2 and act.bits == 8
+    conv_out = next(t for t in add.input if producers[t] == "Conv")
+    assert conv_out not in plan.acts                               # the conv branch stays float into the Add
+
+
+def test_tensorrt_quantizes_both_add_inputs_symmetric_narrow():
+    folded = _folded(fixtures.conv_bn_net())
+    plan = build_plan(folded, 4, 8, target="tensorrt")
+    (add,) = residual_adds(folded)
+    assert all(t in plan.acts and add.name in plan.acts[t].consumers for t in add.input)
+    assert all(a.signed for a in plan.acts.values())
+    assert all(w.symmetric and w.narrow and w.qrange[0] == -w.qrange[1] for w in plan.weights.values())
+
+
+def test_matmul_axis_and_exclude():
+    folded = _folded(fixtures.matmul_head())
+    mm = next(n for n in quantized_layers(folded) if n.op_type == "MatMul")
+    plan = build_plan(folded, 4, 4)
+    assert plan.weights[mm.name].axis == 1
+    plan = build_plan(folded, 4, 4, exclude=[mm.name])
+    assert mm.name not in plan.weights
+    assert all(mm.name not in a.consumers for a in plan.acts.values())
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(wbits=1, abits=8), "weight bit width 1"),
+    (dict(wbits=4, abits=3), "activation bit width 3"),
+    (dict(wbits=4, abits=16), "activation bit width 16"),
+    (dict(wbits=8, abits=4, target="tensorrt"), "int8 activations only"),
+    (dict(wbits=8, abits=8, target="tpu"), "unknown target"),
+    (dict(wbits=8, abits=8, exclude=["nope"]), "--exclude"),
+])
+def test_bad_plans(kwargs, words):
+    with pytest.raises(BadInputError, match=words):
+        build_plan(_folded(fixtures.conv_bn_net()), **kwargs)
+
+
+def test_plan_roundtrip_keeps_target():
+    plan = build_plan(_folded(fixtures.conv_bn_net()), 4, 8, target="tensorrt")
+    meta, arrays = plan.to_arrays()
+    again = QuantPlan.from_arrays(meta, arrays)
+    assert again.target == "tensorrt" and list(again.acts) == list(plan.acts)
+
+
+def test_resnet20_plan():
+    folded = _folded(shared_model("resnet20_cifar10"))
+    plan = build_plan(folded, 4, 4)
+    assert len(plan.weights) == 20                                 # 19 convs + the linear head
+    adds = residual_adds(folded)
+    assert len(adds) == 9
+    for add in adds:  # every block's shortcut (identity or option-A Slice/Pad) is quantized
+        assert any(add.name in plan.acts[t].consumers for t in add.input if t in plan.acts)
+    assert all(not a.signed for a in plan.acts.values())          # all post-ReLU or padded post-ReLU
+
+
+def test_inspect_plan_cli(capsys, tmp_path):
+    path = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    assert main(["inspect", str(path), "--plan", "--wbits", "3", "--abits", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "W3 asymmetric" in out and "A5 " in out and "activation quantizers" in out
