@@ -111,3 +111,14 @@ def test_fold_bn_parity_on_default_model():
         folded = fold_bn(normal, fold_into_producer=fold_into_producer)
         assert "BatchNormalization" not in _ops(folded)
         np.testing.assert_allclose(fixtures.run(folded, x), fixtures.run(normal, x, optimize=False), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gemm_head", "bn_after_add", "opset11"])
+def test_fold_bn_on_models_without_inferred_shapes(name):
+    """Straight from the exporter (no value_info): Mul+Add constants still get the right rank
+    ([1, C] after a Gemm, [1, C, 1, 1] after a Conv)."""
+    raw = fixtures.WITH_BN[name]()
+    x = fixtures.random_input(raw, 3)
+    for fold_into_producer in (True, False):
+        folded = fold_bn(raw, fold_into_producer=fold_into_producer)
+        np.testing.assert_allclose(fixtures.run(folded, x), fixtures.run(raw, x, optimize=False), rtol=0, atol=1e-5)

@@ -122,9 +122,7 @@ def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits:
 
 def _as_mul_add(model: onnx.ModelProto, node: onnx.NodeProto, bn: BNLayer) -> list[onnx.NodeProto]:
     a, b = _affine(bn)
-    shape = (1, -1) + (1,) * 2  # NCHW broadcast; adjusted below for rank
-    rank = _rank(model, bn.input)
-    shape = (1, -1) + (1,) * max(rank - 2, 0)
+    shape = (1, -1) + (1,) * max(_rank(model, bn.input) - 2, 0)  # channels on axis 1
     an, bname, mid = f"{bn.name}_scale", f"{bn.name}_shift", f"{bn.output}_scaled"
     model.graph.initializer.extend([numpy_helper.from_array(a.reshape(shape), an),
                                     numpy_helper.from_array(b.reshape(shape), bname)])
@@ -145,8 +143,7 @@ def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True) -> onnx.Mod
     With ``fold_into_producer=False`` every BN becomes its eval-mode Mul+Add form, which is what a
     training graph needs (ORT turns any BatchNormalization into training mode).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = onnx.shape_inference.infer_shapes(model)  # a copy, with the ranks _as_mul_add needs
     layers = {layer.output: layer for layer in bn_layers(out)}
     producers = {o: n for n in out.graph.node for o in n.output}
     inits = initializers(out)
