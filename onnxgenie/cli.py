@@ -26,6 +26,16 @@ def _cmd_inspect(args) -> int:
             info["plan"] = plan.to_arrays()[0]
         else:
             print(format_plan(plan))
+    if args.blocks:
+        from .graph.blocks import blocks_json, format_blocks, partition_blocks
+        from .pipeline import prepare
+
+        folded = prepare(args.model)[1]
+        blocks = partition_blocks(folded)
+        if args.json:
+            info["blocks"] = blocks_json(blocks)
+        else:
+            print(format_blocks(folded, blocks))
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 
@@ -121,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="fix a dynamic input size")
     p.add_argument("--plan", action="store_true", help="also show the quantization plan (see --wbits/--abits)")
     _add_bits(p, 4, 4)
+    p.add_argument("--blocks", action="store_true", help="also list the GENIE-M reconstruction blocks")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("eval", help="top-1 accuracy on a labelled .npz, and agreement with a reference model")

@@ -95,3 +95,16 @@ def test_residual_interior_is_not_a_cut():
     add = next(n for n in folded.graph.node if n.op_type == "Add")
     conv_out = next(i for i in add.input if i != "stem.relu")
     assert "stem.relu" in cuts and conv_out not in cuts   # the shortcut keeps stem.relu alive
+
+
+def test_cli_inspect_blocks(tmp_path, capsys):
+    import json
+
+    from onnxgenie.cli import main
+
+    src = fixtures.save(fixtures.opset17(), tmp_path)
+    assert main(["inspect", str(src), "--blocks", "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["blocks"]
+    assert [b["quantized_nodes"] for b in blocks] == [["stem.conv"], ["block.conv"], ["down.conv"], ["fc1"], ["fc"]]
+    assert main(["inspect", str(src), "--blocks"]) == 0
+    assert "5 reconstruction blocks" in capsys.readouterr().out

@@ -121,3 +121,18 @@ def extract_block_model(folded: onnx.ModelProto, block: Block) -> onnx.ModelProt
     model = helper.make_model(graph, opset_imports=list(folded.opset_import))
     model.ir_version = folded.ir_version
     return model
+
+
+def format_blocks(folded: onnx.ModelProto, blocks: list[Block]) -> str:
+    """One line per block, for ``onnxgenie inspect --blocks``."""
+    ops = {n.name: n.op_type for n in folded.graph.node}
+    lines = [f"{len(blocks)} reconstruction blocks"]
+    for b in blocks:
+        lines.append(f"  {b.name}  {len(b.quantized_nodes)} quantized / {len(b.nodes)} nodes  "
+                     f"({' '.join(ops[n] for n in b.nodes)})  {b.input} -> {b.output}")
+    return "\n".join(lines)
+
+
+def blocks_json(blocks: list[Block]) -> list[dict]:
+    return [{"name": b.name, "input": b.input, "output": b.output, "nodes": b.nodes,
+             "quantized_nodes": b.quantized_nodes} for b in blocks]
