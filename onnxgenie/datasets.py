@@ -77,3 +77,19 @@ def load_digits_split() -> DigitsSplit:
     """The deterministic train/test split, preprocessed for ``models/digits_resnet8.onnx``."""
     tr_x, tr_y, te_x, te_y = load_digits_raw()
     return DigitsSplit(preprocess_digits(tr_x), tr_y, preprocess_digits(te_x), te_y)
+
+
+def write_digits_npz(path, part: str = "test") -> int:
+    """Save one part of the split as ``.npz`` (float32 NCHW ``images``, preprocessed, and ``labels``),
+    the form ``onnxgenie eval --data`` reads. Returns the number of images."""
+    split = load_digits_split()
+    images, labels = {"test": (split.x_test, split.y_test), "train": (split.x_train, split.y_train)}[part]
+    np.savez(path, images=images, labels=labels)
+    return len(images)
+
+
+if __name__ == "__main__":  # python -m onnxgenie.datasets OUT.npz [test|train]
+    import sys
+
+    out, which = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "test")
+    print(f"{write_digits_npz(out, which)} {which} images written to {out}")

@@ -210,3 +210,14 @@ def test_default_model_accuracy_matches_its_json():
     top1 = float((logits.argmax(1) == split.y_test).mean() * 100)
     assert top1 == pytest.approx(meta["fp32_top1_test"], abs=0.01)
     assert top1 >= 95.0
+
+
+def test_digits_npz_evaluates_like_the_json(tmp_path):
+    from conftest import DEFAULT_MODEL, default_model_info, digits_split
+    from onnxgenie.datasets import write_digits_npz
+    from onnxgenie.evaluate import evaluate
+
+    digits_split()  # skips without scikit-learn
+    assert write_digits_npz(tmp_path / "digits_test.npz") == 540
+    result = evaluate(DEFAULT_MODEL, tmp_path / "digits_test.npz")
+    assert result["images"] == 540 and result["top1"] == default_model_info()["fp32_top1_test"]
