@@ -192,6 +192,8 @@ def test_default_model_training_script_smoke():
     assert report["eval_vs_batch_stats_max_abs"] < 1e-4
     assert report["bn_layers"] == 9 and report["test_top1"] > 30  # 10 classes: chance is 10 %
     assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 9
+    again, _ = train_default_model.train(epochs=1, log=lambda *_: None)
+    assert again.SerializeToString() == model.SerializeToString(), "training must be deterministic"
 
 
 def _with_square_loss(model):
