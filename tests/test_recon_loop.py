@@ -204,3 +204,13 @@ def test_cli_quantize_reconstructs_by_default(tmp_path, quantizer):
     rc = main(["quantize", str(src), "-o", str(bad), "--wbits", "4", "--abits", "4", "--calib", "noise",
                "--calib-images", "32", "--recon-batch", "64"])
     assert rc == 2 and not bad.exists()
+
+
+def test_streaming_from_disk_gives_the_same_result(reconstructed, tmp_path):
+    folded, plan, x, new, _, _ = reconstructed
+    streamed, report = reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, workdir=tmp_path,
+                                   mem_budget_mb=0)
+    assert report["streamed_arrays"] == 2 * len(report["blocks"])   # every target and quantized input on disk
+    assert not list(tmp_path.glob("stream_*.npy"))                  # and removed afterwards
+    for name in new.weights:
+        np.testing.assert_array_equal(streamed.weights[name].wint, new.weights[name].wint)

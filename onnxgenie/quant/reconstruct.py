@@ -493,6 +493,9 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
         if bar is not None:
             bar.close()
         del x_fp, x_q
+        report["streamed_arrays"] = store.count
+        for path in folder.glob("stream_*.npy"):
+            path.unlink()
         if tmp is not None:
             tmp.cleanup()
     wall = time.perf_counter() - t_start
