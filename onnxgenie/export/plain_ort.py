@@ -33,17 +33,19 @@ def venv_dir() -> Path:
     return Path(os.environ.get("ONNXGENIE_PLAIN_ORT_VENV", Path(__file__).resolve().parents[2] / ".venv-ort"))
 
 
-def plain_ort_python(create: bool = True) -> tuple[Path | None, str]:
-    """(python of the plain-onnxruntime venv, '') or (None, why it is unavailable)."""
+def plain_ort_python(create: bool = True, packages: tuple[str, ...] = ("onnxruntime", "numpy")
+                     ) -> tuple[Path | None, str]:
+    """(python of the plain-onnxruntime venv with ``packages``, '') or (None, why it is unavailable)."""
     venv = venv_dir()
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    check = [str(python), "-c", "import onnxruntime, numpy; assert not hasattr(onnxruntime, 'training')"]
+    modules = ", ".join(sorted({p.replace("-", "_") for p in packages}))
+    check = [str(python), "-c", f"import {modules}, onnxruntime; assert not hasattr(onnxruntime, 'training')"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python, ""
     if not create:
         return None, f"no plain-onnxruntime venv at {venv}"
-    steps = [[sys.executable, "-m", "venv", str(venv)],
-             [str(python), "-m", "pip", "install", "-q", "--upgrade", "onnxruntime", "numpy"]]
+    steps = [[sys.executable, "-m", "venv", str(venv)]] if not python.exists() else []
+    steps.append([str(python), "-m", "pip", "install", "-q", "--upgrade", *packages])
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:

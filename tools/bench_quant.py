@@ -1,0 +1,221 @@
+"""Benchmark of the init-only quantizer (issue 5) on the shared CIFAR-10 models -> BENCHMARKS.md.
+
+For each model and W8A8 / W4A8 / W4A4: FP32 top-1; ours (``onnxgenie.pipeline.quantize``, no
+reconstruction) with real calibration images (cifar10_train_1k), with Gaussian noise, and with
+GENIE-D distilled images; onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax and
+Percentile) on the same 1,000 real images. Every model is evaluated on the 5,000 dev images and timed
+(batch 1, one thread) on the latest plain onnxruntime, in its own venv (.venv-ort, with onnx).
+
+    .venv/bin/python tools/bench_quant.py            # all of it (distillation dominates the time)
+    .venv/bin/python tools/bench_quant.py --models resnet20_cifar10 --no-distill --dev-images 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from onnxgenie.export.plain_ort import plain_ort_python  # noqa: E402
+from onnxgenie.pipeline import QuantizeConfig, quantize  # noqa: E402
+
+MODELS = ("resnet20_cifar10", "resnet32_cifar10", "shufflenet_g3_cifar10")
+CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+MARK = "<!-- bench_quant -->"
+
+# Runs in the plain-onnxruntime venv: top-1 and batch-1 latency of one model.
+EVAL_SCRIPT = r"""
+import sys, json, time, numpy as np, onnxruntime as ort
+model, x_path, y_path = sys.argv[1:4]
+x, y = np.load(x_path), np.load(y_path)
+opts = ort.SessionOptions(); opts.intra_op_num_threads = 1; opts.inter_op_num_threads = 1
+s = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+name = s.get_inputs()[0].name
+pred = np.concatenate([s.run(None, {name: x[i:i + 250]})[0].argmax(1) for i in range(0, len(x), 250)])
+times = []
+for i in range(110):
+    t = time.perf_counter(); s.run(None, {name: x[i % len(x)][None]}); times.append(time.perf_counter() - t)
+print(json.dumps({"top1": float((pred == y).mean() * 100), "ms": float(np.median(times[10:]) * 1000),
+                  "ort": ort.__version__}))
+"""
+
+# Runs in the plain-onnxruntime venv: onnxruntime's own static quantization (QDQ, per channel).
+ORT_QUANT_SCRIPT = r"""
+import sys, numpy as np
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+src, out, calib_path, wbits, abits, method = sys.argv[1:7]
+tmp = out + ".pre.onnx"
+quant_pre_process(src, tmp, skip_symbolic_shape=True)  # ORT's recommended step; it folds BN into the convs
+x = np.load(calib_path)
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.batches = iter([{"input": x[i:i + 100]} for i in range(0, len(x), 100)])
+    def get_next(self):
+        return next(self.batches, None)
+types = {8: (QuantType.QInt8, QuantType.QUInt8), 4: (QuantType.QInt4, QuantType.QUInt4)}
+quantize_static(tmp, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                weight_type=types[int(wbits)][0], activation_type=types[int(abits)][1],
+                calibrate_method=getattr(CalibrationMethod, method))
+"""
+
+
+def preprocess(images: np.ndarray, info: dict) -> np.ndarray:
+    mean = np.asarray(info["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(info["std"], np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((images.astype(np.float32).transpose(0, 3, 1, 2) / 255 - mean) / std)
+
+
+def plain(python: Path, script: str, *args) -> str:
+    done = subprocess.run([str(python), "-c", script, *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def evaluate(python: Path, model: Path, work: Path) -> dict:
+    return json.loads(plain(python, EVAL_SCRIPT, model, work / "dev_x.npy", work / "dev_y.npy"))
+
+
+def distilled(model_name: str, src: Path, work: Path, n: int, iters: int, jobs: int) -> np.ndarray:
+    """GENIE-D images, cached per (model, n, iters)."""
+    cache = work / f"distilled_{model_name}_{n}x{iters}.npy"
+    if cache.exists():
+        return np.load(cache)
+    from onnxgenie.distill import distill
+
+    t = time.perf_counter()
+    x, _ = distill(onnx.load(str(src)), n_images=n, iters=iters, jobs=jobs, progress=False)
+    print(f"  distilled {len(x)} images in {time.perf_counter() - t:.0f} s", flush=True)
+    np.save(cache, x)
+    return x
+
+
+def run(args) -> dict:
+    python, why = plain_ort_python(packages=("onnxruntime", "numpy", "onnx"))
+    if python is None:
+        sys.exit(f"bench_quant: {why}")
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    infos = json.loads((SHARED / "models" / "models.json").read_text())
+    dev, train = np.load(SHARED / "data" / "cifar10_dev_test.npz"), np.load(SHARED / "data" / "cifar10_train_1k.npz")
+    results: dict = {}
+    for name in args.models:
+        info, src = infos[f"{name}.onnx"], SHARED / "models" / f"{name}.onnx"
+        np.save(work / "dev_x.npy", preprocess(dev["images"][:args.dev_images], info))
+        np.save(work / "dev_y.npy", dev["labels"][:args.dev_images])
+        real = preprocess(train["images"], info)
+        np.save(work / "calib_x.npy", real)
+        calibs = {"real": real,
+                  "noise": np.random.default_rng(0).standard_normal(real.shape).astype(np.float32)}
+        if args.distill:
+            calibs["distilled"] = distilled(name, src, work, args.distill_images, args.distill_iters, args.jobs)
+        r = results[name] = {"fp32": evaluate(python, src, work)}
+        print(f"{name}: FP32 {r['fp32']['top1']:.2f} %, {r['fp32']['ms']:.2f} ms", flush=True)
+        for label, (wbits, abits) in CONFIGS.items():
+            if label not in args.configs:
+                continue
+            row = r[label] = {}
+            for calib_name, calib in calibs.items():
+                t = time.perf_counter()
+                res = quantize(src, QuantizeConfig(wbits=wbits, abits=abits, progress=False), calib=calib)
+                path = work / f"{name}_{label}_{calib_name}.onnx"
+                onnx.save(res.model, str(path))
+                row[calib_name] = {**evaluate(python, path, work), "parity": res.info["parity"],
+                                   "seconds": round(time.perf_counter() - t, 1)}
+            for method in ("MinMax", "Percentile"):
+                path = work / f"{name}_{label}_ort_{method}.onnx"
+                try:
+                    plain(python, ORT_QUANT_SCRIPT, src, path, work / "calib_x.npy", wbits, abits, method)
+                    row[f"ort_{method}"] = evaluate(python, path, work)
+                except RuntimeError as err:
+                    row[f"ort_{method}"] = {"error": str(err)[:200]}
+            print(f"  {label}: " + ", ".join(f"{k} {v.get('top1', float('nan')):.2f}" for k, v in row.items()),
+                  flush=True)
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _cell(entry: dict | None, key: str = "top1") -> str:
+    if entry is None:
+        return "–"
+    if "error" in entry:
+        return "fails"
+    return f"{entry[key]:.2f}"
+
+
+def markdown(results: dict, args, ort_version: str) -> str:
+    lines = [MARK, "## Quantization core: init-only PTQ (issue 5)", "",
+             f"`{' '.join(['.venv/bin/python tools/bench_quant.py', *sys.argv[1:]])}` — top-1 (%) on the first "
+             f"{args.dev_images} images of `cifar10_dev_test.npz`, all models run on plain onnxruntime "
+             f"{ort_version} (CPU, default optimisations). Ours: `quantize --no-reconstruct` (L2.4 step search, "
+             "first/last layer 8-bit, asymmetric per-channel weights, per-tensor activations incl. residual "
+             "shortcuts). Calibration: *real* = the 1,000 `cifar10_train_1k` images; *noise* = 1,000 N(0,1) "
+             f"images; *distilled* = {args.distill_images} GENIE-D images ({args.distill_iters} steps per batch). "
+             "ORT = onnxruntime `quant_pre_process` + `quantize_static` (QDQ, per-channel, same 1,000 real "
+             "images, all layers at the stated bits).", "",
+             "| model | bits | FP32 | ours real | ours noise | ours distilled | ORT MinMax | ORT Percentile |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for label in CONFIGS:
+            if label not in r:
+                continue
+            row = r[label]
+            lines.append(f"| {name} | {label} | {r['fp32']['top1']:.2f} | {_cell(row.get('real'))} | "
+                         f"{_cell(row.get('noise'))} | {_cell(row.get('distilled'))} | "
+                         f"{_cell(row.get('ort_MinMax'))} | {_cell(row.get('ort_Percentile'))} |")
+    lines += ["", "Latency, batch 1, one thread, median of 100 runs (ms; same runtime; ours with real calibration):",
+              "", "| model | FP32 | " + " | ".join(f"ours {c}" for c in CONFIGS) + " | "
+              + " | ".join(f"ORT {c}" for c in CONFIGS) + " |", "|---" * (1 + 2 * len(CONFIGS) + 1) + "|"]
+    for name, r in results.items():
+        ours = [_cell(r.get(c, {}).get("real"), "ms") if c in r else "–" for c in CONFIGS]
+        theirs = [_cell(r.get(c, {}).get("ort_MinMax"), "ms") if c in r else "–" for c in CONFIGS]
+        lines.append(f"| {name} | {r['fp32']['ms']:.2f} | " + " | ".join(ours) + " | " + " | ".join(theirs) + " |")
+    lines += ["", MARK]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
+    """Replace (or append) only the section between the bench_quant markers."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(MARK) + r".*?" + re.escape(MARK), re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--dev-images", type=int, default=5000)
+    parser.add_argument("--no-distill", dest="distill", action="store_false")
+    parser.add_argument("--distill-images", type=int, default=256)
+    parser.add_argument("--distill-iters", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=2, help="distillation processes")
+    parser.add_argument("--out", default=str(REPO / "out" / "bench_quant"))
+    parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+    if not (SHARED / "models" / "models.json").is_file():
+        sys.exit("bench_quant: ../shared (models and data) is not present")
+    results = run(args)
+    version = next(iter(results.values()))["fp32"]["ort"]
+    text = markdown(results, args, version)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
