@@ -256,3 +256,13 @@ def test_eval_shared_fp32_matches_models_json(capsys):
                  "--std", *map(str, info["std"]), "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(info["fp32_top1_dev"], abs=0.01)
+
+
+def test_pipeline_with_reconstruction_keeps_parity():
+    from onnxgenie.pipeline import QuantizeConfig, quantize
+
+    result = quantize(fixtures.conv_bn_net(), QuantizeConfig(
+        wbits=4, abits=4, reconstruct=True, recon_iters=5, recon_batch=8, calib="noise", calib_images=16,
+        progress=False))
+    assert result.info["parity"] <= TOL and result.info["reconstruction"]["blocks"]
+    assert max(weight_grid_errors(result.model, result.plan).values()) == 0.0
