@@ -54,6 +54,8 @@ def test_tensorrt_quantizes_both_add_inputs_symmetric_narrow():
     (add,) = residual_adds(folded)
     assert all(t in plan.acts and add.name in plan.acts[t].consumers for t in add.input)
     assert all(a.signed for a in plan.acts.values())
+    first = quantized_layers(folded)[0]
+    assert plan.acts[first.input[0]].bits == 8                     # int8 layers need Q/DQ on every input
     assert all(w.symmetric and w.narrow and w.qrange[0] == -w.qrange[1] for w in plan.weights.values())
 
 

@@ -93,8 +93,9 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
 
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
-    ``"tensorrt"``: symmetric narrow-range weights, signed activations, and Q/DQ on both inputs of
-    every residual Add. ``exclude`` names nodes that stay float.
+    ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
+    input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
+    ``exclude`` names nodes that stay float.
     """
     check_bits(wbits, abits, first_last_bits, target)
     names = {n.name for n in folded.graph.node}
@@ -109,8 +110,8 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     trt = target == "tensorrt"
 
     def add_act(tensor: str, bits: int, consumer: str) -> None:
-        if tensor in graph_inputs:
-            return  # the image: already quantized by its 8-bit encoding
+        if tensor in graph_inputs and not trt:
+            return  # the image: already quantized by its 8-bit encoding (TensorRT wants Q/DQ on every conv input)
         act = plan.acts.get(tensor)
         if act is None:
             act = plan.acts[tensor] = ActQuant(tensor, bits, signed=trt or not _non_negative(folded, tensor))
@@ -125,8 +126,8 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
         plan.weights[node.name] = WeightQuant(
             node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
             symmetric=trt, axis=weight_axis(node), narrow=trt)
-        if i > 0:  # the first layer reads the image
-            add_act(node.input[0], first_last_bits if i in (1, last) else abits, node.name)
+        if i > 0 or trt:  # the first layer reads the image
+            add_act(node.input[0], first_last_bits if i in (0, 1, last) else abits, node.name)
 
     producers = {o: n.op_type for n in folded.graph.node for o in n.output}
     for add in residual_adds(folded):
