@@ -19,6 +19,10 @@ its Conv/Gemm producer and its input statistics are recovered per channel from t
 y = a·x + b: mean_x = (mean_y − b)/a, var_x = var_y/a². That is exact and saves a full-tensor
 Mul+Add (and its backward) per layer; a BN whose producer cannot be folded, or with a zero gamma,
 keeps the Mul+Add form and is tapped at its input directly.
+
+The teacher's Relu nodes become Clip(x, 0): the same values, and onnxruntime-training 1.19's CPU
+ReluGrad (a branch per element) took 15–28 % of a step, 3–5× ClipGrad's time. The two gradients
+differ only at x == 0 exactly (Clip passes it, Relu does not).
 """
 
 from __future__ import annotations
@@ -98,6 +102,15 @@ def _input_term(b: _LossBuilder, image: str, channels: int) -> str:
     return b.op("Mul", [b.op("Add", [mean_loss, std_loss]), b.const("input.channels", np.float32(channels))])
 
 
+def _relu_as_clip(model: onnx.ModelProto) -> None:
+    relus = [n for n in model.graph.node if n.op_type == "Relu"]
+    if relus:
+        model.graph.initializer.append(numpy_helper.from_array(np.float32(0), "bns.relu_floor"))
+    for node in relus:
+        node.op_type = "Clip"
+        node.input.append("bns.relu_floor")
+
+
 def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes and initializers that do not lead to a graph output."""
     needed = {o.name for o in model.graph.output}
@@ -137,6 +150,7 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     out.CopyFrom(affine)
     out.graph.node.extend(b.nodes)
     out.graph.initializer.extend(b.inits)
+    _relu_as_clip(out)
     shapes = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
     del out.graph.output[:]
     out.graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
