@@ -71,6 +71,45 @@ def test_generator_uses_batch_statistics_and_any_input_size(chw):
     assert not any(n.op_type == "BatchNormalization" for n in gen.graph.node)
 
 
+def _numpy_generator(values: dict, z: np.ndarray, chw: tuple) -> np.ndarray:
+    """The reference Generator's forward in float64 (torch semantics: BN on batch stats, eps 1e-5)."""
+    c, h, w = chw
+    v = {k.removeprefix("generator."): x.astype(np.float64) for k, x in values.items()}
+
+    def bn(x, name=None):
+        y = (x - x.mean((0, 2, 3), keepdims=True)) / np.sqrt(x.var((0, 2, 3), keepdims=True) + 1e-5)
+        return y if name is None else y * v[f"{name}.weight"].reshape(1, -1, 1, 1) + v[f"{name}.bias"].reshape(1, -1, 1, 1)
+
+    def conv(x, name):
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        k = v[f"{name}.weight"]
+        out = sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + x.shape[2], j:j + x.shape[3]], k[:, :, i, j])
+                  for i in range(3) for j in range(3))
+        return out + v[f"{name}.bias"].reshape(1, -1, 1, 1)
+
+    def up(x):
+        return x.repeat(2, axis=2).repeat(2, axis=3)
+
+    x = z.astype(np.float64) @ v["linear.weight"].T + v["linear.bias"]
+    x = bn(x.reshape(len(z), 128, -(-h // 4), -(-w // 4)), "bn1")
+    x = bn(conv(up(x), "conv1"), "bn2")
+    x = conv(up(np.where(x > 0, x, 0.2 * x)), "conv2")[:, :, :h, :w]
+    return bn(np.tanh(x))
+
+
+@pytest.mark.parametrize("chw", [(3, 8, 8), (1, 10, 6)])
+def test_generator_equals_numpy_reference(chw):
+    gen = build_generator(chw)
+    rng = np.random.default_rng(0)
+    values = init_generator(gen, rng)
+    for name in values:  # non-trivial BN affine parameters
+        if ".bn" in name:
+            values[name] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, values[name].shape).astype(np.float32)
+    z = rng.standard_normal((5, 256)).astype(np.float32)
+    got = inference_session(_with_values(gen, values)).run(None, {"latents": z})[0]
+    np.testing.assert_allclose(got, _numpy_generator(values, z, chw), rtol=1e-3, atol=1e-3)
+
+
 # BNS loss ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", [{}, {"bn_after_add": True}, {"depthwise": True}])

@@ -11,8 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import conv_bn_net, random_input
 from onnxgenie.graph.load import normalize
-from onnxgenie.graph.swing import SWING_INPUTS, reflect_index, swing_feed, swing_rewrite
+from onnxgenie.graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
 from onnxgenie.ortrain import GradientGraph, inference_session
+
+
+def reflect_index(size: int) -> np.ndarray:
+    """Indices of reflect_pad(range(size), 1): [1, 0, 1, ..., size-1, size-2]."""
+    return np.concatenate([[1], np.arange(size), [size - 2]]).astype(np.int64)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, offsets=None) -> np.ndarray:

@@ -27,11 +27,6 @@ def _strided(node: onnx.NodeProto) -> bool:
     return node.op_type == "Conv" and any(s > 1 for s in strides)
 
 
-def reflect_index(size: int) -> np.ndarray:
-    """Indices of ``reflect_pad(range(size), 1)``: [1, 0, 1, ..., size-1, size-2]."""
-    return np.concatenate([[1], np.arange(size), [size - 2]]).astype(np.int64)
-
-
 def _reflect_pad(nodes: list, inits: list, x: str, name: str, axis: int, size: int) -> str:
     """Concat(x[1], x, x[size-2]) along ``axis``: reflection padding by one, with a gradient."""
     def border(index: int, part: str) -> str:
