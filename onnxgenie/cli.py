@@ -61,11 +61,13 @@ def _cmd_quantize(args) -> int:
     config = QuantizeConfig(
         wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
         exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, distill_iters=args.distill_iters,
-        jobs=args.jobs or (_auto_jobs(-(-args.calib_images // 128)) if calib == "distill" else 1),
+        distill_batch=args.distill_batch,
+        jobs=args.jobs or (_auto_jobs(-(-args.calib_images // max(args.distill_batch, 1)))
+                           if calib == "distill" else 1),
         reconstruct=not args.no_reconstruct, recon_iters=args.recon_iters, recon_batch=args.recon_batch,
         quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads, workdir=args.workdir,
         mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
-    info = run_quantize(args.model, args.output, config, args.calib_data, args.overwrite)
+    info = run_quantize(args.model, args.output, config, args.calib_data, args.overwrite, args.resume)
     if args.json:
         print(json.dumps({k: v for k, v in info.items() if k != "reconstruction"}))
     return 0
@@ -161,11 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", metavar="X.npz", help="real (or previously distilled) calibration images")
     p.add_argument("--calib-images", type=int, default=256, help="number of calibration images (default 256)")
     p.add_argument("--distill-iters", type=int, default=500, help="GENIE-D steps per batch (default 500)")
+    p.add_argument("--distill-batch", type=int, default=128, help="images distilled together (default 128)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
     p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     p.add_argument("--workdir", help="keep finished distillation batches / reconstructed blocks here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --workdir (same model, flags and seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the run's info as JSON")
@@ -201,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxgenie: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("onnxgenie: interrupted; finished work is kept in the work directory, rerun with --resume",
-              file=sys.stderr)
+        workdir = getattr(args, "workdir", None)
+        if workdir:
+            print(f"onnxgenie: interrupted; finished work is kept in {workdir}: rerun the same command with "
+                  "--resume to continue", file=sys.stderr)
+        else:
+            print("onnxgenie: interrupted; nothing was kept (no --workdir): pass --workdir DIR to make a run "
+                  "resumable", file=sys.stderr)
         return 130
     except Exception:  # a bug: keep the traceback in a log, not on the terminal
         fd, log = tempfile.mkstemp(prefix="onnxgenie-crash-", suffix=".log")

@@ -9,6 +9,7 @@ Calibration images are distilled with GENIE-D (zero-shot, the default), read fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BadInputError, OnnxGenieError
+from .errors import BadInputError, DivergenceError, OnnxGenieError, ResumeMismatchError
 from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
@@ -47,6 +48,7 @@ class QuantizeConfig:
     calib: str = "distill"
     calib_images: int = 256
     distill_iters: int = 500
+    distill_batch: int = 128
     jobs: int = 1                       # distillation worker processes
     act_batch: int = 64
     reconstruct: bool = False
@@ -77,7 +79,7 @@ def prepare(model) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 
 def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, config: QuantizeConfig,
-                       calib_data: str | os.PathLike | None = None) -> np.ndarray:
+                       calib_data: str | os.PathLike | None = None, resume: bool = False) -> np.ndarray:
     """float32 NCHW images in the model's input space for the activation steps (and reconstruction)."""
     chw = image_io(normal).chw
     rng = np.random.default_rng(config.seed)
@@ -94,11 +96,14 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         return rng.standard_normal((n, *chw)).astype(np.float32)
     if config.calib == "distill":
         from .distill import distill
+        from .resources import fit_jobs
 
-        x, _ = distill(original, n_images=n, iters=config.distill_iters, seed=config.seed, jobs=config.jobs,
+        batch = min(config.distill_batch, n)
+        jobs = fit_jobs(normal, batch, min(config.jobs, -(-n // batch)), notify=config.progress)
+        x, _ = distill(original, n_images=n, batch=batch, iters=config.distill_iters, seed=config.seed, jobs=jobs,
                        progress=config.progress, threads=config.threads,
                        workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
-                       resume=config.workdir is not None and (Path(config.workdir) / "distill").exists())
+                       resume=resume and (Path(config.workdir) / "distill").exists())
         return np.asarray(x, dtype=np.float32)[:n]
     raise BadInputError(f"unknown calibration source {config.calib!r}; use one of {', '.join(CALIB_SOURCES)}")
 
@@ -123,9 +128,59 @@ def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray
     return float(np.abs(a - b).max() / max(float(np.ptp(a)), 1e-12))
 
 
+RUN_FILE = "run.json"
+# Settings that do not change the result: a resumed run may differ in them.
+_NOT_HASHED = ("workdir", "progress", "jobs")
+
+
+def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) -> None:
+    """Record the run (model hash, config, seed) in ``config.workdir``, or check it on ``resume``."""
+    if config.workdir is None:
+        if resume:
+            raise BadInputError("--resume needs the --workdir of the interrupted run")
+        return
+    work = Path(config.workdir)
+    if work.exists() and not work.is_dir():
+        raise BadInputError(f"--workdir {work} is a file; give a folder")
+    run = {"model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(),
+           **{k: v for k, v in asdict(config).items() if k not in _NOT_HASHED}}
+    run = json.loads(json.dumps(run))  # tuples as lists, as read back
+    saved_file = work / RUN_FILE
+    started = saved_file.exists() or (work / "distill").exists() or (work / "reconstruct").exists()
+    if started and not resume:
+        raise BadInputError(f"{work} holds an earlier run; add --resume to continue it, or choose an empty --workdir")
+    if started:
+        saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+        differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+        if differ:
+            what = "model" if differ == ["model_sha256"] else ", ".join(d.replace("model_sha256", "model")
+                                                                         for d in differ)
+            raise ResumeMismatchError(f"{work} was made with a different {what}; resume with the same model and "
+                                      "flags, or choose a new --workdir")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = work / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(run, indent=1))
+    os.replace(tmp, saved_file)
+
+
+def check_finite(model: onnx.ModelProto) -> None:
+    """Refuse to export a model with NaN/Inf in any float initializer."""
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            if not np.isfinite(numpy_helper.to_array(t)).all():
+                raise DivergenceError(f"the quantized model has NaN/Inf in {t.name}, so it is not written; "
+                                      "rerun with another --seed or fewer bits, and report it with the model")
+
+
 def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None = None,
-             calib: np.ndarray | None = None) -> QuantizeResult:
-    """The whole pipeline in memory. ``calib`` (float32 NCHW) overrides ``config.calib``."""
+             calib: np.ndarray | None = None, resume: bool = False) -> QuantizeResult:
+    """The whole pipeline in memory. ``calib`` (float32 NCHW) overrides ``config.calib``.
+
+    With ``config.workdir`` finished distillation batches and blocks are kept there; ``resume``
+    continues such a run (refused when the model, config or seed differ)."""
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
     if config.reconstruct:
         from .quant.reconstruct import check_args
@@ -136,13 +191,17 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     normal, folded = prepare(original)
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude)
     init_weights(folded, plan)
-    if calib is None:
+    if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written
         calib = calibration_images(original, normal, config, calib_data)
+    check_workdir(original, config, resume)
+    if calib is None:
+        calib = calibration_images(original, normal, config, calib_data, resume)
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
     info: dict = {"config": asdict(config), "calib_images": int(len(calib))}
     if config.reconstruct:
         plan, info["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
     exported = export_qdq(folded, plan)
+    check_finite(exported)
     simulation = fakequant_model(folded, plan, opset=EXPORT_OPSET)
     info["parity"] = parity(exported, simulation, calib[:PARITY_IMAGES])
     if not info["parity"] <= PARITY_TOLERANCE:
@@ -157,24 +216,34 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
 def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse, before any work, an output that would clobber the input or an existing file."""
     out = Path(out)
-    if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+    if Path(src).exists() and out.exists() and os.path.samefile(src, out):
         raise BadInputError(f"the output {out} is the input model; write the quantized model to another path")
     if out.is_dir():
         raise BadInputError(f"{out} is a directory; give the output .onnx file path")
     if out.exists() and not overwrite:
         raise BadInputError(f"{out} exists; pass --overwrite to replace it, or choose another path")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise BadInputError(f"the folder {out.parent} does not exist; create it first")
+    try:  # the same kind of file write_model makes, so that a read-only folder is refused before the work
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise BadInputError(f"cannot write in the folder {out.parent} ({err.strerror}); "
+                            "choose a writable output folder") from None
     return out
 
 
 def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over ``out`` when complete."""
+    """Write atomically: a temporary file in the same folder, checked (onnx.checker, no NaN/Inf) and
+    renamed over ``out`` only then; nothing is left behind on failure."""
     out = Path(out)
+    check_finite(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
+        onnx.checker.check_model(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -183,10 +252,10 @@ def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
 
 
 def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: QuantizeConfig,
-                 calib_data: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+                 calib_data: str | os.PathLike | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     """CLI entry: checks the output path first, quantizes, writes atomically; returns the info dict."""
     out = check_output(src, out, overwrite)
-    result = quantize(src, config, calib_data)
+    result = quantize(src, config, calib_data, resume=resume)
     write_model(result.model, out)
     if config.progress:
         print(f"onnxgenie: wrote {out} (W{config.wbits}A{config.abits}, target {config.target}, "

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -183,7 +184,7 @@ class BatchDistiller:
             history[step] = loss
             if not np.isfinite(loss):
                 rates = ", ".join(f"{g} {p.lr:g}" for g, p in groups.items())
-                raise DivergenceError(f"batch {index}: the BNS loss became {loss} at step {step} (learning rates "
+                raise DivergenceError(f"GENIE-D batch {index}: the BNS loss became {loss} at step {step} (learning rates "
                                       f"{rates}); rerun with lower learning rates")
             self.graph.set_params(adam.step(self.graph.params(), self.graph.grads()))
             for sched in plateau:
@@ -239,6 +240,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(model_bytes: bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
     _WORKER.update(distiller=BatchDistiller(model, groups, cfg, threads=1), workdir=Path(workdir), steps=steps)

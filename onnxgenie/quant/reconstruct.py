@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -275,6 +276,7 @@ class BlockConfig:
     quantizer: str
     lam: float
     threads: int = 1
+    name: str = ""      # the block's name, for messages
 
 
 def _optimizer(names: TrainNames, lr_scale: float = 1.0) -> Adam:
@@ -357,6 +359,10 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     stats: dict = {}
     for attempt, lr_scale in enumerate((1.0, 0.5)):
         params, stats = _train(gg, names, x_fp, x_q, y, mask_shapes, cfg, rng, lr_scale, progress)
+        if params is None:
+            then = "retrying with halved learning rates" if attempt == 0 else "keeping round-to-nearest"
+            print(f"onnxgenie: warning: GENIE-M {cfg.name or 'block'}: the loss became NaN/Inf at step "
+                  f"{stats['diverged_at']}; {then}", file=sys.stderr)
         if params is not None:
             stats["status"] = "ok" if attempt == 0 else "ok (retried with halved learning rates)"
             break
@@ -480,6 +486,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
                     bar.update(iters)
             else:
                 rng = np.random.default_rng([seed, i])
+                cfg.name = block.name
                 updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, bar)
                 if workdir is not None:
                     _save_block(path, key, updates, stats)
