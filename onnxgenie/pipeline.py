@@ -91,9 +91,10 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
             raise BadInputError("calibration from data needs --calib-data FILE.npz")
         images, _ = load_npz(calib_data, need_labels=False)
         x = preprocess(images, chw, config.mean, config.std)
-        return x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
+        x = x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
+        return _input_layout(normal, x)
     if config.calib == "noise":
-        return rng.standard_normal((n, *chw)).astype(np.float32)
+        return _input_layout(normal, rng.standard_normal((n, *chw)).astype(np.float32))
     if config.calib == "distill":
         from .distill import distill
         from .resources import fit_jobs
@@ -106,6 +107,13 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
                        resume=resume and (Path(config.workdir) / "distill").exists())
         return np.asarray(x, dtype=np.float32)[:n]
     raise BadInputError(f"unknown calibration source {config.calib!r}; use one of {', '.join(CALIB_SOURCES)}")
+
+
+def _input_layout(normal: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """NCHW images as the model takes them: NHWC models (a leading Transpose) get NHWC."""
+    from .graph.load import nhwc_transpose
+
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc_transpose(normal) is not None else x
 
 
 def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
@@ -137,7 +145,7 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) 
     """Record the run (model hash, config, seed) in ``config.workdir``, or check it on ``resume``."""
     if config.workdir is None:
         if resume:
-            raise BadInputError("--resume needs the --workdir of the interrupted run")
+            raise BadInputError("--resume continues a run kept in a work directory; add the interrupted run's --workdir")
         return
     work = Path(config.workdir)
     if work.exists() and not work.is_dir():

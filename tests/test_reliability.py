@@ -1,0 +1,473 @@
+"""Issue 4: bad input is refused in one line (exit 2) with nothing written, the input model is never
+touched, the output appears only complete and checked, divergence never reaches the output,
+memory estimates lower --jobs, and Ctrl-C stops cleanly with a hint to resume.
+
+The bad-input matrix runs ``onnxgenie.cli.main`` in-process (the same code path as the console
+script, minus interpreter start-up); one case also runs as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import fixtures
+from conftest import DEFAULT_MODEL, REPO
+from onnxgenie.cli import main
+
+# Tiny budgets: a full zero-shot quantize of a fixture takes about a second.
+TINY = ["--calib-images", "8", "--distill-batch", "8", "--distill-iters", "3", "--recon-iters", "3",
+        "--recon-batch", "4", "--jobs", "1"]
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def stamp(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr lines that are not progress-bar redraws or notes."""
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
+    return [ln for ln in err.splitlines() if ln.strip() and "onnxgenie: note:" not in ln
+            and "it/s" not in ln and "step/s" not in ln and "%|" not in ln]
+
+
+# ------------------------------------------------------------------------------------------------
+# The bad-input matrix: each case builds its files in tmp_path and returns the CLI arguments.
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path], tuple[list, Path | None, Path]]   # tmp -> (argv, input model or None, output)
+    words: tuple[str, ...]                                   # all must appear in the message (lowercase)
+
+
+def _quantize(src, out, *extra, bits=("--wbits", "4", "--abits", "4")):
+    return ["quantize", src, "-o", out, *bits, *TINY, *extra]
+
+
+def _model_file(model: onnx.ModelProto, name="model"):
+    def build(tmp: Path, *extra, bits=("--wbits", "4", "--abits", "4")):
+        src = fixtures.save(model, tmp, name)
+        return _quantize(src, tmp / "out.onnx", *extra, bits=bits), src, tmp / "out.onnx"
+    return build
+
+
+def _raw_file(data: bytes | None, directory: bool = False):
+    def build(tmp: Path):
+        src = tmp / "model.onnx"
+        if directory:
+            src.mkdir()
+        elif data is not None:
+            src.write_bytes(data)
+        return _quantize(src, tmp / "out.onnx"), (src if data is not None else None), tmp / "out.onnx"
+    return build
+
+
+def _opset6_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pool"]), helper.make_node("Flatten", ["pool"], ["logits"])],
+        "old", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model
+
+
+def _checker_failure() -> bytes:
+    """A conv reading a tensor nothing produces: parses, but onnx.checker refuses it."""
+    model = fixtures.conv_bn_net()
+    model.graph.node[1].input[0] = "nowhere"
+    return model.SerializeToString()
+
+
+def _with_calib(images: np.ndarray, model=None):
+    def build(tmp: Path):
+        src = fixtures.save(model or fixtures.conv_bn_net(), tmp)
+        data = tmp / "calib.npz"
+        np.savez(data, images=images)
+        return _quantize(src, tmp / "out.onnx", "--calib-data", data), src, tmp / "out.onnx"
+    return build
+
+
+def _out_is(kind: str):
+    def build(tmp: Path):
+        src = fixtures.save(fixtures.conv_bn_net(), tmp)
+        if kind == "input":
+            out = src
+        elif kind == "missing_dir":
+            out = tmp / "no" / "such" / "out.onnx"
+        elif kind == "parent_is_file":
+            (tmp / "afile").write_text("x")
+            out = tmp / "afile" / "out.onnx"
+        elif kind == "exists":
+            out = tmp / "out.onnx"
+            out.write_bytes(b"previous result")
+        elif kind == "directory":
+            out = tmp / "outdir"
+            out.mkdir()
+        return _quantize(src, out), src, out
+    return build
+
+
+def _read_only_dir(tmp: Path) -> Path:
+    """A folder this process cannot create files in (chmod; as root, /sys), or skip."""
+    ro = tmp / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for folder in (ro, Path("/sys")):
+        try:
+            (folder / ".probe").write_bytes(b"")
+            (folder / ".probe").unlink()
+        except OSError:
+            return folder
+    pytest.skip("no read-only folder available (root without /sys)")
+
+
+def _not_writable(tmp: Path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp)
+    out = _read_only_dir(tmp) / "onnxgenie-test-out.onnx"
+    return _quantize(src, out), src, out
+
+
+def _flags(*extra, bits=("--wbits", "4", "--abits", "4")):
+    def build(tmp: Path):
+        return _model_file(fixtures.conv_bn_net())(tmp, *extra, bits=bits)
+    return build
+
+
+def _workdir_is_file(tmp: Path):
+    (tmp / "wd").write_text("not a folder")
+    return _model_file(fixtures.conv_bn_net())(tmp, "--workdir", tmp / "wd")
+
+
+_UINT8_NHWC = np.zeros((8, fixtures.HW, fixtures.HW, fixtures.C_IN), np.uint8)
+_NAN = np.full((8, fixtures.C_IN, fixtures.HW, fixtures.HW), np.nan, np.float32)
+
+
+def _calib_without_images(tmp: Path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp)
+    np.savez(tmp / "calib.npz", pixels=_UINT8_NHWC)
+    return _quantize(src, tmp / "out.onnx", "--calib-data", tmp / "calib.npz"), src, tmp / "out.onnx"
+
+MATRIX = [
+    Case("missing_file", _raw_file(None), ("no such file",)),
+    Case("directory_as_model", _raw_file(b"", directory=True), ("is a directory",)),
+    Case("empty_file", _raw_file(b""), ("is empty", "re-export")),
+    Case("random_bytes", _raw_file(np.random.default_rng(0).bytes(4096)), ("not an onnx model",)),
+    Case("truncated_protobuf", _raw_file(fixtures.conv_bn_net().SerializeToString()[:6000]),
+         ("not an onnx model", "truncated")),
+    Case("protobuf_not_a_model", _raw_file(helper.make_node("Relu", ["a"], ["b"]).SerializeToString()),
+         ("no onnx graph",)),   # a NodeProto: parses as a ModelProto with no graph
+    Case("fails_checker", _raw_file(_checker_failure()), ("fails onnx.checker",)),
+    Case("opset_too_old", _model_file(_opset6_model()), ("opset 6", "below", "re-export")),
+    Case("two_inputs", _model_file(fixtures.two_inputs()), ("2 inputs", "single input")),
+    Case("int64_input", _model_file(fixtures.int64_input()), ("int64", "float")),
+    Case("dynamic_hw", _model_file(fixtures.dynamic_hw()), ("dynamic height/width", "--input-size")),
+    Case("custom_op", _model_file(fixtures.custom_op()), ("custom op", "com.example", "standard onnx ops")),
+    Case("no_bn_zero_shot", _model_file(fixtures.no_bn()), ("batchnormalization", "--calib-data")),
+    Case("nhwc_zero_shot", _model_file(fixtures.nhwc_input()), ("nhwc", "nchw")),
+    Case("output_is_input", _out_is("input"), ("is the input model",)),
+    Case("output_dir_missing", _out_is("missing_dir"), ("does not exist",)),
+    Case("output_parent_is_file", _out_is("parent_is_file"), ("does not exist",)),
+    Case("output_not_writable", _not_writable, ("cannot write", "writable")),
+    Case("output_exists", _out_is("exists"), ("exists", "--overwrite")),
+    Case("output_is_directory", _out_is("directory"), ("is a directory",)),
+    Case("calib_wrong_shape", _with_calib(np.zeros((8, 4, 4, fixtures.C_IN), np.uint8)), ("resize",)),
+    Case("calib_wrong_channels", _with_calib(np.zeros((8, fixtures.HW, fixtures.HW, 1), np.uint8)), ("nhwc",)),
+    Case("calib_wrong_dtype", _with_calib(_UINT8_NHWC.astype(np.int32)), ("dtype int32", "uint8")),
+    Case("calib_nan", _with_calib(_NAN), ("nan",)),
+    Case("calib_no_images_key", _calib_without_images, ("needs 'images'",)),
+    Case("wbits_1", _flags(bits=("--wbits", "1", "--abits", "4")), ("weight bit width 1", "2 to 8")),
+    Case("abits_3_tensorrt", _flags("--target", "tensorrt", bits=("--wbits", "4", "--abits", "3")),
+         ("activation bit width 3",)),
+    Case("abits_4_tensorrt", _flags("--target", "tensorrt", bits=("--wbits", "4", "--abits", "4")),
+         ("tensorrt", "--abits 8")),
+    Case("resume_without_workdir", _flags("--resume"), ("--resume", "--workdir")),
+    Case("workdir_is_file", _workdir_is_file, ("--workdir", "file")),
+    Case("recon_batch_too_big", _flags("--recon-batch", "64"), ("fewer than the reconstruction batch",)),
+]
+
+
+def test_matrix_is_large_enough():
+    assert len(MATRIX) >= 15 and len({c.name for c in MATRIX}) == len(MATRIX)
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
+def test_bad_input(case: Case, tmp_path, capsys):
+    argv, src, out = case.build(tmp_path)
+    before_src = stamp(src) if src is not None and src.is_file() else None
+    before_out = stamp(out) if out.is_file() else None
+    listing = {p.name for p in out.parent.iterdir()} if out.parent.is_dir() else None
+
+    code, err = cli(argv, capsys)
+
+    lines = error_lines(err)
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("onnxgenie: error: "), err
+    message = lines[0].lower()
+    assert "traceback" not in err.lower()
+    assert ";" in message, f"no fix after the problem: {message}"   # 'problem; fix'
+    for word in case.words:
+        assert word in message, f"{word!r} not in {message!r}"
+    if before_src is not None:
+        assert stamp(src) == before_src, "the input model was modified"
+    if before_out is not None:
+        assert stamp(out) == before_out, "an existing file was replaced"
+    elif out != src and not out.is_dir():
+        assert not out.exists()
+    if listing is not None:  # no temporary or partial files left next to the output
+        assert {p.name for p in out.parent.iterdir()} == listing
+
+
+def test_bad_input_through_the_console_script(tmp_path):
+    """A real process: exit 2, one line, no traceback."""
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "onnxgenie.cli", "quantize", str(tmp_path / "empty.onnx"),
+                           "-o", str(tmp_path / "out.onnx"), "--wbits", "4", "--abits", "4"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs that must work
+
+def _check_written(out: Path, src: Path, before) -> None:
+    assert stamp(src) == before
+    onnx.checker.check_model(str(out))
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_one_channel_zero_shot_works(tmp_path, capsys):
+    """The embedded digits model takes 1-channel 16x16 images."""
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    before = stamp(src)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx"), capsys)
+    assert code == 0, err
+    _check_written(tmp_path / "q.onnx", src, before)
+
+
+def test_no_bn_few_shot_works(tmp_path, capsys):
+    src = fixtures.save(fixtures.no_bn(), tmp_path)
+    before = stamp(src)
+    np.savez(tmp_path / "calib.npz", images=np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--calib-data", tmp_path / "calib.npz"), capsys)
+    assert code == 0, err
+    _check_written(tmp_path / "q.onnx", src, before)
+
+
+def test_nhwc_few_shot_works(tmp_path, capsys):
+    """NHWC models: zero-shot is refused (matrix), quantization from real images works."""
+    src = fixtures.save(fixtures.nhwc_input(), tmp_path)
+    before = stamp(src)
+    np.savez(tmp_path / "calib.npz", images=np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--calib-data", tmp_path / "calib.npz"), capsys)
+    assert code == 0, err
+    _check_written(tmp_path / "q.onnx", src, before)
+
+
+def test_overwrite_replaces_and_keeps_input(tmp_path, capsys):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    before = stamp(src)
+    out = tmp_path / "q.onnx"
+    out.write_bytes(b"old")
+    code, err = cli(_quantize(src, out, "--overwrite"), capsys)
+    assert code == 0, err
+    _check_written(out, src, before)
+    # --overwrite never applies to the input itself
+    code, err = cli(_quantize(src, src, "--overwrite"), capsys)
+    assert code == 2 and "is the input model" in err
+    assert stamp(src) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# The output appears only complete and checked
+
+def test_failed_check_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """onnx.checker fails on the written temp file: no output, no temp file, exit 1 with a log."""
+    import onnxgenie.pipeline as pipeline
+
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    before = stamp(src)
+    seen = []
+
+    def failing_check(model, *a, **k):
+        seen.append(Path(model))
+        assert Path(model).parent == tmp_path and Path(model).is_file()  # a temp file next to the output
+        raise onnx.checker.ValidationError("forced")
+
+    real_check = onnx.checker.check_model
+
+    def check(model, *a, **k):  # only the written file, not the input model
+        if isinstance(model, str) and model.endswith(".tmp"):
+            return failing_check(model)
+        return real_check(model, *a, **k)
+
+    monkeypatch.setattr(pipeline.onnx.checker, "check_model", check)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx"), capsys)
+    assert code == 1 and "traceback in" in err and seen
+    assert not (tmp_path / "q.onnx").exists() and not seen[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert stamp(src) == before
+
+
+def test_nan_model_is_never_written(tmp_path, capsys, monkeypatch):
+    """An activation step made NaN after calibration: the run stops in one line before writing."""
+    import onnxgenie.pipeline as pipeline
+
+    real = pipeline.init_activations
+
+    def poisoned(folded, plan, *a, **k):
+        real(folded, plan, *a, **k)
+        next(iter(plan.acts.values())).scale = float("nan")
+
+    monkeypatch.setattr(pipeline, "init_activations", poisoned)
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--no-reconstruct"), capsys)
+    lines = error_lines(err)
+    assert code in (1, 2) and len(lines) == 1 and "nan/inf" in lines[0].lower(), err
+    assert "traceback" not in err.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_write_model_refuses_nan(tmp_path):
+    """The last guard, in write_model itself: NaN/Inf in any float initializer, nothing written."""
+    from onnxgenie.errors import DivergenceError
+    from onnxgenie.pipeline import write_model
+
+    model = fixtures.conv_bn_net()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.full(tuple(model.graph.initializer[0].dims), np.inf, np.float32), model.graph.initializer[0].name))
+    with pytest.raises(DivergenceError, match="NaN/Inf in stem.conv.weight"):
+        write_model(model, tmp_path / "q.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Divergence guards
+
+def test_distillation_divergence_names_stage_batch_and_step(tmp_path, capsys):
+    """A teacher whose BN statistics overflow the BNS loss (running mean 1e30): detected at step 0."""
+    model = fixtures.conv_bn_net()
+    for t in model.graph.initializer:
+        if t.name == "block.bn.running_mean":
+            t.CopyFrom(numpy_helper.from_array(np.full(fixtures.WIDTH, 1e30, np.float32), t.name))
+    src = fixtures.save(model, tmp_path)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--workdir", tmp_path / "wd"), capsys)
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1, err
+    assert "GENIE-D batch 0" in lines[0] and "at step 0" in lines[0]
+    assert "nan" in lines[0].lower() or "inf" in lines[0].lower()
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_reconstruction_divergence_falls_back_and_exports_finite(tmp_path, capsys, monkeypatch):
+    """A huge weight-step learning rate: every block diverges twice, is named with its step, keeps RTN."""
+    import onnxgenie.quant.reconstruct as reconstruct
+    from onnxgenie.pipeline import QuantizeConfig, quantize
+
+    monkeypatch.setattr(reconstruct, "LR_WEIGHT_STEP", 1e38)
+    model = fixtures.conv_bn_net()
+    config = QuantizeConfig(calib_images=8, recon_iters=3, recon_batch=4, reconstruct=True, progress=False)
+    result = quantize(model, config, calib=fixtures.random_input(model, 8))
+    err = capsys.readouterr().err
+    blocks = result.info["reconstruction"]["blocks"]
+    diverged = [b for b in blocks if b["status"] == "rtn (loss diverged twice)"]
+    assert diverged, blocks
+    for b in diverged:
+        assert f"GENIE-M {b['name']}: the loss became NaN/Inf at step {b['diverged_at']}" in err
+    for t in result.model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            assert np.isfinite(numpy_helper.to_array(t)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Resources
+
+def test_memory_estimate_lowers_jobs(capsys):
+    from onnxgenie.graph.load import normalize
+    from onnxgenie.resources import MIB, distill_memory, fit_jobs
+
+    normal = normalize(onnx.load(str(DEFAULT_MODEL)))
+    one = distill_memory(normal, 128, 1)
+    assert distill_memory(normal, 256, 1).per_job > one.per_job            # grows with the batch
+    assert distill_memory(normal, 128, 4).total > 4 * one.per_job > one.total
+    # room for exactly two workers (and the parent)
+    room = distill_memory(normal, 128, 2).total + MIB
+    assert fit_jobs(normal, 128, 8, available=room) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "using --jobs 2" in err
+    assert fit_jobs(normal, 128, 2, available=room) == 2 and capsys.readouterr().err == ""
+    assert fit_jobs(normal, 128, 8, available=1) == 1
+
+
+def test_memory_estimate_covers_a_real_distillation():
+    """Peak RSS of a child process distilling one batch stays under the estimate."""
+    code = ("import resource, onnx; from onnxgenie.distill import distill; "
+            f"distill(onnx.load({str(DEFAULT_MODEL)!r}), n_images=32, batch=32, iters=3, progress=False); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1]) * 1024
+    from onnxgenie.graph.load import normalize
+    from onnxgenie.resources import distill_memory
+
+    assert peak < distill_memory(normalize(onnx.load(str(DEFAULT_MODEL))), 32).total
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+def _wait_for(predicate, proc, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early ({proc.returncode}): {proc.stderr.read()}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("timed out waiting for the run")
+
+
+def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    before = stamp(src)
+    wd, out = tmp_path / "wd", tmp_path / "q.onnx"
+    argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(src), "-o", str(out), "--wbits", "4",
+            "--abits", "4", "--calib-images", "32", "--distill-batch", "8", "--distill-iters", "150",
+            "--recon-iters", "5", "--recon-batch", "8", "--jobs", "1", "--workdir", str(wd)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    _wait_for(lambda: (wd / "distill" / "batch_0000.npz").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"finished work is kept in {wd}" in err and "--resume" in err
+    assert not out.exists() and (wd / "distill" / "batch_0000.npz").exists()
+    assert stamp(src) == before
+    # the hint works: resuming finishes the run
+    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(str(out))
