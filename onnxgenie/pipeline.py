@@ -145,7 +145,8 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) 
     """Record the run (model hash, config, seed) in ``config.workdir``, or check it on ``resume``."""
     if config.workdir is None:
         if resume:
-            raise BadInputError("--resume continues a run kept in a work directory; add the interrupted run's --workdir")
+            raise BadInputError("--resume continues a run kept in a work directory; "
+                                "add the interrupted run's --workdir")
         return
     work = Path(config.workdir)
     if work.exists() and not work.is_dir():
