@@ -184,8 +184,8 @@ class BatchDistiller:
             history[step] = loss
             if not np.isfinite(loss):
                 rates = ", ".join(f"{g} {p.lr:g}" for g, p in groups.items())
-                raise DivergenceError(f"GENIE-D batch {index}: the BNS loss became {loss} at step {step} (learning rates "
-                                      f"{rates}); rerun with lower learning rates")
+                raise DivergenceError(f"GENIE-D batch {index}: the BNS loss became {loss} at step {step} "
+                                      f"(learning rates {rates}); rerun with lower learning rates")
             self.graph.set_params(adam.step(self.graph.params(), self.graph.grads()))
             for sched in plateau:
                 sched.step(loss)
