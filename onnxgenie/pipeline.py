@@ -231,6 +231,8 @@ def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         raise BadInputError(f"{out} is a directory; give the output .onnx file path")
     if out.exists() and not overwrite:
         raise BadInputError(f"{out} exists; pass --overwrite to replace it, or choose another path")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BadInputError(f"{out.parent} is a file, not a folder; give an output path inside a folder")
     if not out.parent.is_dir():
         raise BadInputError(f"the folder {out.parent} does not exist; create it first")
     try:  # the same kind of file write_model makes, so that a read-only folder is refused before the work

@@ -327,7 +327,7 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     require_bn(teacher)
     if nhwc_transpose(teacher) is not None:
         raise UnsupportedModelError("the model takes NHWC images, which distillation does not support yet; "
-                                    "export it with an NCHW input")
+                                    "export it with an NCHW input, or quantize it from real images (--calib-data)")
     batch = min(batch, n_images)
     n_batches = math.ceil(n_images / batch)
     if n_batches * batch != n_images:
