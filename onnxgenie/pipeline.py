@@ -141,8 +141,10 @@ RUN_FILE = "run.json"
 _NOT_HASHED = ("workdir", "progress", "jobs")
 
 
-def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) -> None:
-    """Record the run (model hash, config, seed) in ``config.workdir``, or check it on ``resume``."""
+def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
+                  calib: np.ndarray | None = None) -> None:
+    """Record the run (model hash, config, seed, given calibration images) in ``config.workdir``,
+    or check it on ``resume``."""
     if config.workdir is None:
         if resume:
             raise BadInputError("--resume continues a run kept in a work directory; "
@@ -153,6 +155,8 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) 
         raise BadInputError(f"--workdir {work} is a file; give a folder")
     run = {"model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(),
            **{k: v for k, v in asdict(config).items() if k not in _NOT_HASHED}}
+    if calib is not None:
+        run["calib_sha256"] = hashlib.sha256(np.ascontiguousarray(calib, np.float32).tobytes()).hexdigest()
     run = json.loads(json.dumps(run))  # tuples as lists, as read back
     saved_file = work / RUN_FILE
     started = saved_file.exists() or (work / "distill").exists() or (work / "reconstruct").exists()
@@ -162,8 +166,8 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool) 
         saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
         differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
         if differ:
-            what = "model" if differ == ["model_sha256"] else ", ".join(d.replace("model_sha256", "model")
-                                                                         for d in differ)
+            what = ", ".join(d.replace("model_sha256", "model").replace("calib_sha256", "calibration images")
+                             for d in differ)
             raise ResumeMismatchError(f"{work} was made with a different {what}; resume with the same model and "
                                       "flags, or choose a new --workdir")
         return
@@ -202,7 +206,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     init_weights(folded, plan)
     if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written
         calib = calibration_images(original, normal, config, calib_data)
-    check_workdir(original, config, resume)
+    check_workdir(original, config, resume, calib)
     if calib is None:
         calib = calibration_images(original, normal, config, calib_data, resume)
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)

@@ -133,3 +133,22 @@ def test_workdir_of_an_earlier_run_needs_resume(tmp_path, capsys):
     # resuming a finished run redoes nothing and gives the same model
     assert main(cli_args(src, tmp_path / "b.onnx", "--workdir", wd, "--resume", *short)) == 0
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_resume_refuses_other_calibration_data(tmp_path, capsys):
+    """Few-shot runs record a hash of their calibration images: another --calib-data file is refused."""
+    import numpy as np
+
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8))
+    short = ["--recon-iters", "2", "--mean", "0.3056", "--std", "0.319"]
+    wd = tmp_path / "wd"
+    assert main(cli_args(src, tmp_path / "a.onnx", "--workdir", wd, "--calib-data", tmp_path / "a.npz", *short)) == 0
+    capsys.readouterr()
+    code = main(cli_args(src, tmp_path / "b.onnx", "--workdir", wd, "--resume", "--calib-data", tmp_path / "b.npz",
+                         *short))
+    err = capsys.readouterr().err
+    assert code == 2 and "different calibration images" in err and not (tmp_path / "b.onnx").exists()
