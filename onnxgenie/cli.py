@@ -83,12 +83,8 @@ def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) 
 
 
 def _auto_jobs(n_batches: int) -> int:
-    """One worker per core, at most one per batch, and about 2 GiB of memory each."""
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem_gib = 2.0
-    return max(1, min(os.cpu_count() or 1, n_batches, int(mem_gib // 2)))
+    """One worker per core, at most one per batch (memory: ``resources.fit_jobs`` lowers it, with a note)."""
+    return max(1, min(os.cpu_count() or 1, n_batches))
 
 
 def _cmd_distill(args) -> int:
@@ -110,6 +106,11 @@ def _cmd_distill(args) -> int:
     model = load_model(args.model)
     batch = min(args.batch, args.images) if args.images > 0 else args.batch
     jobs = args.jobs or _auto_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
+    if jobs > 1 and batch > 0:
+        from .graph.load import normalize
+        from .resources import fit_jobs
+
+        jobs = fit_jobs(normalize(model), batch, jobs)
     images, info = distill(model, n_images=args.images, batch=args.batch, iters=args.iters, mode=args.mode,
                            swing=not args.no_swing, seed=args.seed, jobs=jobs, workdir=args.workdir,
                            resume=args.resume, lr_latent=args.lr_latent, lr_generator=args.lr_generator)

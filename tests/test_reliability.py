@@ -423,6 +423,27 @@ def test_memory_estimate_lowers_jobs(capsys):
     assert fit_jobs(normal, 128, 8, available=1) == 1
 
 
+@pytest.mark.parametrize("command", ["quantize", "distill"])
+def test_cli_lowers_jobs_when_memory_is_short(tmp_path, capsys, monkeypatch, command):
+    """Available memory patched to 300 MiB: --jobs 3 runs as --jobs 1, said in one note, and succeeds."""
+    import onnxgenie.resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 300 * resources.MIB)
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    if command == "quantize":
+        argv = ["quantize", src, "-o", tmp_path / "q.onnx", "--wbits", "4", "--abits", "4", "--calib-images", "24",
+                "--distill-batch", "8", "--distill-iters", "2", "--no-reconstruct", "--jobs", "3"]
+    else:
+        argv = ["distill", src, "-o", tmp_path / "d.npz", "--images", "24", "--batch", "8", "--iters", "2",
+                "--jobs", "3"]
+    code, err = cli(argv, capsys)
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if "onnxgenie: note:" in ln]
+    assert len(notes) == 1 and "3 distillation jobs need about" in notes[0] and "using --jobs 1" in notes[0]
+    assert "batches on" not in err   # no worker pool was started
+
+
 def test_memory_estimate_covers_a_real_distillation():
     """Peak RSS of a child process distilling one batch stays under the estimate."""
     code = ("import resource, onnx; from onnxgenie.distill import distill; "
