@@ -507,3 +507,22 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(str(out))
+
+
+@pytest.mark.parametrize("workdir", [True, False])
+def test_interrupt_message_says_what_was_kept(tmp_path, capsys, monkeypatch, workdir):
+    import onnxgenie.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "quantize", interrupted)
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    extra = ["--workdir", tmp_path / "wd"] if workdir else []
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", *extra), capsys)
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err
+    if workdir:
+        assert f"kept in {tmp_path / 'wd'}" in err and "--resume" in err
+    else:
+        assert "nothing was kept" in err and "--workdir" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
