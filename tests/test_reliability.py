@@ -526,3 +526,15 @@ def test_interrupt_message_says_what_was_kept(tmp_path, capsys, monkeypatch, wor
     else:
         assert "nothing was kept" in err and "--workdir" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_parity_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """An export that does not reproduce its simulation is never written (exit 1, one line)."""
+    import onnxgenie.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "parity", lambda *a, **k: 0.5)
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--no-reconstruct"), capsys)
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1 and "differs from its simulation" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
