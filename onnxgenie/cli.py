@@ -98,6 +98,9 @@ def _cmd_distill(args) -> int:
     from .graph.load import load_model
 
     out = Path(args.output)
+    for path in (out, Path(args.preview) if args.preview else None):
+        if path is not None and path.exists() and Path(args.model).exists() and os.path.samefile(path, args.model):
+            raise BadInputError(f"{path} is the input model; write the images to another path")
     for path, what in ((out, "-o"), (Path(args.preview) if args.preview else None, "--preview")):
         if path is not None and not path.parent.is_dir():
             raise BadInputError(f"{what} {path}: folder {path.parent} does not exist; create it or pick another path")

@@ -538,3 +538,16 @@ def test_parity_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "differs from its simulation" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("flag", ["-o", "--preview"])
+def test_distill_never_writes_over_the_model(tmp_path, capsys, flag):
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    before = stamp(src)
+    argv = ["distill", src, "-o", src if flag == "-o" else tmp_path / "d.npz", "--images", "4", "--iters", "1"]
+    if flag == "--preview":
+        argv += ["--preview", src]
+    code, err = cli(argv, capsys)
+    assert code == 2 and "is the input model" in err and err.count("\n") == 1
+    assert stamp(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx"]
