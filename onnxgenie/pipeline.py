@@ -171,10 +171,15 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
             raise ResumeMismatchError(f"{work} was made with a different {what}; resume with the same model and "
                                       "flags, or choose a new --workdir")
         return
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = work / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(run, indent=1))
-    os.replace(tmp, saved_file)
+    if resume and config.progress:
+        print(f"onnxgenie: note: {work} holds no earlier run; starting a new one", file=sys.stderr)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = work / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        os.replace(tmp, saved_file)
+    except OSError as err:
+        raise BadInputError(f"cannot write in --workdir {work} ({err.strerror}); choose a writable folder") from None
 
 
 def check_finite(model: onnx.ModelProto) -> None:

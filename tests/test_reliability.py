@@ -148,6 +148,10 @@ def _not_writable(tmp: Path):
     return _quantize(src, out), src, out
 
 
+def _workdir_not_writable(tmp: Path):
+    return _model_file(fixtures.conv_bn_net())(tmp, "--workdir", _read_only_dir(tmp) / "onnxgenie-test-wd")
+
+
 def _flags(*extra, bits=("--wbits", "4", "--abits", "4")):
     def build(tmp: Path):
         return _model_file(fixtures.conv_bn_net())(tmp, *extra, bits=bits)
@@ -203,6 +207,7 @@ MATRIX = [
          ("tensorrt", "--abits 8")),
     Case("resume_without_workdir", _flags("--resume"), ("--resume", "--workdir")),
     Case("workdir_is_file", _workdir_is_file, ("--workdir", "file")),
+    Case("workdir_not_writable", _workdir_not_writable, ("cannot write", "--workdir", "writable")),
     Case("recon_batch_too_big", _flags("--recon-batch", "64"), ("fewer than the reconstruction batch",)),
 ]
 
