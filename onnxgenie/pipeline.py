@@ -259,15 +259,19 @@ def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     renamed over ``out`` only then; nothing is left behind on failure."""
     out = Path(out)
     check_finite(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
         onnx.checker.check_model(tmp)
         os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):  # disk full, folder removed meanwhile: not a bug
+            raise BadInputError(f"cannot write {out} ({err.strerror or err}); free some space or choose "
+                                "another output folder") from None
         raise
 
 

@@ -556,3 +556,33 @@ def test_distill_never_writes_over_the_model(tmp_path, capsys, flag):
     code, err = cli(argv, capsys)
     assert code == 2 and "is the input model" in err and err.count("\n") == 1
     assert stamp(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx"]
+
+
+def test_disk_full_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of writing the model: one line, exit 2, the temp file removed."""
+    import errno
+
+    import onnxgenie.pipeline as pipeline
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            self.fh = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline.os, "fdopen", FullDisk)
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", "--no-reconstruct"), capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
