@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 
 from .errors import OnnxGenieError
@@ -201,15 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``): stop like Ctrl-C, so temporary folders are removed."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except OnnxGenieError as err:
         print(f"onnxgenie: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         workdir = getattr(args, "workdir", None)
         if workdir:
             print(f"onnxgenie: interrupted; finished work is kept in {workdir}: rerun the same command with "
@@ -217,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("onnxgenie: interrupted; nothing was kept (no --workdir): pass --workdir DIR to make a run "
                   "resumable", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(err, _Terminated) else 130
     except Exception:  # a bug: keep the traceback in a log, not on the terminal
         fd, log = tempfile.mkstemp(prefix="onnxgenie-crash-", suffix=".log")
         with os.fdopen(fd, "w") as fh:
             traceback.print_exc(file=fh)
         print(f"onnxgenie: internal error ({sys.exc_info()[1]!r}); traceback in {log}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -586,3 +586,21 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_sigterm_stops_cleanly_and_removes_temporary_folders(tmp_path):
+    """SIGTERM (a CI timeout) without --workdir: exit 143, one line, no temporary folder left behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "q.onnx"
+    argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(DEFAULT_MODEL), "-o", str(out), "--wbits", "4",
+            "--abits", "4", "--calib-images", "24", "--distill-batch", "8", "--distill-iters", "100",
+            "--recon-iters", "5", "--recon-batch", "8", "--jobs", "1"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    _wait_for(lambda: any(scratch.glob("onnxgenie-distill-*/batch_*.npz")), proc)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "nothing was kept" in err
+    assert list(scratch.iterdir()) == [] and not out.exists()
