@@ -101,6 +101,9 @@ class GradientGraph:
                                  str(artifact_dir / "eval_model.onnx"),
                                  session_options=session_options(threads))
         self.module.train()
+        if self._tmp is not None:  # the sessions hold everything now; a killed process leaves no files
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __call__(self, *inputs: np.ndarray):
         """One forward+backward pass; returns the loss (float) and any extra outputs."""

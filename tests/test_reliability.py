@@ -488,8 +488,10 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(src), "-o", str(out), "--wbits", "4",
             "--abits", "4", "--calib-images", "24", "--distill-batch", "8", "--distill-iters", "100",
             "--recon-iters", "5", "--recon-batch", "8", "--jobs", str(jobs), "--workdir", str(wd)]
+    (tmp_path / "scratch").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "scratch")}  # terminated workers' leftovers stay here
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     _wait_for(lambda: any((wd / "distill").glob("batch_*.npz")), proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -509,7 +511,7 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     if jobs > 1:
         return
     # the hint works: resuming finishes the run
-    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(str(out))
 
@@ -604,3 +606,25 @@ def test_sigterm_stops_cleanly_and_removes_temporary_folders(tmp_path):
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "nothing was kept" in err
     assert list(scratch.iterdir()) == [] and not out.exists()
+
+
+def test_training_graph_keeps_no_temporary_files(tmp_path, monkeypatch):
+    """GradientGraph's ORT artifacts are removed once the sessions are built, so a process killed
+    later (SIGKILL, a pool worker terminated on Ctrl-C) leaves nothing in the temp folder."""
+    import tempfile
+
+    from onnxgenie.ortrain import GradientGraph
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    w = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"]),
+                               helper.make_node("ReduceSum", ["y"], ["loss"], keepdims=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    gg = GradientGraph(model, ["w"])
+    assert list(tmp_path.iterdir()) == []
+    x = np.array([1, 2, 3], np.float32)
+    assert gg(x) == 6.0 and gg.evaluate(x) == 6.0
+    np.testing.assert_array_equal(gg.grads()["w"], x)

@@ -8,6 +8,7 @@ distillation batches of 8 images, 100 reconstruction steps per block, one proces
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,9 +34,15 @@ def command(src: Path, out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "onnxgenie.cli", *cli_args(src, out, *extra)]
 
 
-def run_until(argv: list[str], ready: Path, timeout: float = 120.0) -> None:
+def scratch_env(tmp: Path) -> dict:
+    """A private TMPDIR: what a killed process leaves there is removed with the test's folder."""
+    (tmp / "scratch").mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp / "scratch")}
+
+
+def run_until(argv: list[str], ready: Path, env: dict, timeout: float = 120.0) -> None:
     """Start ``argv``, SIGKILL it as soon as ``ready`` exists."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=env)
     end = time.monotonic() + timeout
     try:
         while not ready.exists():
@@ -72,20 +79,21 @@ def test_kill_during_distillation_and_reconstruction_then_resume(tmp_path, refer
     src_stamp = (src.read_bytes(), src.stat().st_mtime_ns)
 
     # 1. killed while distilling: one batch kept, the others not, no output
-    run_until(command(src, out, "--workdir", wd), wd / "distill" / "batch_0000.npz")
+    env = scratch_env(tmp_path)
+    run_until(command(src, out, "--workdir", wd), wd / "distill" / "batch_0000.npz", env)
     batches = finished(wd / "distill", "batch_*.npz")
     assert 1 <= len(batches) < BATCHES and not out.exists()
     assert not (wd / "reconstruct").exists()
 
     # 2. resumed, then killed while reconstructing
-    run_until(command(src, out, "--workdir", wd, "--resume"), wd / "reconstruct" / "block_000.npz")
+    run_until(command(src, out, "--workdir", wd, "--resume"), wd / "reconstruct" / "block_000.npz", env)
     assert finished(wd / "distill", "batch_*.npz") == [f"batch_{i:04d}.npz" for i in range(BATCHES)]
     blocks = finished(wd / "reconstruct", "block_*[0-9].npz")
     assert 1 <= len(blocks) < BLOCKS and not out.exists()
 
     # 3. resumed to the end
     proc = subprocess.run(command(src, out, "--workdir", wd, "--resume"), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+                          timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes() == reference
     assert (src.read_bytes(), src.stat().st_mtime_ns) == src_stamp
