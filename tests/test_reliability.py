@@ -330,10 +330,16 @@ def test_failed_check_leaves_nothing(tmp_path, capsys, monkeypatch):
         return real_check(model, *a, **k)
 
     monkeypatch.setattr(pipeline.onnx.checker, "check_model", check)
+    import tempfile
+
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "logs"))   # the crash log goes here
     code, err = cli(_quantize(src, tmp_path / "q.onnx"), capsys)
-    assert code == 1 and "traceback in" in err and seen
+    assert code == 1 and f"traceback in {tmp_path / 'logs'}" in err and seen
     assert not (tmp_path / "q.onnx").exists() and not seen[0].exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "model.onnx"]
+    log = next((tmp_path / "logs").glob("onnxgenie-crash-*.log")).read_text()
+    assert "Traceback" in log and "ValidationError" in log
     assert stamp(src) == before
 
 
