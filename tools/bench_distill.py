@@ -1,0 +1,206 @@
+"""Benchmark GENIE-D on the shared CIFAR-10 models and write the table into BENCHMARKS.md.
+
+Per model and mode: final BNS loss after the same number of steps, seconds per step, images/s,
+peak RSS, and the ratio of the step time to plain onnxruntime inference of the same batch through
+the same teacher at the same thread count (both measured in the same process). Also the argmax
+class histogram of the FP32 model over the distilled images.
+
+    .venv/bin/python tools/bench_distill.py                       # 1 batch of 64, 200 steps (~10 min)
+    .venv/bin/python tools/bench_distill.py --images 1024 --batch 128 --iters 500 --modes genie
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = ("resnet20_cifar10", "shufflenet_g3_cifar10")
+RUNS = {"genie": ("genie", True), "genie-noswing": ("genie", False), "noise": ("noise", True),
+        "zeroq": ("zeroq", True)}
+BEGIN, END = "<!-- bench_distill -->", "<!-- /bench_distill -->"
+PREVIEWS = ROOT / "out" / "bench_distill"
+
+
+def _paired_ratio(model, mode: str, swing: bool, batch: int, threads: int, steps: int = 30) -> tuple[float, float]:
+    """Median distillation step time and median inference time, measured alternately (one inference
+    after every step), so that both see the same load on a shared machine."""
+    from onnxgenie.distill.genie_d import BatchDistiller, DistillConfig, training_model
+    from onnxgenie.graph.load import normalize
+    from onnxgenie.ortrain import inference_session
+
+    cfg = DistillConfig(1, batch, steps, mode, swing)
+    train, groups = training_model(normalize(model), cfg)
+    distiller = BatchDistiller(train, groups, cfg, threads=threads)
+    sess = inference_session(model, threads)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    sess.run(None, {name: x})
+    step_times, infer_times, mark = [], [], [0.0]
+
+    def on_step(step, loss):
+        now = time.perf_counter()
+        if step > 0:
+            step_times.append(now - mark[0])
+        sess.run(None, {name: x})
+        infer_times.append(time.perf_counter() - now)
+        mark[0] = time.perf_counter()
+
+    distiller.run(0, on_step)
+    return statistics.median(step_times), statistics.median(infer_times)
+
+
+def profile_step(model, mode: str, swing: bool, batch: int, threads: int, steps: int = 5) -> dict[str, float]:
+    """Milliseconds per step by op type, from onnxruntime's profiler on the distillation graph."""
+    import collections
+    import json
+    import tempfile
+
+    from onnxgenie.distill.genie_d import DistillConfig, initial_values, training_model
+    from onnxgenie.graph.load import normalize
+    from onnxgenie.graph.swing import swing_feed
+    from onnxgenie.ortrain import GradientGraph, _training_modules, session_options
+
+    cfg = DistillConfig(1, batch, steps, mode, swing)
+    train, groups = training_model(normalize(model), cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        GradientGraph(train, [n for names in groups.values() for n in names], threads, artifact_dir=tmp)
+        _, api, _ = _training_modules()
+        opts = session_options(threads)
+        opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/profile"
+        state = api.CheckpointState.load_checkpoint(f"{tmp}/checkpoint")
+        module = api.Module(f"{tmp}/training_model.onnx", state, f"{tmp}/eval_model.onnx", session_options=opts)
+        values = initial_values(train, cfg, np.random.default_rng(0))
+        feeds = {"latents": values.pop("latents")} if mode == "noise" else {}
+        for name, value in values.items():
+            state.parameters[name] = value
+        feeds.update(swing_feed(1, 1) if swing else {})
+        names = [i.name for i in train.graph.input]
+        for _ in range(steps):
+            module.lazy_reset_grad()
+            module(*[feeds[n] for n in names])
+        del module
+        events = json.loads(next(Path(tmp).glob("profile*.json")).read_text())
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            part = " (generator)" if e["name"].startswith("generator.") else ""
+            per_op[e["args"]["op_name"] + part] += e["dur"] / 1000 / steps
+    return dict(per_op.most_common())
+
+
+def _one_run(args: tuple) -> dict:
+    """In a fresh process, so that ru_maxrss is this configuration's own peak."""
+    model_name, run, images, batch, iters, threads, jobs, profile = args
+    import onnx
+
+    from onnxgenie.distill import distill
+    from onnxgenie.ortrain import inference_session
+
+    model = onnx.load(str(SHARED / "models" / f"{model_name}.onnx"))
+    mode, swing = RUNS[run]
+    start = time.perf_counter()
+    data, info = distill(model, n_images=images, batch=batch, iters=iters, mode=mode, swing=swing, seed=0,
+                         jobs=jobs, threads=threads, progress=False)
+    wall = time.perf_counter() - start
+    paired_step, paired_infer = _paired_ratio(model, mode, swing, batch, threads)
+    from onnxgenie.distill.preview import save_grid
+
+    PREVIEWS.mkdir(parents=True, exist_ok=True)
+    save_grid(data, PREVIEWS / f"{model_name}_{run}.png")
+    sess = inference_session(model, threads)
+    logits = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: data[i:i + batch]})[0]
+                             for i in range(0, len(data), batch)])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    profiled = profile_step(model, mode, swing, batch, threads) if profile else {}
+    return {"profile": profiled, "model": model_name, "run": run, "final_loss": float(info["final_losses"].mean()),
+            "s_per_step": info["seconds_per_step"], "images_per_s": len(data) / wall,
+            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "paired_step_s": paired_step, "infer_s": paired_infer, "ratio": paired_step / paired_infer,
+            "hist": np.bincount(logits.argmax(1), minlength=logits.shape[1]).tolist(),
+            "confidence": float(probs.max(1).mean())}
+
+
+def _table(rows: list[dict], args) -> str:
+    lines = [BEGIN, "## GENIE-D distillation (`tools/bench_distill.py`)", "",
+             f"{args.images} images in batches of {args.batch}, {args.iters} steps per batch, "
+             f"{args.threads} ORT thread(s), jobs={args.jobs}; {platform.processor() or platform.machine()}, "
+             f"{mp.cpu_count()} cores (shared with other work: times are indicative). "
+             f"Command: `.venv/bin/python tools/bench_distill.py {' '.join(sys.argv[1:])}`.", "",
+             "s/step: mean over the run (Adam and parameter copies included). Ratio: median step time / median "
+             "plain onnxruntime inference time of the same batch through the same (unmodified) teacher at the "
+             "same thread count, measured alternately over 30 extra steps (one inference after each step) so "
+             "that both see the same load. Histogram: argmax class of the FP32 model over the distilled images "
+             "(classes 0–9); confidence: mean max softmax. Previews: `out/bench_distill/MODEL_MODE.png`.", "",
+             "| model | mode | final BNS loss | s/step | images/s | peak RSS MiB | paired step s | inference s | "
+             "ratio | argmax histogram | confidence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['run']} | {r['final_loss']:.4f} | {r['s_per_step']:.3f} | "
+                     f"{r['images_per_s']:.2f} | {r['rss_mib']:.0f} | {r['paired_step_s']:.3f} | {r['infer_s']:.4f} | "
+                     f"{r['ratio']:.2f} | "
+                     f"{r['hist']} | {r['confidence']:.2f} |")
+    profiled = [r for r in rows if r["profile"]]
+    if profiled:
+        lines += ["", "Where a step goes (onnxruntime profiler, kernel ms per step, mean of 5 steps including the "
+                  "first; `--profile`). Teacher Conv + ConvGrad alone, in units of the paired inference time:", ""]
+        for r in profiled:
+            top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(r["profile"].items())[:8])
+            conv = sum(r["profile"].get(op, 0.0) for op in ("Conv", "ConvGrad", "FusedConv"))
+            lines.append(f"- {r['model']} {r['run']}: total {sum(r['profile'].values()):.1f} ms; teacher convs "
+                         f"{conv:.1f} ms = {conv / 1000 / r['infer_s']:.1f}× inference; {top}")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=["genie", "noise", "zeroq"], choices=list(RUNS))
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--profile", action="store_true", help="also profile 5 steps by op type")
+    args = parser.parse_args()
+    if not (SHARED / "models").is_dir():
+        print(f"bench_distill: {SHARED / 'models'} not found; the shared models are needed", file=sys.stderr)
+        return 2
+    ctx = mp.get_context("spawn")
+    rows = []
+    for model in args.models:
+        for run in args.modes:
+            with ctx.Pool(1) as pool:
+                row = pool.apply(_one_run, ((model, run, args.images, args.batch, args.iters, args.threads,
+                                             args.jobs, args.profile),))
+            print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+            rows.append(row)
+    section = _table(rows, args)
+    print(section)
+    if not args.no_write:
+        write_section(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
