@@ -35,7 +35,7 @@ def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.
 
 
 def _numpy_bns(teacher: onnx.ModelProto, x: np.ndarray) -> float:
-    """Σ_l mean_c[(μ−μ_BN)² + (σ−σ_BN)²] + Σ_{n,c}[μ_nc² + (σ_nc−1)²]/N, in float64 from tapped activations."""
+    """Σ_l mean_c[(μ−μ_BN)² + (σ−σ_BN)²] + Σ_{n,c}[μ_nc² + (σ_nc−1)²]/N, float64, from tapped activations."""
     layers = bn_layers(teacher)
     tapped = onnx.ModelProto()
     tapped.CopyFrom(teacher)
@@ -78,7 +78,9 @@ def _numpy_generator(values: dict, z: np.ndarray, chw: tuple) -> np.ndarray:
 
     def bn(x, name=None):
         y = (x - x.mean((0, 2, 3), keepdims=True)) / np.sqrt(x.var((0, 2, 3), keepdims=True) + 1e-5)
-        return y if name is None else y * v[f"{name}.weight"].reshape(1, -1, 1, 1) + v[f"{name}.bias"].reshape(1, -1, 1, 1)
+        if name is None:
+            return y
+        return y * v[f"{name}.weight"].reshape(1, -1, 1, 1) + v[f"{name}.bias"].reshape(1, -1, 1, 1)
 
     def conv(x, name):
         xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -104,7 +106,8 @@ def test_generator_equals_numpy_reference(chw):
     values = init_generator(gen, rng)
     for name in values:  # non-trivial BN affine parameters
         if ".bn" in name:
-            values[name] = rng.normal(1.0 if name.endswith("weight") else 0.0, 0.3, values[name].shape).astype(np.float32)
+            centre = 1.0 if name.endswith("weight") else 0.0
+            values[name] = rng.normal(centre, 0.3, values[name].shape).astype(np.float32)
     z = rng.standard_normal((5, 256)).astype(np.float32)
     got = inference_session(_with_values(gen, values)).run(None, {"latents": z})[0]
     np.testing.assert_allclose(got, _numpy_generator(values, z, chw), rtol=1e-3, atol=1e-3)

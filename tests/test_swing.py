@@ -28,7 +28,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray, offsets=None) -> np.ndarray:
     return sess.run(None, feeds)[0]
 
 
-def _strided_conv_model(hw: tuple[int, int], stride: int, kernel: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+def _strided_conv_model(hw: tuple[int, int], stride: int, kernel: int,
+                        seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((4, 3, kernel, kernel)).astype(np.float32)
     pad = kernel // 2
