@@ -206,10 +206,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="distillation processes")
     parser.add_argument("--out", default=str(REPO / "out" / "bench_quant"))
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from OUT/results.json")
     args = parser.parse_args()
     if not (SHARED / "models" / "models.json").is_file():
         sys.exit("bench_quant: ../shared (models and data) is not present")
-    results = run(args)
+    if args.table_only:  # the table from a previous (possibly interrupted) run's results.json
+        results = json.loads((Path(args.out) / "results.json").read_text())
+    else:
+        results = run(args)
     version = next(iter(results.values()))["fp32"]["ort"]
     text = markdown(results, args, version)
     print(text)

@@ -103,9 +103,10 @@ def fakequant_model(folded: onnx.ModelProto, plan: QuantPlan, weight_fn: WeightF
     runs some ops (AveragePool) with different kernels at opset 19+, so a bit-exact comparison with
     the opset-21 export simulates at opset 21 (``export.qdq.EXPORT_OPSET``).
     """
-    model = at_opset(folded, opset) if opset else onnx.ModelProto()
-    if not opset:
-        model.CopyFrom(folded)
+    model = onnx.ModelProto()
+    model.CopyFrom(folded)
+    if opset:
+        model = at_opset(model, opset)
     nodes_by_name = {n.name: n for n in model.graph.node}
     weight_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
