@@ -3,7 +3,7 @@
 The estimate is a process base plus, per image of a batch, the float activations of the generator
 and the teacher (shape inference, one image), counted once: a GENIE-D step keeps the forward
 activations for the backward pass and ORT reuses the rest. Measured peak RSS on this code
-(onnxruntime-training 1.19.2, ``distill`` with 5 steps, ru_maxrss): digits ResNet-8 16x16 138 MB
+(onnxruntime-training 1.19.2, ``distill`` with 5 steps, VmHWM): digits ResNet-8 16x16 138 MB
 (batch 16) / 205 MB (batch 128), CIFAR ResNet-20 380 MB (batch 32) / 692 MB (batch 128); the
 estimate gives 266 / 331 / 403 / 831 MiB, above every measurement.
 """
@@ -57,6 +57,23 @@ def distill_memory(normal: onnx.ModelProto, batch: int, jobs: int = 1) -> Memory
     weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in normal.graph.initializer)
     per_job = PROCESS_BASE + 4 * weights + per_image * batch   # weights, grads, two Adam moments
     return MemoryEstimate(per_job=per_job, main=PROCESS_BASE, jobs=jobs)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes, counted from its last exec.
+
+    ``VmHWM`` from /proc/self/status; ``ru_maxrss`` only where that is missing, because Linux carries
+    ``ru_maxrss`` over fork and exec (a child of a large process reports its parent's peak)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_memory() -> int | None:

@@ -15,13 +15,14 @@ import argparse
 import multiprocessing as mp
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -113,7 +114,7 @@ def profile_step(model, mode: str, swing: bool, batch: int, threads: int, steps:
 
 
 def _one_run(args: tuple) -> dict:
-    """In a fresh process, so that ru_maxrss is this configuration's own peak."""
+    """In a fresh process, so that the peak RSS is this configuration's own peak."""
     model_name, run, images, batch, iters, threads, jobs, profile = args
     import onnx
 
@@ -139,7 +140,7 @@ def _one_run(args: tuple) -> dict:
     profiled = profile_step(model, mode, swing, batch, threads) if profile else {}
     return {"profile": profiled, "model": model_name, "run": run, "final_loss": float(info["final_losses"].mean()),
             "s_per_step": info["seconds_per_step"], "images_per_s": len(data) / wall,
-            "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mib": peak_rss() / 2 ** 20,
             "paired_step_s": paired_step, "infer_s": paired_infer, "ratio": paired_step / paired_infer,
             "hist": np.bincount(logits.argmax(1), minlength=logits.shape[1]).tolist(),
             "confidence": float(probs.max(1).mean())}

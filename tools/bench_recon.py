@@ -20,13 +20,14 @@ import json
 import multiprocessing as mp
 import platform
 import re
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -78,7 +79,7 @@ def calibration(model: str, source: str, n: int, seed: int, distill_iters: int, 
 
 
 def _one_run(cfg: dict) -> dict:
-    """In a fresh process, so that ru_maxrss is this configuration's own peak."""
+    """In a fresh process, so that the peak RSS is this configuration's own peak."""
     from onnxgenie.evaluate import predict, preprocess
     from onnxgenie.pipeline import QuantizeConfig, quantize
 
@@ -98,7 +99,7 @@ def _one_run(cfg: dict) -> dict:
     wall = time.perf_counter() - start
     top1 = float((predict(result.model, dev, threads=cfg["threads"]).argmax(1) == labels).mean() * 100)
     row = {**cfg, "top1": round(top1, 2), "fp32": info["fp32_top1_dev"], "pipeline_s": round(wall, 1),
-           "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "rss_mib": round(peak_rss() / 2 ** 20),
            "cpu": platform.processor() or platform.machine()}
     rep = result.info.get("reconstruction")
     if rep:
