@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, limit: int = 64, zoom: int = 2) -> Path:
-    """The first ``limit`` NCHW images, each stretched to its own 1st–99th percentile, in a grid."""
-    from PIL import Image
-
+def grid_array(images: np.ndarray, columns: int = 8, limit: int = 64) -> np.ndarray:
+    """The first ``limit`` NCHW images, each stretched to its own 1st–99th percentile, as one uint8 HWC sheet
+    (C is 1 or 3) with a 1-pixel white border around every image."""
     x = np.asarray(images[:limit], np.float32)
     lo = np.percentile(x, 1, axis=(1, 2, 3), keepdims=True)
     hi = np.percentile(x, 99, axis=(1, 2, 3), keepdims=True)
@@ -24,8 +24,26 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, limit: int
     for i, img in enumerate(x):
         r, col = divmod(i, columns)
         sheet[r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = img
-    pic = Image.fromarray(sheet[..., 0] if c == 1 else sheet)
-    pic = pic.resize((pic.width * zoom, pic.height * zoom), Image.NEAREST)
+    return sheet
+
+
+def _grid_image(images: np.ndarray, columns: int, limit: int, zoom: int):
+    from PIL import Image
+
+    sheet = grid_array(images, columns, limit)
+    pic = Image.fromarray(sheet[..., 0] if sheet.shape[-1] == 1 else sheet)
+    return pic.resize((pic.width * zoom, pic.height * zoom), Image.NEAREST)
+
+
+def grid_png(images: np.ndarray, columns: int = 8, limit: int = 64, zoom: int = 2) -> bytes:
+    """The grid of ``save_grid`` as PNG bytes, in memory."""
+    buf = io.BytesIO()
+    _grid_image(images, columns, limit, zoom).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, limit: int = 64, zoom: int = 2) -> Path:
+    """The first ``limit`` NCHW images, each stretched to its own 1st–99th percentile, in a grid."""
     path = Path(path)
-    pic.save(path)
+    _grid_image(images, columns, limit, zoom).save(path)
     return path

@@ -1,0 +1,351 @@
+"""The run report of ``onnxgenie quantize``: plain functions that measure, and two writers (JSON, HTML).
+
+Measured here: per-layer weight SQNR of the quantized weights (dB), top-1 agreement of the quantized
+model with the FP32 one, the serialized model sizes and the library/platform versions. The pipeline
+gathers those with its own timings, peak memory, GENIE-D loss curves and reconstruction stats into
+one dict; ``write_json`` stores it as strict JSON and ``write_html`` renders a self-contained page
+(inline CSS, plots as base64 PNG, no external resources). The keys ``write_html`` reads are listed
+in its docstring; a section whose data is missing is left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .graph.bn import initializers
+
+SQNR_CAP_DB = 200.0   # reported when the quantization error is exactly zero (keeps the JSON finite)
+MIB = 2 ** 20
+
+
+# ---------------------------------------------------------------- measurements
+
+def weight_sqnr(folded: onnx.ModelProto, plan) -> dict[str, float]:
+    """Per quantized layer (node name) 10*log10(sum W^2 / sum (W - W_q)^2) in dB, rounded to 2 decimals.
+
+    ``folded`` is the BN-folded model the plan was built on (``wq.weight`` names its initializer);
+    layers whose quantizer has no integer weights yet are left out. Clipped to +-``SQNR_CAP_DB``."""
+    inits = initializers(folded)
+    out: dict[str, float] = {}
+    for node, wq in plan.weights.items():
+        if wq.wint is None or wq.weight not in inits:
+            continue
+        w = inits[wq.weight].astype(np.float64)
+        signal = float(np.sum(w * w))
+        noise = float(np.sum((w - wq.dequantized().astype(np.float64)) ** 2))
+        if noise == 0.0:
+            db = SQNR_CAP_DB
+        elif signal == 0.0:
+            db = -SQNR_CAP_DB
+        else:
+            db = float(np.clip(10.0 * math.log10(signal / noise), -SQNR_CAP_DB, SQNR_CAP_DB))
+        out[node] = round(db, 2)
+    return out
+
+
+def top1_agreement(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, x: np.ndarray, threads: int = 1) -> float:
+    """Percent of the images ``x`` (float32 NCHW, preprocessed) on which both models pick the same class."""
+    from .evaluate import predict
+
+    if len(x) == 0:
+        raise ValueError("top1_agreement needs at least one image")
+    fp = predict(fp_model, x, threads=threads).argmax(axis=1)
+    q = predict(q_model, x, threads=threads).argmax(axis=1)
+    return round(100.0 * float((fp == q).mean()), 2)
+
+
+def versions() -> dict:
+    """Versions of onnxgenie and its runtime stack, and the machine it ran on."""
+    import importlib.metadata
+
+    import onnxruntime
+
+    try:
+        own = importlib.metadata.version("onnxgenie")
+    except importlib.metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"onnxgenie": own, "python": platform.python_version(), "numpy": np.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "platform": f"{platform.machine()} {platform.processor()}".strip(), "cpu_count": os.cpu_count()}
+
+
+def _serialized_bytes(model: onnx.ModelProto | str | os.PathLike) -> int:
+    if isinstance(model, onnx.ModelProto):
+        return int(model.ByteSize())
+    return int(os.path.getsize(model))
+
+
+def model_sizes(fp_path_or_model: onnx.ModelProto | str | os.PathLike,
+                q_model: onnx.ModelProto | str | os.PathLike) -> dict:
+    """{'fp32_bytes', 'quantized_bytes', 'ratio' (fp32 / quantized)}: a file's size on disk, or a
+    ModelProto's serialized size."""
+    fp, q = _serialized_bytes(fp_path_or_model), _serialized_bytes(q_model)
+    return {"fp32_bytes": fp, "quantized_bytes": q, "ratio": round(fp / q, 3) if q else None}
+
+
+# ---------------------------------------------------------------- JSON
+
+def to_jsonable(obj):
+    """``obj`` with NumPy scalars/arrays, tuples, sets, paths and dataclasses turned into plain JSON values.
+
+    Non-finite floats become None (strict JSON has no NaN/Infinity); dict keys become strings."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    raise TypeError(f"the report holds a {type(obj).__name__}, which has no JSON form")
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in ``path``'s folder and rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(report: dict, path: str | os.PathLike) -> Path:
+    """``report`` as strict JSON (indent 1), written atomically."""
+    text = json.dumps(to_jsonable(report), indent=1, allow_nan=False)
+    return _atomic_write(path, (text + "\n").encode("utf-8"))
+
+
+# ---------------------------------------------------------------- HTML
+
+def _png_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas, without pyplot (no global state, no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _fig_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _loss_plot(history) -> bytes | None:
+    """GENIE-D BNS loss per step, one line per distillation batch (log scale when all positive)."""
+    if all(np.ndim(h) == 0 for h in history):   # a single flat curve
+        history = [history]
+    curves = [np.asarray(h, np.float64).ravel() for h in history if h is not None and np.size(h)]
+    if not curves:
+        return None
+    fig = _figure(7, 3.5)
+    ax = fig.add_subplot()
+    for i, c in enumerate(curves):
+        ax.plot(np.arange(1, len(c) + 1), c, lw=1, label=f"batch {i}")
+    finite = np.concatenate([c[np.isfinite(c)] for c in curves])
+    if finite.size and finite.min() > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("BNS loss")
+    ax.set_title("GENIE-D distillation loss")
+    if 1 < len(curves) <= 10:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _fig_png(fig)
+
+
+def _heights(values: list) -> np.ndarray:
+    """Bar heights: None and non-finite values (skipped or diverged blocks) as 0, i.e. no bar."""
+    v = np.array([np.nan if x is None else float(x) for x in values], np.float64)
+    return np.where(np.isfinite(v), v, 0.0)
+
+
+def _recon_plot(blocks: list[dict]) -> bytes | None:
+    """Reconstruction loss at the first and last step of each block; skipped blocks (None) get no bar."""
+    names = [str(b.get("name", i)) for i, b in enumerate(blocks)]
+    first = [b.get("recon_first") for b in blocks]
+    last = [b.get("recon_last") for b in blocks]
+    values = [float(v) for v in first + last if v is not None and math.isfinite(float(v))]
+    if not values:
+        return None
+    first_v, last_v = _heights(first), _heights(last)
+    idx = np.arange(len(blocks))
+    fig = _figure(max(6.0, 0.45 * len(blocks) + 2), 4)
+    ax = fig.add_subplot()
+    ax.bar(idx - 0.2, first_v, 0.4, label="first step")
+    ax.bar(idx + 0.2, last_v, 0.4, label="last step")
+    if min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xticks(idx)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("reconstruction loss")
+    ax.set_title("GENIE-M reconstruction per block")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _fig_png(fig)
+
+
+def _sqnr_plot(sqnr: dict[str, float]) -> bytes | None:
+    """Horizontal bars of the weight SQNR per layer, in graph order."""
+    items = [(str(k), float(v)) for k, v in sqnr.items() if v is not None]
+    if not items:
+        return None
+    fig = _figure(7, 0.9 + 0.22 * len(items))
+    ax = fig.add_subplot()
+    idx = np.arange(len(items))
+    ax.barh(idx, [v for _, v in items], color="tab:green")
+    ax.set_yticks(idx)
+    ax.set_yticklabels([k for k, _ in items], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("weight SQNR (dB)")
+    ax.set_title("Quantized weights: signal-to-quantization-noise ratio per layer")
+    ax.grid(axis="x", alpha=0.3)
+    return _fig_png(fig)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return html.escape(json.dumps(to_jsonable(value)))
+    return html.escape(str(value))
+
+
+def _table(rows: list[tuple[str, object]], head: tuple[str, ...] | None = None) -> str:
+    out = ["<table>"]
+    if head:
+        out.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _bits(report: dict) -> str | None:
+    """report['bits'] as given, else 'W4A4, first/last 8' from report['config']."""
+    if report.get("bits") is not None:
+        bits = report["bits"]
+        return bits if isinstance(bits, str) else json.dumps(to_jsonable(bits))
+    cfg = report.get("config") or {}
+    if "wbits" in cfg and "abits" in cfg:
+        text = f"W{cfg['wbits']}A{cfg['abits']}"
+        return text + (f", first/last {cfg['first_last_bits']}" if cfg.get("first_last_bits") is not None else "")
+    return None
+
+
+_SUMMARY_KEYS = ("model", "output", "preset", "agreement", "calib_images", "parity")
+_LABELS = {"agreement": "top-1 agreement with FP32 (%)"}
+_SECTION_KEYS = {"bits", "config", "sizes", "timings_s", "peak_rss_bytes", "distill", "reconstruction",
+                 "weight_sqnr_db", "versions"}
+
+
+def _summary_rows(report: dict) -> list[tuple[str, object]]:
+    rows = [(_LABELS.get(k, k), report[k]) for k in _SUMMARY_KEYS if report.get(k) is not None]
+    bits = _bits(report)
+    if bits is not None:
+        rows.insert(1 if report.get("model") is not None else 0, ("bits", bits))
+    sizes = report.get("sizes") or {}
+    if sizes.get("fp32_bytes") is not None:
+        rows.append(("FP32 model (MiB)", sizes["fp32_bytes"] / MIB))
+    if sizes.get("quantized_bytes") is not None:
+        rows.append(("quantized model (MiB)", sizes["quantized_bytes"] / MIB))
+    if sizes.get("ratio") is not None:
+        rows.append(("size ratio FP32 / quantized", sizes["ratio"]))
+    # any other top-level scalar the pipeline adds shows up too
+    for key, value in report.items():
+        if key not in _SECTION_KEYS and key not in _SUMMARY_KEYS and value is not None \
+                and isinstance(value, (str, int, float, bool, np.generic)):
+            rows.append((key, to_jsonable(value)))
+    return rows
+
+
+def _stage_rows(report: dict) -> list[tuple[str, object, object]]:
+    """(stage, seconds, peak MiB) over the stages named in either timings_s or peak_rss_bytes."""
+    times = report.get("timings_s") or {}
+    peaks = report.get("peak_rss_bytes") or {}
+    stages = list(times) + [s for s in peaks if s not in times]
+    return [(s, "" if times.get(s) is None else float(times[s]),
+             "" if peaks.get(s) is None else float(peaks[s]) / MIB) for s in stages]
+
+
+_CSS = """body{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}
+th{background:#f0f0f0}img{max-width:100%;display:block;margin:.5em 0 1.5em}h2{border-bottom:1px solid #ddd}"""
+
+
+def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None = None) -> Path:
+    """A self-contained HTML page of ``report``, written atomically. Every section is optional.
+
+    Keys read: ``model`` (str), ``bits`` (str, else ``config`` wbits/abits/first_last_bits), ``preset``,
+    ``agreement`` (%), ``calib_images``, ``parity``, ``sizes`` (from ``model_sizes``), ``timings_s``
+    ({stage: seconds}), ``peak_rss_bytes`` ({stage: bytes}), ``distill.loss_history`` (per batch, a
+    list of per-step losses), ``reconstruction.blocks`` (dicts with ``name``, ``recon_first``,
+    ``recon_last``; None for a skipped block), ``weight_sqnr_db`` ({layer: dB}), ``versions``; other
+    top-level scalars are added to the summary. ``images`` (float32 NCHW): the first 64 shown in a grid."""
+    title = "onnxgenie quantize report" + (f": {report['model']}" if report.get("model") is not None else "")
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    rows = _summary_rows(report)
+    if rows:
+        parts += ["<h2>Summary</h2>", _table(rows)]
+    stages = _stage_rows(report)
+    if stages:
+        parts += ["<h2>Stages</h2>", _table(stages, ("stage", "wall time (s)", "peak RSS (MiB)"))]
+
+    history = (report.get("distill") or {}).get("loss_history")
+    png = _loss_plot(history) if history is not None and len(history) else None
+    if png:
+        parts += ["<h2>Distillation (GENIE-D)</h2>", _png_tag(png, "GENIE-D BNS loss per step")]
+    blocks = (report.get("reconstruction") or {}).get("blocks")
+    png = _recon_plot(blocks) if blocks else None
+    if png:
+        parts += ["<h2>Reconstruction (GENIE-M)</h2>", _png_tag(png, "reconstruction loss per block")]
+    sqnr = report.get("weight_sqnr_db")
+    png = _sqnr_plot(sqnr) if sqnr else None
+    if png:
+        parts += ["<h2>Weight SQNR</h2>", _png_tag(png, "weight SQNR per layer")]
+    if images is not None and len(images):
+        from .distill.preview import grid_png
+
+        parts += [f"<h2>Distilled images (first {min(64, len(images))} of {len(images)})</h2>",
+                  _png_tag(grid_png(images, limit=64), "distilled images")]
+    versions_ = report.get("versions")
+    if versions_:
+        parts += ["<h2>Versions</h2>", _table([(k, v) for k, v in versions_.items()])]
+    parts.append("</body></html>\n")
+    return _atomic_write(path, "\n".join(parts).encode("utf-8"))
