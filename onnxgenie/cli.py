@@ -57,22 +57,37 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from .pipeline import QuantizeConfig, run_quantize
+    from dataclasses import replace
+
+    from .pipeline import preset_config, run_quantize
 
     calib = "data" if args.calib_data else args.calib
-    config = QuantizeConfig(
-        wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
-        exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, distill_iters=args.distill_iters,
-        distill_batch=args.distill_batch,
-        jobs=args.jobs or (_auto_jobs(-(-args.calib_images // max(args.distill_batch, 1)))
-                           if calib == "distill" else 1),
-        reconstruct=not args.no_reconstruct, recon_iters=args.recon_iters, recon_batch=args.recon_batch,
-        quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads, workdir=args.workdir,
-        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None)
-    info = run_quantize(args.model, args.output, config, args.calib_data, args.overwrite, args.resume)
+    config = preset_config(
+        args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
+        exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, holdout_images=args.holdout_images,
+        distill_iters=args.distill_iters, distill_batch=args.distill_batch,
+        reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
+        recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
+        workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
+        std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
+        progress=not args.quiet, verbose=args.verbose)
+    n_distilled = config.calib_images + max(config.holdout_images, 0)
+    jobs = args.jobs or (_auto_jobs(-(-n_distilled // max(config.distill_batch, 1))) if calib == "distill" else 1)
+    output = args.output or default_output(args.model, config.wbits, config.abits)
+    result = run_quantize(args.model, output, replace(config, jobs=jobs), args.calib_data, args.overwrite,
+                          args.resume, report_json=args.report, report_html=args.report_html)
     if args.json:
-        print(json.dumps({k: v for k, v in info.items() if k != "reconstruction"}))
+        summary = {k: result.report[k] for k in ("parity", "agreement", "size", "stages")}
+        summary["calibration"] = {k: v for k, v in result.report["calibration"].items() if k != "loss_history"}
+        print(json.dumps(summary))
     return 0
+
+
+def default_output(model: str, wbits: int, abits: int) -> str:
+    from pathlib import Path
+
+    path = Path(model)
+    return str(path.with_name(f"{path.stem}_w{wbits}a{abits}.onnx"))
 
 
 def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) -> None:
@@ -154,22 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and export it as QDQ ONNX")
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, help="output .onnx (refused if it exists, see --overwrite)")
-    _add_bits(p, None, None)
+    p.add_argument("-o", "--output", help="output .onnx (default: MODEL_w4a4.onnx beside the input; refused if it "
+                   "exists, see --overwrite)")
+    _add_bits(p, 4, 4)
+    p.add_argument("--preset", choices=("fast", "paper"), default="fast",
+                   help="budget: fast (default; minutes on a laptop CPU) or paper (GENIE's own, hours); "
+                   "the flags below override it")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
     p.add_argument("--no-reconstruct", action="store_true", help="step initialisation only (no GENIE-M)")
     p.add_argument("--quantizer", choices=("genie", "adaround"), default="genie",
                    help="reconstruction weight quantizer: genie learns the weight steps, adaround keeps them")
-    p.add_argument("--recon-iters", type=int, default=2000, help="reconstruction steps per block (default 2000)")
-    p.add_argument("--recon-batch", type=int, default=32, help="reconstruction batch size (default 32)")
+    p.add_argument("--recon-iters", type=int, default=None, help="reconstruction steps per block (default: preset)")
+    p.add_argument("--recon-batch", type=int, default=None, help="reconstruction batch size (default: preset)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="rounding-loss weight (default 1.0 genie, 0.1 adaround)")
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",
                    help="calibration images without --calib-data: GENIE-D (default) or Gaussian noise")
     p.add_argument("--calib-data", metavar="X.npz", help="real (or previously distilled) calibration images")
-    p.add_argument("--calib-images", type=int, default=256, help="number of calibration images (default 256)")
-    p.add_argument("--distill-iters", type=int, default=500, help="GENIE-D steps per batch (default 500)")
-    p.add_argument("--distill-batch", type=int, default=128, help="images distilled together (default 128)")
+    p.add_argument("--calib-images", type=int, default=None, help="number of calibration images (default: preset)")
+    p.add_argument("--distill-iters", type=int, default=None, help="GENIE-D steps per batch (default: preset)")
+    p.add_argument("--distill-batch", type=int, default=None, help="images distilled together (default: preset)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
     p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")
@@ -178,8 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --workdir (same model, flags and seed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout-images", type=int, default=None,
+                   help="extra distilled images that only measure FP32-vs-quantized agreement (default: preset)")
+    p.add_argument("--min-agreement", type=float, metavar="P",
+                   help="quality gate: exit 3 and write no model when top-1 agreement with FP32 on the held-out "
+                   "images is below P %%")
+    p.add_argument("--report", metavar="REPORT.json", help="write the run report (also kept in --workdir)")
+    p.add_argument("--report-html", metavar="REPORT.html", help="the report as a self-contained page with plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--json", action="store_true", help="print the run's info as JSON")
+    p.add_argument("--json", action="store_true", help="print parity, agreement, sizes, calibration and stage timings as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: only errors on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="a line per distillation batch and per block")
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("distill", help="GENIE-D: distil synthetic calibration images from the BN statistics")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BadInputError, DivergenceError, OnnxGenieError, ResumeMismatchError
+from .errors import BadInputError, DivergenceError, OnnxGenieError, QualityGateError, ResumeMismatchError
 from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.fakequant import fakequant_model
-from .quant.init import init_activations, init_weights
+from .quant.init import P_NORM, init_activations, init_weights
 from .quant.plan import build_plan, check_bits
 from .quant.spec import QuantPlan
 
@@ -40,6 +41,8 @@ PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 @dataclass(frozen=True)
 class QuantizeConfig:
+    """Every setting of a run. ``QuantizeConfig()`` is init-only; ``preset_config`` gives the presets."""
+
     wbits: int = 4
     abits: int = 4
     first_last_bits: int = 8
@@ -47,6 +50,7 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     calib: str = "distill"
     calib_images: int = 256
+    holdout_images: int = 0             # distilled beside the calibration set, only to measure agreement
     distill_iters: int = 500
     distill_batch: int = 128
     jobs: int = 1                       # distillation worker processes
@@ -62,14 +66,43 @@ class QuantizeConfig:
     progress: bool = True
     mean: tuple[float, ...] | None = None  # preprocessing of uint8 calibration files
     std: tuple[float, ...] | None = None
+    preset: str | None = None           # the preset the values came from (for the report)
+    min_agreement: float | None = None  # quality gate: FP32 vs quantized top-1 agreement, %, on held-out images
+    verbose: bool = False               # per-batch / per-block lines and reconstruction losses
+
+
+# Budgets per image set. fast: measured on ResNet-20 (BENCHMARKS.md); paper: GENIE's hyper-parameters.
+PRESETS: dict[str, dict] = {
+    "fast": dict(calib_images=256, holdout_images=64, distill_iters=200, distill_batch=128, reconstruct=True,
+                 recon_iters=500, recon_batch=32),
+    "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
+                  recon_iters=20000, recon_batch=32),
+}
+
+
+def preset_config(preset: str = "fast", **overrides) -> QuantizeConfig:
+    """The preset's budget with ``overrides`` (any QuantizeConfig field) on top; None values are ignored."""
+    if preset not in PRESETS:
+        raise BadInputError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    fields = {k for k in QuantizeConfig.__dataclass_fields__}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}; QuantizeConfig has {sorted(fields)}")
+    return QuantizeConfig(**{**PRESETS[preset], "preset": preset,
+                             **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
-class QuantizeResult:
+class QuantizationResult:
     model: onnx.ModelProto            # the exported QDQ model
     plan: QuantPlan
     simulation: onnx.ModelProto       # the float fake-quant model (opset 21) the export reproduces
-    info: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    calibration: np.ndarray | None = None  # the images the steps were fitted on (NCHW or the model's layout)
+
+    @property
+    def agreement(self) -> float | None:
+        return self.report.get("agreement", {}).get("top1_agreement")
 
 
 def prepare(model) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -79,11 +112,16 @@ def prepare(model) -> tuple[onnx.ModelProto, onnx.ModelProto]:
 
 
 def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, config: QuantizeConfig,
-                       calib_data: str | os.PathLike | None = None, resume: bool = False) -> np.ndarray:
-    """float32 NCHW images in the model's input space for the activation steps (and reconstruction)."""
+                       calib_data: str | os.PathLike | None = None,
+                       resume: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(calibration, held-out, info): float32 images in the model's input space and layout.
+
+    The first ``calib_images`` fit the steps (and reconstruction); the next ``holdout_images`` only
+    measure FP32-vs-quantized agreement. From a file, the held-out images are those it has beyond the
+    calibration set (none if it has no more)."""
     chw = image_io(normal).chw
     rng = np.random.default_rng(config.seed)
-    n = config.calib_images
+    n, m = config.calib_images, max(config.holdout_images, 0)
     if config.calib == "data":
         from .evaluate import load_npz, preprocess
 
@@ -91,21 +129,25 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
             raise BadInputError("calibration from data needs --calib-data FILE.npz")
         images, _ = load_npz(calib_data, need_labels=False)
         x = preprocess(images, chw, config.mean, config.std)
-        x = x if len(x) <= n else x[np.sort(rng.choice(len(x), n, replace=False))]
-        return _input_layout(normal, x)
+        order = rng.permutation(len(x)) if len(x) > n else np.arange(len(x))
+        calib, held = x[np.sort(order[:n])], x[np.sort(order[n:n + m])]
+        return _input_layout(normal, calib), _input_layout(normal, held), {"source": "data", "file": str(calib_data)}
     if config.calib == "noise":
-        return _input_layout(normal, rng.standard_normal((n, *chw)).astype(np.float32))
+        x = rng.standard_normal((n + m, *chw)).astype(np.float32)
+        return _input_layout(normal, x[:n]), _input_layout(normal, x[n:]), {"source": "noise"}
     if config.calib == "distill":
         from .distill import distill
         from .resources import fit_jobs
 
-        batch = min(config.distill_batch, n)
-        jobs = fit_jobs(normal, batch, min(config.jobs, -(-n // batch)), notify=config.progress)
-        x, _ = distill(original, n_images=n, batch=batch, iters=config.distill_iters, seed=config.seed, jobs=jobs,
-                       progress=config.progress, threads=config.threads,
-                       workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
-                       resume=resume and (Path(config.workdir) / "distill").exists())
-        return np.asarray(x, dtype=np.float32)[:n]
+        batch = min(config.distill_batch, n + m)
+        jobs = fit_jobs(normal, batch, min(config.jobs, -(-(n + m) // batch)), notify=config.progress)
+        x, info = distill(original, n_images=n + m, batch=batch, iters=config.distill_iters, seed=config.seed,
+                          jobs=jobs, progress=config.progress, threads=config.threads,
+                          workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
+                          resume=resume and (Path(config.workdir) / "distill").exists())
+        x = np.asarray(x, dtype=np.float32)
+        info = {"source": "distill", "jobs": jobs, **info}
+        return x[:n], x[n:], info   # a batch rounded up leaves more held-out images
     raise BadInputError(f"unknown calibration source {config.calib!r}; use one of {', '.join(CALIB_SOURCES)}")
 
 
@@ -124,7 +166,8 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
     return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch,
                        quantizer=config.quantizer, lam=config.lam, seed=config.seed,
-                       workdir=workdir, progress=config.progress, threads=config.threads)
+                       workdir=workdir, progress=config.progress, threads=config.threads,
+                       verbose=config.verbose and config.progress)
 
 
 def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray) -> float:
@@ -138,7 +181,7 @@ def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray
 
 RUN_FILE = "run.json"
 # Settings that do not change the result: a resumed run may differ in them.
-_NOT_HASHED = ("workdir", "progress", "jobs")
+_NOT_HASHED = ("workdir", "progress", "jobs", "preset", "min_agreement", "verbose")
 
 
 def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
@@ -193,42 +236,110 @@ def check_finite(model: onnx.ModelProto) -> None:
                                       "rerun with another --seed or fewer bits, and report it with the model")
 
 
+class _Stages:
+    """Wall time and peak memory (this process's high-water mark so far) of each stage, in order."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.table, self._t0 = progress, {}, time.perf_counter()
+
+    def done(self, name: str, summary: str = "", **extra) -> None:
+        from .resources import peak_rss
+
+        now = time.perf_counter()
+        self.table[name] = {"wall_s": round(now - self._t0, 3), "peak_rss_mib": round(peak_rss() / 2 ** 20), **extra}
+        if self.progress and summary:
+            print(f"onnxgenie: {name}: {summary} ({now - self._t0:.1f} s)", file=sys.stderr)
+        self._t0 = now
+
+
 def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None = None,
-             calib: np.ndarray | None = None, resume: bool = False) -> QuantizeResult:
-    """The whole pipeline in memory. ``calib`` (float32 NCHW) overrides ``config.calib``.
+             calib: np.ndarray | None = None, resume: bool = False) -> QuantizationResult:
+    """The whole pipeline in memory. ``calib`` (float32, the model's layout) overrides ``config.calib``.
 
     With ``config.workdir`` finished distillation batches and blocks are kept there; ``resume``
-    continues such a run (refused when the model, config or seed differ)."""
+    continues such a run (refused when the model, config or seed differ). The result's report holds
+    what ``report.py`` describes; the quality gate (``min_agreement``) is the caller's to apply."""
+    from . import report as rep
+
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
     if config.reconstruct:
         from .quant.reconstruct import check_args
 
         check_args(config.recon_iters, config.recon_batch, config.quantizer,
                    len(calib) if calib is not None else config.calib_images)
+    stages = _Stages(config.progress)
     original = load_model(model)
     normal, folded = prepare(original)
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude)
     init_weights(folded, plan)
+    holdout, calib_info = None, {"source": "given"}
     if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written
-        calib = calibration_images(original, normal, config, calib_data)
+        calib, holdout, calib_info = calibration_images(original, normal, config, calib_data)
     check_workdir(original, config, resume, calib)
+    stages.done("prepare")  # silent: a refusal of the input may still come, and it must be the only line
     if calib is None:
-        calib = calibration_images(original, normal, config, calib_data, resume)
+        calib, holdout, calib_info = calibration_images(original, normal, config, calib_data, resume)
+        losses = calib_info["final_losses"]
+        if config.verbose and config.progress:
+            for b, loss in enumerate(losses):
+                print(f"onnxgenie: GENIE-D batch {b}: final BNS loss {loss:.4f}", file=sys.stderr)
+        stages.done("distill", f"{len(calib) + len(holdout)} images, final BNS loss {np.mean(losses):.4f} "
+                    f"(batches {np.min(losses):.4f}-{np.max(losses):.4f})", jobs=calib_info["jobs"])
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
-    info: dict = {"config": asdict(config), "calib_images": int(len(calib))}
+    stages.done("init", f"steps of {len(plan.weights)} weights (L{P_NORM} search) and {len(plan.acts)} activations "
+                f"from {len(calib)} images")
+    report: dict = {"model": str(model) if isinstance(model, (str, os.PathLike)) else original.graph.name,
+                    "versions": rep.versions(), "config": asdict(config), "seed": config.seed,
+                    "calibration": _calibration_report(calib, holdout, calib_info)}
     if config.reconstruct:
-        plan, info["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
+        plan, report["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
+        blocks = report["reconstruction"]["blocks"]
+        stages.done("reconstruct", f"{len(blocks)} blocks, {config.recon_iters} steps each"
+                    + (f"; kept at round-to-nearest: {', '.join(report['reconstruction']['rtn_blocks'])}"
+                       if report["reconstruction"]["rtn_blocks"] else ""))
     exported = export_qdq(folded, plan)
     check_finite(exported)
     simulation = fakequant_model(folded, plan, opset=EXPORT_OPSET)
-    info["parity"] = parity(exported, simulation, calib[:PARITY_IMAGES])
-    if not info["parity"] <= PARITY_TOLERANCE:
-        raise OnnxGenieError(f"the exported model differs from its simulation by {info['parity']:.2e} of the "
+    report["parity"] = parity(exported, simulation, calib[:PARITY_IMAGES])
+    if not report["parity"] <= PARITY_TOLERANCE:
+        raise OnnxGenieError(f"the exported model differs from its simulation by {report['parity']:.2e} of the "
                              "logit range; this is a bug, please report it with the model")
     meta = {"wbits": config.wbits, "abits": config.abits, "first_last_bits": config.first_last_bits,
             "target": config.target, "calib": config.calib, "reconstruct": config.reconstruct}
     exported.metadata_props.add(key="onnxgenie", value=json.dumps(meta))
-    return QuantizeResult(exported, plan, simulation, info)
+    report["weight_sqnr_db"] = rep.weight_sqnr(folded, plan)
+    report["agreement"] = _agreement(normal, exported, calib, holdout, config.threads)
+    report["size"] = rep.model_sizes(original, exported)
+    stages.done("export", f"QDQ opset {EXPORT_OPSET}, parity {report['parity']:.1e}, top-1 agreement "
+                f"{report['agreement']['top1_agreement']:.2f} % on {report['agreement']['images']} "
+                f"{report['agreement']['on']} images")
+    report["stages"] = stages.table
+    return QuantizationResult(exported, plan, simulation, report, calib)
+
+
+
+def _calibration_report(calib: np.ndarray, holdout: np.ndarray | None, info: dict) -> dict:
+    out = {"source": info.get("source"), "images": int(len(calib)),
+           "holdout_images": 0 if holdout is None else int(len(holdout))}
+    if info.get("source") == "distill":
+        out.update(mode=info["mode"], swing=info["swing"], jobs=info["jobs"],
+                   final_bns_loss=[round(float(v), 6) for v in info["final_losses"]],
+                   loss_history=np.round(np.asarray(info["loss_history"], np.float64), 6).tolist(),
+                   seconds_per_step=info["seconds_per_step"], resumed_batches=list(info["resumed_batches"]))
+    elif "file" in info:
+        out["file"] = info["file"]
+    return out
+
+
+def _agreement(normal: onnx.ModelProto, exported: onnx.ModelProto, calib: np.ndarray,
+               holdout: np.ndarray | None, threads: int) -> dict:
+    """FP32 vs quantized top-1 agreement on the held-out images (on the calibration images without any)."""
+    from .report import top1_agreement
+
+    held = holdout is not None and len(holdout) > 0
+    x = holdout if held else calib
+    return {"top1_agreement": round(top1_agreement(normal, exported, x, threads), 2), "images": int(len(x)),
+            "on": "held-out" if held else "calibration"}
 
 
 def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
@@ -276,12 +387,50 @@ def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
 
 
 def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: QuantizeConfig,
-                 calib_data: str | os.PathLike | None = None, overwrite: bool = False, resume: bool = False) -> dict:
-    """CLI entry: checks the output path first, quantizes, writes atomically; returns the info dict."""
+                 calib_data: str | os.PathLike | None = None, overwrite: bool = False, resume: bool = False,
+                 report_json: str | os.PathLike | None = None,
+                 report_html: str | os.PathLike | None = None) -> QuantizationResult:
+    """CLI entry: checks the output paths first, quantizes, writes the report (and a copy in the work
+    dir), applies the quality gate, then writes the model atomically. A missed gate writes no model."""
     out = check_output(src, out, overwrite)
+    for path in (report_json, report_html):
+        if path is not None:
+            check_output(src, path, overwrite=True)
     result = quantize(src, config, calib_data, resume=resume)
+    gate = check_gate(result.report, config.min_agreement)
+    write_reports(result, config, out, report_json, report_html)
+    if gate is not None:
+        raise gate
     write_model(result.model, out)
     if config.progress:
         print(f"onnxgenie: wrote {out} (W{config.wbits}A{config.abits}, target {config.target}, "
-              f"parity {result.info['parity']:.1e})", file=sys.stderr)
-    return result.info
+              f"parity {result.report['parity']:.1e}, {result.report['size']['quantized_bytes'] / 1024:.0f} KiB)",
+              file=sys.stderr)
+    return result
+
+
+def check_gate(report: dict, min_agreement: float | None) -> QualityGateError | None:
+    """The gate's verdict, recorded in the report: None when passed (or not asked for)."""
+    if min_agreement is None:
+        return None
+    got = report["agreement"]["top1_agreement"]
+    report["gate"] = {"min_agreement": min_agreement, "passed": got >= min_agreement}
+    if got >= min_agreement:
+        return None
+    return QualityGateError(f"top-1 agreement with the FP32 model is {got:.2f} % on {report['agreement']['images']} "
+                            f"held-out images, below --min-agreement {min_agreement:g}; no model written (try more "
+                            "bits, --preset paper, or --exclude the layers with the lowest SQNR in the report)")
+
+
+def write_reports(result: QuantizationResult, config: QuantizeConfig, out: Path | None,
+                  report_json: str | os.PathLike | None, report_html: str | os.PathLike | None) -> None:
+    from . import report as rep
+
+    result.report["output"] = None if out is None else str(out)
+    paths = [Path(report_json)] if report_json else []
+    if config.workdir is not None:
+        paths.append(Path(config.workdir) / "report.json")
+    for path in paths:
+        rep.write_json(result.report, path)
+    if report_html:
+        rep.write_html(result.report, report_html, result.calibration if config.calib == "distill" else None)

@@ -268,39 +268,42 @@ def _bits(report: dict) -> str | None:
     return None
 
 
-_SUMMARY_KEYS = ("model", "output", "preset", "agreement", "calib_images", "parity")
-_LABELS = {"agreement": "top-1 agreement with FP32 (%)"}
-_SECTION_KEYS = {"bits", "config", "sizes", "timings_s", "peak_rss_bytes", "distill", "reconstruction",
-                 "weight_sqnr_db", "versions"}
-
-
 def _summary_rows(report: dict) -> list[tuple[str, object]]:
-    rows = [(_LABELS.get(k, k), report[k]) for k in _SUMMARY_KEYS if report.get(k) is not None]
+    """model, bits, preset, calibration, agreement, parity, sizes (the pipeline's report keys)."""
+    cfg = report.get("config") or {}
+    rows: list[tuple[str, object]] = [(k, report[k]) for k in ("model", "output") if report.get(k) is not None]
     bits = _bits(report)
     if bits is not None:
-        rows.insert(1 if report.get("model") is not None else 0, ("bits", bits))
-    sizes = report.get("sizes") or {}
-    if sizes.get("fp32_bytes") is not None:
-        rows.append(("FP32 model (MiB)", sizes["fp32_bytes"] / MIB))
-    if sizes.get("quantized_bytes") is not None:
-        rows.append(("quantized model (MiB)", sizes["quantized_bytes"] / MIB))
-    if sizes.get("ratio") is not None:
-        rows.append(("size ratio FP32 / quantized", sizes["ratio"]))
-    # any other top-level scalar the pipeline adds shows up too
-    for key, value in report.items():
-        if key not in _SECTION_KEYS and key not in _SUMMARY_KEYS and value is not None \
-                and isinstance(value, (str, int, float, bool, np.generic)):
-            rows.append((key, to_jsonable(value)))
+        rows.append(("bits", bits))
+    for key in ("preset", "target", "quantizer"):
+        if cfg.get(key) is not None:
+            rows.append((key, cfg[key]))
+    calib = report.get("calibration") or {}
+    if calib.get("images") is not None:
+        rows.append(("calibration images", f"{calib['images']} ({calib.get('source')}), "
+                                           f"{calib.get('holdout_images', 0)} held out"))
+    agree = report.get("agreement") or {}
+    if agree.get("top1_agreement") is not None:
+        rows.append(("top-1 agreement with FP32 (%)", f"{agree['top1_agreement']:.2f} on {agree['images']} "
+                                                      f"{agree['on']} images"))
+    if report.get("gate"):
+        rows.append(("quality gate", f"min {report['gate']['min_agreement']} %: "
+                                     f"{'passed' if report['gate']['passed'] else 'FAILED'}"))
+    if report.get("parity") is not None:
+        rows.append(("export vs simulation (of logit range)", report["parity"]))
+    size = report.get("size") or {}
+    if size.get("fp32_bytes") is not None:
+        rows.append(("FP32 model (MiB)", size["fp32_bytes"] / MIB))
+    if size.get("quantized_bytes") is not None:
+        rows.append(("quantized model (MiB)", size["quantized_bytes"] / MIB))
+    if size.get("ratio") is not None:
+        rows.append(("size ratio FP32 / quantized", size["ratio"]))
     return rows
 
 
 def _stage_rows(report: dict) -> list[tuple[str, object, object]]:
-    """(stage, seconds, peak MiB) over the stages named in either timings_s or peak_rss_bytes."""
-    times = report.get("timings_s") or {}
-    peaks = report.get("peak_rss_bytes") or {}
-    stages = list(times) + [s for s in peaks if s not in times]
-    return [(s, "" if times.get(s) is None else float(times[s]),
-             "" if peaks.get(s) is None else float(peaks[s]) / MIB) for s in stages]
+    """(stage, seconds, peak MiB so far) from report['stages']."""
+    return [(name, st.get("wall_s", ""), st.get("peak_rss_mib", "")) for name, st in (report.get("stages") or {}).items()]
 
 
 _CSS = """body{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 1em;color:#222}
@@ -311,12 +314,10 @@ th{background:#f0f0f0}img{max-width:100%;display:block;margin:.5em 0 1.5em}h2{bo
 def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None = None) -> Path:
     """A self-contained HTML page of ``report``, written atomically. Every section is optional.
 
-    Keys read: ``model`` (str), ``bits`` (str, else ``config`` wbits/abits/first_last_bits), ``preset``,
-    ``agreement`` (%), ``calib_images``, ``parity``, ``sizes`` (from ``model_sizes``), ``timings_s``
-    ({stage: seconds}), ``peak_rss_bytes`` ({stage: bytes}), ``distill.loss_history`` (per batch, a
-    list of per-step losses), ``reconstruction.blocks`` (dicts with ``name``, ``recon_first``,
-    ``recon_last``; None for a skipped block), ``weight_sqnr_db`` ({layer: dB}), ``versions``; other
-    top-level scalars are added to the summary. ``images`` (float32 NCHW): the first 64 shown in a grid."""
+    Keys read (those of ``pipeline.quantize``'s report): ``model``, ``output``, ``config``, ``calibration``
+    (``loss_history``: per batch, the BNS loss per step), ``agreement``, ``gate``, ``parity``, ``size``,
+    ``stages``, ``reconstruction.blocks`` (``name``, ``recon_first``, ``recon_last``; None when skipped),
+    ``weight_sqnr_db``, ``versions``. ``images`` (float32 NCHW): the first 64 shown in a grid."""
     title = "onnxgenie quantize report" + (f": {report['model']}" if report.get("model") is not None else "")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
@@ -325,9 +326,9 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
         parts += ["<h2>Summary</h2>", _table(rows)]
     stages = _stage_rows(report)
     if stages:
-        parts += ["<h2>Stages</h2>", _table(stages, ("stage", "wall time (s)", "peak RSS (MiB)"))]
+        parts += ["<h2>Stages</h2>", _table(stages, ("stage", "wall time (s)", "peak RSS so far (MiB)"))]
 
-    history = (report.get("distill") or {}).get("loss_history")
+    history = (report.get("calibration") or {}).get("loss_history")
     png = _loss_plot(history) if history is not None and len(history) else None
     if png:
         parts += ["<h2>Distillation (GENIE-D)</h2>", _png_tag(png, "GENIE-D BNS loss per step")]

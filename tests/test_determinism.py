@@ -15,7 +15,7 @@ import fixtures
 from conftest import REPO
 from onnxgenie.pipeline import QuantizeConfig, quantize
 
-TIMING_KEYS = {"wall_s", "ort_s", "ort_train_s", "ort_fraction", "seconds", "seconds_per_step"}
+TIMING_KEYS = {"wall_s", "ort_s", "ort_train_s", "ort_fraction", "seconds", "seconds_per_step", "peak_rss_mib", "versions"}
 
 
 def without_timings(value):
@@ -44,7 +44,7 @@ def test_same_seed_same_model_bytes(runs):
 
 
 def test_same_seed_same_report(runs):
-    a, b = without_timings(runs["a"].info), without_timings(runs["b"].info)
+    a, b = without_timings(runs["a"].report), without_timings(runs["b"].report)
     assert a == b
     assert a["reconstruction"]["blocks"] and all("recon_last" in blk for blk in a["reconstruction"]["blocks"])
     meta_a, arrays_a = runs["a"].plan.to_arrays()
@@ -56,7 +56,7 @@ def test_same_seed_same_report(runs):
 
 def test_another_seed_another_model(runs):
     assert runs["a"].model.SerializeToString() != runs["other"].model.SerializeToString()
-    assert without_timings(runs["a"].info)["reconstruction"] != without_timings(runs["other"].info)["reconstruction"]
+    assert without_timings(runs["a"].report)["reconstruction"] != without_timings(runs["other"].report)["reconstruction"]
 
 
 def test_jobs_do_not_change_the_model(tmp_path):

@@ -221,7 +221,9 @@ def test_quantize_then_eval(capsys, tmp_path):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     info = json.loads(captured.out)
-    assert info["parity"] <= TOL and info["calib_images"] == 40
+    assert info["parity"] <= TOL and info["calibration"]["images"] == 40
+    assert info["agreement"] == {"top1_agreement": info["agreement"]["top1_agreement"], "images": 40,
+                                 "on": "calibration"}  # no images beyond the calibration set to hold out
     q = onnx.load(str(out))
     assert json.loads(next(p.value for p in q.metadata_props if p.key == "onnxgenie"))["wbits"] == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
@@ -264,5 +266,5 @@ def test_pipeline_with_reconstruction_keeps_parity():
     result = quantize(fixtures.conv_bn_net(), QuantizeConfig(
         wbits=4, abits=4, reconstruct=True, recon_iters=5, recon_batch=8, calib="noise", calib_images=16,
         progress=False))
-    assert result.info["parity"] <= TOL and result.info["reconstruction"]["blocks"]
+    assert result.report["parity"] <= TOL and result.report["reconstruction"]["blocks"]
     assert max(weight_grid_errors(result.model, result.plan).values()) == 0.0

@@ -28,7 +28,7 @@ from conftest import DEFAULT_MODEL, REPO
 from onnxgenie.cli import main
 
 # Tiny budgets: a full zero-shot quantize of a fixture takes about a second.
-TINY = ["--calib-images", "8", "--distill-batch", "8", "--distill-iters", "3", "--recon-iters", "3",
+TINY = ["--calib-images", "8", "--holdout-images", "8", "--distill-batch", "8", "--distill-iters", "3", "--recon-iters", "3",
         "--recon-batch", "4", "--jobs", "1"]
 
 
@@ -42,11 +42,14 @@ def stamp(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
+STAGE_SUMMARY = re.compile(r"^onnxgenie: (distill|init|reconstruct|export): ")
+
+
 def error_lines(err: str) -> list[str]:
-    """stderr lines that are not progress-bar redraws or notes."""
+    """stderr lines that are not progress-bar redraws, notes or finished-stage summaries."""
     err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
     return [ln for ln in err.splitlines() if ln.strip() and "onnxgenie: note:" not in ln
-            and "it/s" not in ln and "step/s" not in ln and "%|" not in ln]
+            and "it/s" not in ln and "step/s" not in ln and "%|" not in ln and not STAGE_SUMMARY.match(ln)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ def test_reconstruction_divergence_falls_back_and_exports_finite(tmp_path, capsy
     config = QuantizeConfig(calib_images=8, recon_iters=3, recon_batch=4, reconstruct=True, progress=False)
     result = quantize(model, config, calib=fixtures.random_input(model, 8))
     err = capsys.readouterr().err
-    blocks = result.info["reconstruction"]["blocks"]
+    blocks = result.report["reconstruction"]["blocks"]
     diverged = [b for b in blocks if b["status"] == "rtn (loss diverged twice)"]
     assert diverged, blocks
     for b in diverged:

@@ -121,12 +121,13 @@ def test_json_round_trips_numpy_types(tmp_path):
 
 def _full_report(sqnr: dict) -> dict:
     rng = np.random.default_rng(2)
-    return {"model": "net<1>.onnx", "config": {"wbits": 4, "abits": 4, "first_last_bits": 8}, "preset": "fast",
-            "agreement": np.float64(93.75),
-            "sizes": {"fp32_bytes": 4 * 2 ** 20, "quantized_bytes": 2 ** 20, "ratio": 4.0},
-            "timings_s": {"distill": 12.5, "reconstruct": 30.0, "export": 0.2},
-            "peak_rss_bytes": {"distill": 300 * 2 ** 20, "reconstruct": 400 * 2 ** 20},
-            "distill": {"loss_history": np.abs(rng.standard_normal((2, 20))) + 0.1},
+    return {"model": "net<1>.onnx", "config": {"wbits": 4, "abits": 4, "first_last_bits": 8, "preset": "fast"},
+            "agreement": {"top1_agreement": np.float64(93.75), "images": 64, "on": "held-out"},
+            "size": {"fp32_bytes": 4 * 2 ** 20, "quantized_bytes": 2 ** 20, "ratio": 4.0},
+            "stages": {"distill": {"wall_s": 12.5, "peak_rss_mib": 300},
+                       "reconstruct": {"wall_s": 30.0, "peak_rss_mib": 400}, "export": {"wall_s": 0.2}},
+            "calibration": {"source": "distill", "images": 128, "holdout_images": 64,
+                            "loss_history": np.abs(rng.standard_normal((2, 20))) + 0.1},
             "reconstruction": {"blocks": [{"name": "block0", "recon_first": 0.5, "recon_last": 0.1},
                                           {"name": "block1", "recon_first": None, "recon_last": None}]},
             "weight_sqnr_db": sqnr, "versions": versions()}
@@ -154,8 +155,9 @@ def test_html_has_every_section_self_contained(tmp_path):
 def test_html_leaves_missing_sections_out(tmp_path):
     text = write_html({"model": "m.onnx"}, tmp_path / "a.html").read_text()
     assert PNG not in text and "m.onnx" in text
-    sparse = {"distill": {}, "reconstruction": {"blocks": [{"name": "b0", "recon_first": None, "recon_last": None}]},
-              "weight_sqnr_db": {"conv": 20.0}, "sizes": {}, "timings_s": {"distill": 1.0}}
+    sparse = {"calibration": {}, "weight_sqnr_db": {"conv": 20.0}, "size": {},
+              "reconstruction": {"blocks": [{"name": "b0", "recon_first": None, "recon_last": None}]},
+              "stages": {"distill": {"wall_s": 1.0}}}
     text = write_html(sparse, tmp_path / "b.html", images=np.zeros((0, 3, 8, 8), np.float32)).read_text()
     assert text.count(PNG) == 1 and "Weight SQNR" in text and "Reconstruction" not in text
     assert write_html({}, tmp_path / "c.html").read_text().count("<h2>") == 0

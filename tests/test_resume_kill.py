@@ -21,9 +21,10 @@ import fixtures
 from conftest import DEFAULT_MODEL, REPO
 from onnxgenie.cli import main
 
-BUDGET = ["--wbits", "4", "--abits", "4", "--calib-images", "32", "--distill-batch", "8", "--distill-iters", "60",
+BUDGET = ["--wbits", "4", "--abits", "4", "--calib-images", "32", "--holdout-images", "8", "--distill-batch", "8",
+          "--distill-iters", "60",
           "--recon-iters", "100", "--recon-batch", "8", "--jobs", "1", "--threads", "1", "--seed", "3"]
-BATCHES, BLOCKS = 4, 5
+BATCHES, BLOCKS = 5, 5  # 32 calibration + 8 held-out images in batches of 8
 
 
 def cli_args(src: Path, out: Path, *extra) -> list[str]:

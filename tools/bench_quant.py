@@ -133,7 +133,7 @@ def run(args) -> dict:
                 res = quantize(src, QuantizeConfig(wbits=wbits, abits=abits, progress=False), calib=calib)
                 path = work / f"{name}_{label}_{calib_name}.onnx"
                 onnx.save(res.model, str(path))
-                row[calib_name] = {**evaluate(python, path, work), "parity": res.info["parity"],
+                row[calib_name] = {**evaluate(python, path, work), "parity": res.report["parity"],
                                    "seconds": round(time.perf_counter() - t, 1)}
             for method in ("MinMax", "Percentile"):
                 path = work / f"{name}_{label}_ort_{method}.onnx"

@@ -101,7 +101,7 @@ def _one_run(cfg: dict) -> dict:
     row = {**cfg, "top1": round(top1, 2), "fp32": info["fp32_top1_dev"], "pipeline_s": round(wall, 1),
            "rss_mib": round(peak_rss() / 2 ** 20),
            "cpu": platform.processor() or platform.machine()}
-    rep = result.info.get("reconstruction")
+    rep = result.report.get("reconstruction")
     if rep:
         blocks = rep["blocks"]
         row.update(recon_s=rep["wall_s"], ort_fraction=rep["ort_fraction"], blocks=len(blocks),

@@ -425,6 +425,16 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+def _log_block(row: dict, bar) -> None:
+    first, last = row.get("recon_first"), row.get("recon_last")
+    losses = f"reconstruction loss {first:.4g} -> {last:.4g}" if first is not None and last is not None else ""
+    line = f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} [{row['status']}, {row['wall_s']:.1f} s]"
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+
+
 def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
     """Refuse unusable settings before any work (the pipeline calls this before distillation)."""
     if quantizer not in QUANTIZERS:
@@ -439,7 +449,7 @@ def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
 def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, iters: int = 2000,
                 batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
                 workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
-                mem_budget_mb: int = 2048) -> tuple[QuantPlan, dict]:
+                mem_budget_mb: int = 2048, verbose: bool = False) -> tuple[QuantPlan, dict]:
     """GENIE-M over all blocks of ``folded`` (BN folded, normal form); returns a new plan and a report.
 
     ``plan`` must carry initial steps (weights and activations) and round-to-nearest integers;
@@ -496,6 +506,8 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
             x_fp, x_q = y, x_q_next
             report["blocks"].append({"name": block.name, "layers": len(block.quantized_nodes),
                                      "wall_s": round(time.perf_counter() - t0, 3), **stats})
+            if verbose:
+                _log_block(report["blocks"][-1], bar)
     finally:
         if bar is not None:
             bar.close()

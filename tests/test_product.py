@@ -1,0 +1,111 @@
+"""The product surface of ``onnxgenie quantize``: presets, the report, the quality gate, quiet mode,
+the default output path and the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import fixtures
+import onnxgenie
+from onnxgenie.cli import main
+from onnxgenie.errors import BadInputError, QualityGateError
+from onnxgenie.evaluate import predict
+from onnxgenie.graph.load import image_io, normalize
+from onnxgenie.pipeline import PRESETS, QuantizeConfig, preset_config
+
+# Init-only on Gaussian-noise calibration: seconds, and the held-out images can be recomputed here.
+NOISE = ["--wbits", "4", "--abits", "4", "--no-reconstruct", "--calib", "noise", "--calib-images", "24",
+         "--holdout-images", "40", "--seed", "3"]
+
+
+def noise_holdout(model: onnx.ModelProto, n: int, m: int, seed: int) -> np.ndarray:
+    chw = image_io(normalize(model)).chw
+    return np.random.default_rng(seed).standard_normal((n + m, *chw)).astype(np.float32)[n:]
+
+
+def test_presets_and_overrides():
+    fast = preset_config("fast")
+    assert fast.reconstruct and fast.preset == "fast"
+    assert {k: getattr(fast, k) for k in PRESETS["fast"]} == PRESETS["fast"]
+    paper = preset_config("paper", recon_iters=7, lam=None)
+    assert paper.recon_iters == 7 and paper.distill_iters == 4000 and paper.lam is None
+    assert QuantizeConfig().reconstruct is False  # the bare config is init-only
+    with pytest.raises(BadInputError, match="unknown preset 'slow'"):
+        preset_config("slow")
+    with pytest.raises(TypeError, match="recon_itrs"):
+        preset_config("fast", recon_itrs=3)
+
+
+def test_report_holds_what_it_claims(tmp_path, capsys):
+    model = fixtures.conv_bn_net()
+    src = fixtures.save(model, tmp_path)
+    out, report_file = tmp_path / "q.onnx", tmp_path / "report.json"
+    code = main(["quantize", str(src), "-o", str(out), *NOISE, "--report", str(report_file),
+                 "--workdir", str(tmp_path / "work")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report_file.read_text())
+    assert json.loads((tmp_path / "work" / "report.json").read_text()) == report
+    assert report["config"]["wbits"] == 4 and report["seed"] == 3 and report["output"] == str(out)
+    assert {"onnxgenie", "onnx", "onnxruntime", "numpy", "python"} <= set(report["versions"])
+    assert list(report["stages"]) == ["prepare", "init", "export"]
+    assert all(s["wall_s"] >= 0 and s["peak_rss_mib"] > 0 for s in report["stages"].values())
+    # the agreement recomputed from the written model on the same held-out noise images
+    quantized = onnx.load(str(out))
+    held = noise_holdout(model, 24, 40, seed=3)
+    expected = 100 * float((predict(model, held).argmax(1) == predict(quantized, held).argmax(1)).mean())
+    assert report["agreement"] == {"top1_agreement": round(expected, 2), "images": 40, "on": "held-out"}
+    assert report["calibration"] == {"source": "noise", "images": 24, "holdout_images": 40}
+    # one SQNR per quantized weight, and the file sizes are the real ones
+    assert set(report["weight_sqnr_db"]) == {n.name for n in normalize(model).graph.node if n.op_type == "Conv"} | \
+        {n.name for n in normalize(model).graph.node if n.op_type in ("Gemm", "MatMul")}
+    assert report["size"]["quantized_bytes"] == out.stat().st_size
+    assert report["size"]["fp32_bytes"] == src.stat().st_size
+
+
+@pytest.mark.parametrize("threshold,code", [(0.0, 0), (100.01, 3)])
+def test_quality_gate(tmp_path, capsys, threshold, code):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    out = tmp_path / "q.onnx"
+    report_file = tmp_path / "r.json"
+    got = main(["quantize", str(src), "-o", str(out), *NOISE, "--min-agreement", str(threshold),
+                "--report", str(report_file), "--quiet"])
+    err = capsys.readouterr().err
+    assert got == code, err
+    report = json.loads(report_file.read_text())
+    assert report["gate"] == {"min_agreement": threshold, "passed": code == 0}
+    if code == 0:
+        assert out.exists() and err == ""          # --quiet: nothing but errors on stderr
+    else:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "below --min-agreement 100.01" in lines[0] and "no model written" in lines[0]
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "r.json"]
+
+
+def test_default_output_beside_the_input(tmp_path, capsys):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    assert main(["quantize", str(src), *NOISE, "--quiet"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "model_w4a4.onnx").is_file()
+    assert main(["quantize", str(src), *NOISE, "--quiet"]) == 2   # exists now: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_python_api_writes_what_it_returns(tmp_path):
+    model = fixtures.conv_bn_net()
+    calib = fixtures.random_input(model, 24, seed=1)
+    before = model.SerializeToString()
+    result = onnxgenie.quantize(model, tmp_path / "q.onnx", wbits=4, abits=8, calib_data=calib, seed=1,
+                                progress=False, recon_iters=4, recon_batch=8)
+    assert model.SerializeToString() == before                   # the input model is not modified
+    assert (tmp_path / "q.onnx").read_bytes() == result.model.SerializeToString()
+    assert result.report["reconstruction"]["blocks"] and result.report["calibration"]["images"] == 24
+    assert result.agreement == result.report["agreement"]["top1_agreement"]
+    assert result.report["agreement"]["on"] == "calibration"     # an array gives no held-out images
+    np.testing.assert_array_equal(result.calibration, calib)
+    with pytest.raises(QualityGateError) as err:
+        onnxgenie.quantize(model, tmp_path / "gated.onnx", calib_data=calib, progress=False, reconstruct=False,
+                           min_agreement=100.01)
+    assert err.value.report["gate"]["passed"] is False and not (tmp_path / "gated.onnx").exists()
