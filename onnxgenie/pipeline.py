@@ -368,22 +368,15 @@ def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
 def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, checked (onnx.checker, no NaN/Inf) and
     renamed over ``out`` only then; nothing is left behind on failure."""
+    from .files import atomic_write
+
     out = Path(out)
     check_finite(model)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-        onnx.checker.check_model(tmp)
-        os.replace(tmp, out)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):  # disk full, folder removed meanwhile: not a bug
-            raise BadInputError(f"cannot write {out} ({err.strerror or err}); free some space or choose "
-                                "another output folder") from None
-        raise
+        atomic_write(out, model.SerializeToString(), check=onnx.checker.check_model)
+    except OSError as err:  # disk full, folder removed meanwhile: not a bug
+        raise BadInputError(f"cannot write {out} ({err.strerror or err}); free some space or choose "
+                            "another output folder") from None
 
 
 def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: QuantizeConfig,

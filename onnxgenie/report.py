@@ -18,12 +18,12 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .files import atomic_write
 from .graph.bn import initializers
 
 SQNR_CAP_DB = 200.0   # reported when the quantization error is exactly zero (keeps the JSON finite)
@@ -122,25 +122,10 @@ def to_jsonable(obj):
     raise TypeError(f"the report holds a {type(obj).__name__}, which has no JSON form")
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file in ``path``'s folder and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(report: dict, path: str | os.PathLike) -> Path:
     """``report`` as strict JSON (indent 1), written atomically."""
     text = json.dumps(to_jsonable(report), indent=1, allow_nan=False)
-    return _atomic_write(path, (text + "\n").encode("utf-8"))
+    return atomic_write(path, (text + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------- HTML
@@ -349,4 +334,4 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
     if versions_:
         parts += ["<h2>Versions</h2>", _table([(k, v) for k, v in versions_.items()])]
     parts.append("</body></html>\n")
-    return _atomic_write(path, "\n".join(parts).encode("utf-8"))
+    return atomic_write(path, "\n".join(parts).encode("utf-8"))

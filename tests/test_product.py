@@ -109,3 +109,15 @@ def test_python_api_writes_what_it_returns(tmp_path):
         onnxgenie.quantize(model, tmp_path / "gated.onnx", calib_data=calib, progress=False, reconstruct=False,
                            min_agreement=100.01)
     assert err.value.report["gate"]["passed"] is False and not (tmp_path / "gated.onnx").exists()
+
+
+def test_outputs_get_ordinary_permissions(tmp_path, capsys):
+    """Model and report are written through a temporary file, but end up like any file the user writes."""
+    import os
+
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", str(src), "-o", str(out), *NOISE, "--quiet", "--report", str(report)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == (report.stat().st_mode & 0o777) == 0o666 & ~mask
