@@ -65,7 +65,8 @@ def _cmd_quantize(args) -> int:
     config = preset_config(
         args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
         exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, holdout_images=args.holdout_images,
-        distill_iters=args.distill_iters, distill_batch=args.distill_batch,
+        distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
+        swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=None, help="number of calibration images (default: preset)")
     p.add_argument("--distill-iters", type=int, default=None, help="GENIE-D steps per batch (default: preset)")
     p.add_argument("--distill-batch", type=int, default=None, help="images distilled together (default: preset)")
+    p.add_argument("--distill-mode", choices=("genie", "zeroq", "noise"), default=None,
+                   help="GENIE-D ablation: generator + latents (genie, default), pixels (zeroq), fixed latents (noise)")
+    p.add_argument("--no-swing", action="store_true", help="GENIE-D without swing convolution (ablation)")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
     p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")

@@ -53,6 +53,8 @@ class QuantizeConfig:
     holdout_images: int = 0             # distilled beside the calibration set, only to measure agreement
     distill_iters: int = 500
     distill_batch: int = 128
+    distill_mode: str = "genie"         # genie | zeroq | noise (the paper's Table 2 ablation)
+    swing: bool = True
     jobs: int = 1                       # distillation worker processes
     act_batch: int = 64
     reconstruct: bool = False
@@ -142,7 +144,7 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         batch = min(config.distill_batch, n + m)
         jobs = fit_jobs(normal, batch, min(config.jobs, -(-(n + m) // batch)), notify=config.progress)
         x, info = distill(original, n_images=n + m, batch=batch, iters=config.distill_iters, seed=config.seed,
-                          jobs=jobs, progress=config.progress, threads=config.threads,
+                          mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress, threads=config.threads,
                           workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
                           resume=resume and (Path(config.workdir) / "distill").exists())
         x = np.asarray(x, dtype=np.float32)

@@ -1,0 +1,189 @@
+"""End-to-end benchmark of `onnxgenie quantize` as a user runs it, and the ablation of GENIE's Table 2.
+
+Each run is the CLI in a fresh process (distillation workers included) on a shared CIFAR-10 model;
+the written QDQ model is scored on the 5,000-image dev split. Per run: top-1, Δ to FP32, wall time
+of the whole command, the stage times from its report, the peak RSS of the largest process
+(``RUSAGE_CHILDREN``), and the FP32-agreement on held-out distilled images the report gives.
+Results are appended to out/bench_product.jsonl; the table is rebuilt from every row there.
+
+Variants (``--variants``): ``fast`` / ``paper`` (the presets); ``fewshot`` (fast preset with 256 real
+training images from cifar10_train_1k: not zero-shot); ``noise`` (Gaussian-noise calibration, the naive
+zero-shot baseline) and the Table 2 ablation, all at the fast preset's budget:
+M1 ZeroQ pixels, no swing + adaround quantizer; M2 pixels + swing + adaround; M3 generator, no swing +
+adaround; M4 generator + swing + adaround; M5 generator + swing + GENIE-M (= fast).
+
+    .venv/bin/python tools/bench_product.py --bits 4/4 2/4 --seeds 0 1 2
+    .venv/bin/python tools/bench_product.py --variants M1 M2 M3 M4 --bits 2/4 --seeds 0 1 2
+    .venv/bin/python tools/bench_product.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / "out" / "bench_product"
+RESULTS = ROOT / "out" / "bench_product.jsonl"
+BEGIN, END = "<!-- bench_product -->", "<!-- /bench_product -->"
+VARIANTS = {
+    "fast": [],
+    "paper": ["--preset", "paper"],
+    "fewshot": ["--calib-data", "{train}", "--calib-images", "256", "--mean", "{mean}", "--std", "{std}"],
+    "noise": ["--calib", "noise"],
+    "M1": ["--distill-mode", "zeroq", "--no-swing", "--quantizer", "adaround"],
+    "M2": ["--distill-mode", "zeroq", "--quantizer", "adaround"],
+    "M3": ["--no-swing", "--quantizer", "adaround"],
+    "M4": ["--quantizer", "adaround"],
+    "M5": [],
+}
+ORDER = ["fast", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
+REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
+             "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
+             "W2A4 77.60 / 77.30 (−3.42 / −3.72), about 11 minutes a run. onnxruntime `quantize_static` with "
+             "1,000 real images, W4A4 Percentile: 60.06.")
+
+
+def _model_info(model: str) -> dict:
+    return json.loads((SHARED / "models" / "models.json").read_text())[f"{model}.onnx"]
+
+
+def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Path, report: Path) -> list[str]:
+    info = _model_info(model)
+    fill = {"train": str(SHARED / "data" / "cifar10_train_1k.npz")}
+    flags = []
+    for flag in VARIANTS[variant]:
+        if flag in ("{mean}", "{std}"):
+            flags += [str(v) for v in info[flag[1:-1]]]
+        else:
+            flags.append(flag.format(**fill))
+    return [sys.executable, "-m", "onnxgenie.cli", "quantize", str(SHARED / "models" / f"{model}.onnx"),
+            "-o", str(out), "--wbits", str(wbits), "--abits", str(abits), "--seed", str(seed), "--overwrite",
+            "--quiet", "--report", str(report), *flags]
+
+
+def dev_top1(model_path: Path, model: str, limit: int) -> float:
+    from onnxgenie.evaluate import predict, preprocess
+
+    info = _model_info(model)
+    with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
+        x, y = d["images"][:limit], d["labels"][:limit]
+    import onnx
+
+    pred = predict(onnx.load(str(model_path)), preprocess(x, (3, 32, 32), info["mean"], info["std"])).argmax(1)
+    return round(float((pred == y).mean() * 100), 2)
+
+
+def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_images: int) -> dict:
+    OUT.mkdir(parents=True, exist_ok=True)
+    stem = f"{model}_{variant}_w{wbits}a{abits}_s{seed}"
+    out, report_file = OUT / f"{stem}.onnx", OUT / f"{stem}.json"
+    argv = command(model, variant, wbits, abits, seed, out, report_file)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_product: {stem} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    report = json.loads(report_file.read_text())
+    return {"model": model, "variant": variant, "wbits": wbits, "abits": abits, "seed": seed,
+            "top1": dev_top1(out, model, eval_images), "fp32": _model_info(model)["fp32_top1_dev"],
+            "wall_s": round(wall, 1), "stages_s": {k: v["wall_s"] for k, v in report["stages"].items()},
+            "rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+            "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "config": {k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
+                                                         "distill_batch", "recon_iters", "recon_batch")}}
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return (f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} "
+            f"({' / '.join(f'{v:.2f}' for v in values)})")
+
+
+def table(rows: list[dict]) -> str:
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"]), {})[r["seed"]] = r
+    lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
+             "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs`, 1 ORT thread per "
+             "process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
+             "Agreement: FP32 vs quantized top-1 on the held-out distilled images (what `--min-agreement` "
+             "gates). ± is the standard deviation over seeds (the latest run per seed). M1–M5: the paper's Table 2 "
+             "ablation at the fast budget (M5 = fast).", "", f"Reference: {REFERENCE}", "",
+             "| model | bits | variant | budget (calib+held-out imgs × distill steps, recon steps) | top-1 (seeds) "
+             "| Δ FP32 | wall s | distill s | recon s | agreement % | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
+        rs = [groups[key][s] for s in sorted(groups[key])]
+        c = rs[0]["config"]
+        budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
+        tops = [r["top1"] for r in rs]
+        mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {budget} | {_cell(tops)} | "
+                     f"{statistics.mean(tops) - rs[0]['fp32']:+.2f} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
+                     f"{mean('distill'):.0f} | {mean('reconstruct'):.0f} | "
+                     f"{statistics.mean(r['agreement']['top1_agreement'] for r in rs):.1f} | "
+                     f"{max(r['rss_mib'] for r in rs)} |")
+    cpus = sorted({(r["cpus"], r["cpu"]) for r in rows})
+    lines += ["", f"Machine: {', '.join(f'{n} cores ({c})' for n, c in cpus)}.", END]
+    return "\n".join(lines)
+
+
+def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20_cifar10"])
+    parser.add_argument("--variants", nargs="+", default=["fast"], choices=ORDER)
+    parser.add_argument("--bits", nargs="+", default=["4/4", "2/4"], help="W/A pairs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--eval-images", type=int, default=5000)
+    parser.add_argument("--table-only", action="store_true", help="rebuild the table from the results file")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if not (SHARED / "models").is_dir():
+        print(f"bench_product: {SHARED / 'models'} not found; the shared models and data are needed", file=sys.stderr)
+        return 2
+    if not args.table_only:
+        RESULTS.parent.mkdir(exist_ok=True)
+        for model in args.models:
+            for bits in args.bits:
+                wbits, abits = (int(b) for b in bits.split("/"))
+                for variant in args.variants:
+                    for seed in args.seeds:
+                        row = run_one(model, variant, wbits, abits, seed, args.eval_images)
+                        print(json.dumps(row), flush=True)
+                        with RESULTS.open("a") as fh:
+                            fh.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+    latest: dict = {}
+    for r in rows:  # the latest run of each (model, bits, variant, seed) counts
+        latest[(r["model"], r["wbits"], r["abits"], r["variant"], r["seed"])] = r
+    section = table(list(latest.values()))
+    print(section)
+    if not args.no_write:
+        write_section(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
