@@ -68,6 +68,7 @@ def _cmd_quantize(args) -> int:
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
+        recon_lr_scale=args.recon_lr_scale,
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstruction weight quantizer: genie learns the weight steps, adaround keeps them")
     p.add_argument("--recon-iters", type=int, default=None, help="reconstruction steps per block (default: preset)")
     p.add_argument("--recon-batch", type=int, default=None, help="reconstruction batch size (default: preset)")
+    p.add_argument("--recon-lr-scale", type=float, default=None,
+                   help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="rounding-loss weight (default 1.0 genie, 0.1 adaround)")
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="REPORT.json", help="write the run report (also kept in --workdir)")
     p.add_argument("--report-html", metavar="REPORT.html", help="the report as a self-contained page with plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--json", action="store_true", help="print parity, agreement, sizes, calibration and stage timings as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print parity, agreement, sizes, calibration and stage timings as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes: only errors on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="a line per distillation batch and per block")
     p.set_defaults(func=_cmd_quantize)

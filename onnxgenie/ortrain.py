@@ -61,6 +61,19 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
+def relu_as_clip(model: onnx.ModelProto) -> None:
+    """Relu -> Clip(x, 0) in place: the same values; in a training graph ClipGrad is 3-5x faster than
+    onnxruntime-training 1.19's CPU ReluGrad. The gradients differ only at x == 0 exactly."""
+    from onnx import numpy_helper
+
+    relus = [n for n in model.graph.node if n.op_type == "Relu"]
+    if relus:
+        model.graph.initializer.append(numpy_helper.from_array(np.float32(0), "ortrain.relu_floor"))
+    for node in relus:
+        node.op_type = "Clip"
+        node.input.append("ortrain.relu_floor")
+
+
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                 providers=["CPUExecutionProvider"])

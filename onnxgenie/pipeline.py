@@ -60,6 +60,7 @@ class QuantizeConfig:
     reconstruct: bool = False
     recon_iters: int = 2000
     recon_batch: int = 32
+    recon_lr_scale: float = 1.0         # on GENIE-M's three learning rates (the reference's suit 2k-20k steps)
     quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
     lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
@@ -144,7 +145,8 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         batch = min(config.distill_batch, n + m)
         jobs = fit_jobs(normal, batch, min(config.jobs, -(-(n + m) // batch)), notify=config.progress)
         x, info = distill(original, n_images=n + m, batch=batch, iters=config.distill_iters, seed=config.seed,
-                          mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress, threads=config.threads,
+                          mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress,
+                          threads=config.threads,
                           workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
                           resume=resume and (Path(config.workdir) / "distill").exists())
         x = np.asarray(x, dtype=np.float32)
@@ -169,7 +171,7 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch,
                        quantizer=config.quantizer, lam=config.lam, seed=config.seed,
                        workdir=workdir, progress=config.progress, threads=config.threads,
-                       verbose=config.verbose and config.progress)
+                       verbose=config.verbose and config.progress, lr_scale=config.recon_lr_scale)
 
 
 def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray) -> float:
@@ -265,10 +267,11 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
 
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
     if config.reconstruct:
-        from .quant.reconstruct import check_args
+        from .quant.reconstruct import check_args, check_lr_scale
 
         check_args(config.recon_iters, config.recon_batch, config.quantizer,
                    len(calib) if calib is not None else config.calib_images)
+        check_lr_scale(config.recon_lr_scale)
     stages = _Stages(config.progress)
     original = load_model(model)
     normal, folded = prepare(original)
@@ -286,7 +289,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
             for b, loss in enumerate(losses):
                 print(f"onnxgenie: GENIE-D batch {b}: final BNS loss {loss:.4f}", file=sys.stderr)
         stages.done("distill", f"{len(calib) + len(holdout)} images, final BNS loss {np.mean(losses):.4f} "
-                    f"(batches {np.min(losses):.4f}-{np.max(losses):.4f})", jobs=calib_info["jobs"])
+                    f"(batches {np.min(losses):.4f}-{np.max(losses):.4f})", jobs=calib_info["jobs"],
+                    distilling_process_peak_rss_mib=calib_info["process_peak_rss_mib"])
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
     stages.done("init", f"steps of {len(plan.weights)} weights (L{P_NORM} search) and {len(plan.acts)} activations "
                 f"from {len(calib)} images")

@@ -288,7 +288,8 @@ def _summary_rows(report: dict) -> list[tuple[str, object]]:
 
 def _stage_rows(report: dict) -> list[tuple[str, object, object]]:
     """(stage, seconds, peak MiB so far) from report['stages']."""
-    return [(name, st.get("wall_s", ""), st.get("peak_rss_mib", "")) for name, st in (report.get("stages") or {}).items()]
+    stages = report.get("stages") or {}
+    return [(name, st.get("wall_s", ""), st.get("peak_rss_mib", "")) for name, st in stages.items()]
 
 
 _CSS = """body{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 1em;color:#222}

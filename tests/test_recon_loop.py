@@ -131,6 +131,20 @@ def test_same_seed_same_result_without_workdir(reconstructed):
         np.testing.assert_array_equal(again.weights[name].wint, new.weights[name].wint)
 
 
+def test_lr_scale_multiplies_every_step(reconstructed, tmp_path):
+    """lr_scale changes the result (learning rates really reach Adam) and is refused when not positive;
+    a work dir of another lr_scale is not resumed."""
+    folded, plan, x, new, _, work = reconstructed
+    scaled, report = reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, lr_scale=4.0)
+    assert report["lr_scale"] == 4.0
+    assert any(not np.array_equal(scaled.weights[n].scale, new.weights[n].scale) for n in new.weights)
+    with pytest.raises(ResumeMismatchError):
+        reconstruct(folded, plan, x, iters=ITERS, batch=16, workdir=work, progress=False, lr_scale=4.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(BadInputError, match="recon-lr-scale"):
+            reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, lr_scale=bad)
+
+
 def test_diverging_loss_keeps_round_to_nearest():
     folded, plan, x = _setup()
     new, report = reconstruct(folded, plan, x, iters=10, batch=16, lam=float("inf"), progress=False)

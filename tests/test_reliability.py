@@ -28,8 +28,8 @@ from conftest import DEFAULT_MODEL, REPO
 from onnxgenie.cli import main
 
 # Tiny budgets: a full zero-shot quantize of a fixture takes about a second.
-TINY = ["--calib-images", "8", "--holdout-images", "8", "--distill-batch", "8", "--distill-iters", "3", "--recon-iters", "3",
-        "--recon-batch", "4", "--jobs", "1"]
+TINY = ["--calib-images", "8", "--holdout-images", "8", "--distill-batch", "8", "--distill-iters", "3",
+        "--recon-iters", "3", "--recon-batch", "4", "--jobs", "1"]
 
 
 def cli(args: list[str], capsys) -> tuple[int, str]:

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..graph.bn import BNLayer, bn_layers, fold_bn, require_bn
+from ..ortrain import relu_as_clip
 
 STD_EPS = 1e-6
 LOSS = "bns_loss"
@@ -102,15 +103,6 @@ def _input_term(b: _LossBuilder, image: str, channels: int) -> str:
     return b.op("Mul", [b.op("Add", [mean_loss, std_loss]), b.const("input.channels", np.float32(channels))])
 
 
-def _relu_as_clip(model: onnx.ModelProto) -> None:
-    relus = [n for n in model.graph.node if n.op_type == "Relu"]
-    if relus:
-        model.graph.initializer.append(numpy_helper.from_array(np.float32(0), "bns.relu_floor"))
-    for node in relus:
-        node.op_type = "Clip"
-        node.input.append("bns.relu_floor")
-
-
 def _prune(model: onnx.ModelProto) -> None:
     """Drop nodes and initializers that do not lead to a graph output."""
     needed = {o.name for o in model.graph.output}
@@ -150,7 +142,7 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     out.CopyFrom(affine)
     out.graph.node.extend(b.nodes)
     out.graph.initializer.extend(b.inits)
-    _relu_as_clip(out)
+    relu_as_clip(out)
     shapes = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
     del out.graph.output[:]
     out.graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))

@@ -205,7 +205,9 @@ def batch_path(workdir: Path, index: int) -> Path:
 
 def _save_batch(workdir: Path, index: int, images: np.ndarray, history: np.ndarray, seconds: float) -> None:
     tmp = workdir / f".batch_{index:04d}.tmp.npz"
-    np.savez(tmp, images=images, loss_history=history, seconds=np.float64(seconds))
+    from ..resources import peak_rss
+
+    np.savez(tmp, images=images, loss_history=history, seconds=np.float64(seconds), peak_rss=np.int64(peak_rss()))
     os.replace(tmp, batch_path(workdir, index))
 
 
@@ -351,10 +353,12 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
         images = np.concatenate([f["images"] for f in files])
         history = np.stack([f["loss_history"] for f in files])
         batch_seconds = np.array([float(f["seconds"]) for f in files])
+        peaks = [int(f["peak_rss"]) for f in files if "peak_rss" in f.files]
     finally:
         if tmp is not None:
             tmp.cleanup()
     info = {"loss_history": history, "final_losses": history[:, -1], "seconds": time.perf_counter() - start,
             "seconds_per_step": float(batch_seconds.mean() / iters), "resumed_batches": done,
-            "mode": mode, "swing": bool(swing), "n_images": int(images.shape[0])}
+            "mode": mode, "swing": bool(swing), "n_images": int(images.shape[0]),
+            "process_peak_rss_mib": round(max(peaks) / 2 ** 20) if peaks else None}
     return images, info

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
-from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session
+from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, relu_as_clip
 from .lsq import lsq_quantize, qdrop
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
 from .spec import ActQuant, QuantPlan, WeightQuant
@@ -121,6 +121,7 @@ def training_model(block_model: onnx.ModelProto, plan: QuantPlan,
                    quantizer: str = "genie") -> tuple[onnx.ModelProto, TrainNames]:
     """The block with softbit weights, LSQ+QDrop activations and the GENIE-M loss as first output."""
     model = copy.deepcopy(block_model)
+    relu_as_clip(model)
     g = model.graph
     b = GraphBuilder("recon/")
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -277,6 +278,7 @@ class BlockConfig:
     lam: float
     threads: int = 1
     name: str = ""      # the block's name, for messages
+    lr_scale: float = 1.0  # on all three learning rates (the reference's are for 20k steps)
 
 
 def _optimizer(names: TrainNames, lr_scale: float = 1.0) -> Adam:
@@ -357,8 +359,9 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
         return {}, {"status": f"rtn (training graph failed: {str(err).strip().splitlines()[0][:160]})"}
     stats: dict = {}
-    for attempt, lr_scale in enumerate((1.0, 0.5)):
-        params, stats = _train(gg, names, x_fp, x_q, y, mask_shapes, cfg, rng, lr_scale, progress)
+    for attempt, retry_scale in enumerate((1.0, 0.5)):
+        params, stats = _train(gg, names, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
+                               progress)
         if params is None:
             then = "retrying with halved learning rates" if attempt == 0 else "keeping round-to-nearest"
             print(f"onnxgenie: warning: GENIE-M {cfg.name or 'block'}: the loss became NaN/Inf at step "
@@ -418,7 +421,8 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
     for k in sorted(arrays):
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
     h.update(np.ascontiguousarray(calib[: min(len(calib), 64)]).tobytes())
-    h.update(json.dumps([len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]).encode())
+    h.update(json.dumps([len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]
+                        + ([cfg.lr_scale] if cfg.lr_scale != 1.0 else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -428,11 +432,17 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
 def _log_block(row: dict, bar) -> None:
     first, last = row.get("recon_first"), row.get("recon_last")
     losses = f"reconstruction loss {first:.4g} -> {last:.4g}" if first is not None and last is not None else ""
-    line = f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} [{row['status']}, {row['wall_s']:.1f} s]"
+    line = (f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} "
+            f"[{row['status']}, {row['wall_s']:.1f} s]")
     if bar is not None:
         bar.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
+
+
+def check_lr_scale(lr_scale: float) -> None:
+    if not lr_scale > 0 or not math.isfinite(lr_scale):
+        raise BadInputError(f"--recon-lr-scale must be a positive number (got {lr_scale})")
 
 
 def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
@@ -449,7 +459,8 @@ def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
 def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, iters: int = 2000,
                 batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
                 workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
-                mem_budget_mb: int = 2048, verbose: bool = False) -> tuple[QuantPlan, dict]:
+                mem_budget_mb: int = 2048, verbose: bool = False,
+                lr_scale: float = 1.0) -> tuple[QuantPlan, dict]:
     """GENIE-M over all blocks of ``folded`` (BN folded, normal form); returns a new plan and a report.
 
     ``plan`` must carry initial steps (weights and activations) and round-to-nearest integers;
@@ -462,7 +473,9 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
         [t for t, a in plan.acts.items() if a.scale is None]
     if missing:
         raise ValueError(f"plan has quantizers without initial steps: {missing[:3]}")
-    cfg = BlockConfig(iters, batch, quantizer, DEFAULT_LAMBDA[quantizer] if lam is None else float(lam), threads)
+    check_lr_scale(lr_scale)
+    cfg = BlockConfig(iters, batch, quantizer, DEFAULT_LAMBDA[quantizer] if lam is None else float(lam), threads,
+                      lr_scale=float(lr_scale))
     plan = copy.deepcopy(plan)
     key = _config_key(folded, plan, calib, cfg, seed)
     tmp = None
@@ -478,7 +491,8 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=iters * len(blocks), desc="reconstruct", unit="step", leave=False)
-    report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "iters": iters, "batch": batch,
+    report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "lr_scale": cfg.lr_scale, "iters": iters,
+              "batch": batch,
               "images": len(calib)}
     t_start = time.perf_counter()
     x_fp = x_q = calib
