@@ -59,18 +59,26 @@ def distill_memory(normal: onnx.ModelProto, batch: int, jobs: int = 1) -> Memory
     return MemoryEstimate(per_job=per_job, main=PROCESS_BASE, jobs=jobs)
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    """The value (kB) of ``key:`` in a /proc file such as /proc/self/status, in bytes; None if absent."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes, counted from its last exec.
 
     ``VmHWM`` from /proc/self/status; ``ru_maxrss`` only where that is missing, because Linux carries
     ``ru_maxrss`` over fork and exec (a child of a large process reports its parent's peak)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -78,13 +86,9 @@ def peak_rss() -> int:
 
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo (bytes), else free pages from sysconf, else None."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import re
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import write_section
 from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,13 +179,6 @@ def _table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
@@ -213,7 +206,7 @@ def main() -> int:
     section = _table(rows, args)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(BEGIN, END, section)
     return 0
 
 

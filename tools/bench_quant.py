@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from benchlib import write_section  # noqa: E402
 from onnxgenie.export.plain_ort import plain_ort_python  # noqa: E402
 from onnxgenie.pipeline import QuantizeConfig, quantize  # noqa: E402
 
@@ -187,14 +187,6 @@ def markdown(results: dict, args, ort_version: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = REPO / "BENCHMARKS.md") -> None:
-    """Replace (or append) only the section between the bench_quant markers."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(MARK) + r".*?" + re.escape(MARK), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -218,7 +210,7 @@ def main() -> None:
     text = markdown(results, args, version)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(MARK, MARK, text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import re
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import write_section
 from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,13 +152,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20_cifar10"])
@@ -203,7 +196,7 @@ def main() -> int:
     section = table(rows)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(BEGIN, END, section)
     return 0
 
 

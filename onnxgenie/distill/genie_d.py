@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from ..errors import BadInputError, DivergenceError, ResumeMismatchError, UnsupportedModelError
 from ..graph.bn import require_bn
 from ..graph.load import image_io, nhwc_transpose, normalize
-from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
+from ..graph.swing import swing_feed, swing_rewrite
 from ..ortrain import Adam, GradientGraph, ParamGroup
 from .bns import LOSS, bns_loss_model
 from .generator import LATENT_DIM, build_generator, init_generator, trainable_names

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError
-from ..graph.blocks import Block, extract_block_model, partition_blocks
+from ..graph.blocks import extract_block_model, partition_blocks
 from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, relu_as_clip
 from .lsq import lsq_quantize, qdrop
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight

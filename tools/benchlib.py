@@ -1,0 +1,24 @@
+"""What the benchmark tools share: where the shared models are, and writing one section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def model_info(model: str) -> dict:
+    """The model's entry in ../shared/models/models.json (``model`` without ``.onnx``)."""
+    return json.loads((SHARED / "models" / "models.json").read_text())[f"{model}.onnx"]
+
+
+def write_section(begin: str, end: str, section: str, path: Path = BENCHMARKS) -> None:
+    """Replace the text from ``begin`` to ``end`` (markers included in ``section``), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
