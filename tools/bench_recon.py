@@ -92,6 +92,7 @@ def _one_run(cfg: dict) -> dict:
     recon = cfg["quantizer"] != "rtn"
     config = QuantizeConfig(wbits=cfg["wbits"], abits=cfg["abits"], calib="data", reconstruct=recon,
                             recon_iters=cfg["iters"], recon_batch=cfg["batch"],
+                            recon_lr_scale=cfg.get("lr_scale", 1.0),
                             quantizer=cfg["quantizer"] if recon else "genie", seed=cfg["seed"],
                             threads=cfg["threads"], progress=False)
     start = time.perf_counter()
@@ -118,7 +119,8 @@ def _fmt_mean(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
-        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["calib"], r["images"], r["quantizer"], r["iters"])
+        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["calib"], r["images"], r["quantizer"], r["iters"],
+               r.get("lr_scale", 1.0))
         groups.setdefault(key, []).append(r)
     lines = [BEGIN, "## GENIE-M reconstruction (`tools/bench_recon.py`)", "",
              "Exported QDQ model scored on the 5,000-image dev split (`cifar10_dev_test.npz`); every run through "
@@ -126,26 +128,28 @@ def table(rows: list[dict]) -> str:
              "process per run, 1 onnxruntime thread, on the shared 2-core machine (other jobs running: wall "
              "times are upper bounds). `real` = few-shot calibration with training images (not zero-shot).",
              "", f"Reference: {REFERENCE}", "",
-             "| model | bits | data | quantizer | steps/block | top-1 (seeds) | Δ FP32 | RTN top-1 | recon s | "
-             "s/block | ORT train share | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | bits | data | quantizer | steps/block | lr × | top-1 (seeds) | Δ FP32 | RTN top-1 | "
+             "recon s | s/block | ORT train share | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rtn = {(r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["seed"]): r["top1"]
            for r in rows if r["quantizer"] == "rtn"}
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[4] == "rtn", k[4], k[5])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[4] == "rtn", k[4], k[5], k[6])):
         rs = sorted(groups[key], key=lambda r: r["seed"])
-        model, bits, calib, images, quantizer, iters = key
+        model, bits, calib, images, quantizer, iters, lr_scale = key
         tops = [r["top1"] for r in rs]
         base = [rtn.get((r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["seed"])) for r in rs]
         base = [b for b in base if b is not None]
         drop = statistics.mean(tops) - rs[0]["fp32"]
         if quantizer == "rtn":
-            lines.append(f"| {model} | {bits} | {calib} {images} | init only | – | {_fmt_mean(tops)} | {drop:+.2f} "
+            lines.append(f"| {model} | {bits} | {calib} {images} | init only | – | – | {_fmt_mean(tops)} | "
+                         f"{drop:+.2f} "
                          f"| – | – | – | – | {max(r['rss_mib'] for r in rs)} |")
             continue
         recon = statistics.mean(r["recon_s"] for r in rs)
         per_block = statistics.mean(statistics.mean(r["block_s"]) for r in rs)
         share = statistics.mean(r["ort_fraction"] for r in rs)
-        lines.append(f"| {model} | {bits} | {calib} {images} | {quantizer} | {iters} | {_fmt_mean(tops)} | "
+        lines.append(f"| {model} | {bits} | {calib} {images} | {quantizer} | {iters} | {lr_scale:g} | "
+                     f"{_fmt_mean(tops)} | "
                      f"{drop:+.2f} | {_fmt_mean(base) if base else '–'} | {recon:.0f} | {per_block:.1f} | "
                      f"{share * 100:.0f} % | {max(r['rss_mib'] for r in rs)} |")
     lines += ["", MEMORY_NOTE, END]
@@ -158,6 +162,7 @@ def main() -> int:
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4"], help="W/A pairs")
     parser.add_argument("--quantizers", nargs="+", default=["genie"], choices=("genie", "adaround"))
     parser.add_argument("--iters", nargs="+", type=int, default=[500])
+    parser.add_argument("--lr-scales", nargs="+", type=float, default=[1.0], help="GENIE-M learning-rate factors")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--calib", choices=("real", "distill"), default="real")
     parser.add_argument("--images", type=int, default=512)
@@ -181,9 +186,10 @@ def main() -> int:
                 for bits in args.bits:
                     wbits, abits = (int(b) for b in bits.split("/"))
                     runs = ([] if args.no_rtn else [("rtn", 0)]) + \
-                        [(q, it) for q in args.quantizers for it in args.iters]
-                    for quantizer, iters in runs:
+                        [(q, it, lr) for q in args.quantizers for it in args.iters for lr in args.lr_scales]
+                    for quantizer, iters, lr_scale in [(r[0], r[1], 1.0) if r[0] == "rtn" else r for r in runs]:
                         cfg = {"model": model, "wbits": wbits, "abits": abits, "quantizer": quantizer, "iters": iters,
+                               "lr_scale": lr_scale,
                                "seed": seed, "calib": args.calib, "images": args.images, "batch": args.batch,
                                "eval_images": args.eval_images, "threads": args.threads,
                                "calib_file": str(calib_file)}
