@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .pipeline import (QuantizationResult, check_gate, check_output, preset_config, quantize as _run, write_model,
-                       write_reports)
+from .pipeline import (QuantizationResult, auto_jobs, check_gate, check_output, preset_config, quantize as _run,
+                       write_model, write_reports)
 
 
 def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str | os.PathLike | None = None, *,
@@ -30,7 +30,8 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
 
     ``calib_data``: None (zero-shot, GENIE-D), an ``.npz`` path (``images`` uint8 NHWC + ``mean``/``std``
     settings, or float32 NCHW preprocessed) or a float32 array in the model's input space and layout.
-    ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``jobs``, ...).
+    ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``jobs``, ...);
+    ``jobs`` defaults to one distillation process per core, as on the command line.
     Writes ``model_output`` (atomically) when given. Raises ``onnxgenie.errors.BadInputError`` for
     unusable input and ``QualityGateError`` (with ``.report``) when ``min_agreement`` is missed.
     """
@@ -39,6 +40,8 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     config = preset_config(preset, wbits=wbits, abits=abits, target=target, seed=seed,
                            workdir=None if workdir is None else str(workdir), progress=progress,
                            min_agreement=min_agreement, calib="data" if path is not None else None, **settings)
+    if "jobs" not in settings:
+        config = replace(config, jobs=auto_jobs(config))
     if isinstance(model_input, (str, os.PathLike)) and model_output is not None:
         check_output(model_input, model_output, overwrite)
     if array is not None:

@@ -59,7 +59,7 @@ def _cmd_eval(args) -> int:
 def _cmd_quantize(args) -> int:
     from dataclasses import replace
 
-    from .pipeline import preset_config, run_quantize
+    from .pipeline import auto_jobs, preset_config, run_quantize
 
     calib = "data" if args.calib_data else args.calib
     config = preset_config(
@@ -73,8 +73,7 @@ def _cmd_quantize(args) -> int:
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
         progress=not args.quiet, verbose=args.verbose)
-    n_distilled = config.calib_images + max(config.holdout_images, 0)
-    jobs = args.jobs or (_auto_jobs(-(-n_distilled // max(config.distill_batch, 1))) if calib == "distill" else 1)
+    jobs = args.jobs or auto_jobs(config)
     output = args.output or default_output(args.model, config.wbits, config.abits)
     result = run_quantize(args.model, output, replace(config, jobs=jobs), args.calib_data, args.overwrite,
                           args.resume, report_json=args.report, report_html=args.report_html)
@@ -101,11 +100,6 @@ def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) 
                    help="ort: asymmetric per-channel weights; tensorrt: int8, zero points 0, int32 biases")
 
 
-def _auto_jobs(n_batches: int) -> int:
-    """One worker per core, at most one per batch (memory: ``resources.fit_jobs`` lowers it, with a note)."""
-    return max(1, min(os.cpu_count() or 1, n_batches))
-
-
 def _cmd_distill(args) -> int:
     from pathlib import Path
 
@@ -113,6 +107,7 @@ def _cmd_distill(args) -> int:
 
     from .distill import distill
     from .distill.preview import save_grid
+    from .resources import default_jobs
     from .errors import BadInputError
     from .graph.load import load_model
 
@@ -127,7 +122,7 @@ def _cmd_distill(args) -> int:
         raise BadInputError(f"--preview {args.preview}: give a .png (or .jpg) file name")
     model = load_model(args.model)
     batch = min(args.batch, args.images) if args.images > 0 else args.batch
-    jobs = args.jobs or _auto_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
+    jobs = args.jobs or default_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
     if jobs > 1 and batch > 0:
         from .graph.load import normalize
         from .resources import fit_jobs

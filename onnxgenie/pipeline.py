@@ -96,6 +96,16 @@ def preset_config(preset: str = "fast", **overrides) -> QuantizeConfig:
                              **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def auto_jobs(config: QuantizeConfig) -> int:
+    """Distillation processes for ``config``: one per core and batch (1 when nothing is distilled)."""
+    from .resources import default_jobs
+
+    if config.calib != "distill":
+        return 1
+    images = config.calib_images + max(config.holdout_images, 0)
+    return default_jobs(-(-images // max(config.distill_batch, 1)))
+
+
 @dataclass
 class QuantizationResult:
     model: onnx.ModelProto            # the exported QDQ model

@@ -95,6 +95,11 @@ def available_memory() -> int | None:
         return None
 
 
+def default_jobs(n_batches: int) -> int:
+    """One distillation worker per core, at most one per batch (``fit_jobs`` then bounds it by memory)."""
+    return max(1, min(os.cpu_count() or 1, n_batches))
+
+
 def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | None = None,
              notify: bool = True) -> int:
     """``jobs`` lowered until the estimate fits in available memory (one line on stderr when lowered)."""
