@@ -50,6 +50,11 @@ VARIANTS = {
     "M4": ["--quantizer", "adaround"],
     "M5": [],
 }
+# What the rows cannot say themselves (kept by hand, next to the runs they describe).
+NOTES = ["", "Seed 0 runs distilled with the machine to themselves (a one-core job ran beside their "
+         "reconstruction, on the other core); the seed 1 runs of W4A4 and W2A4 ran at the same time "
+         "(four distillation workers on two cores), hence their ~950 s. Distillation and reconstruction time "
+         "per stage are in the runs' reports (`out/bench_product/*.json`)."]
 ORDER = ["fast", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
@@ -122,6 +127,7 @@ def table(rows: list[dict]) -> str:
     lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
              "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs`, 1 ORT thread per "
              "process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
+             "Wall per seed; runs that shared the machine with another run are slower (see the notes below the table). "
              "Agreement: FP32 vs quantized top-1 on the held-out distilled images (what `--min-agreement` "
              "gates). ± is the standard deviation over seeds (the latest run per seed). M1–M5: the paper's Table 2 "
              "ablation at the fast budget (M5 = fast).", "", f"Reference: {REFERENCE}", "",
@@ -134,13 +140,14 @@ def table(rows: list[dict]) -> str:
         budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
+        walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {budget} | {_cell(tops)} | "
-                     f"{statistics.mean(tops) - rs[0]['fp32']:+.2f} | {statistics.mean(r['wall_s'] for r in rs):.0f} | "
+                     f"{statistics.mean(tops) - rs[0]['fp32']:+.2f} | {walls} | "
                      f"{mean('distill'):.0f} | {mean('reconstruct'):.0f} | "
                      f"{statistics.mean(r['agreement']['top1_agreement'] for r in rs):.1f} | "
                      f"{max(r['rss_mib'] for r in rs)} |")
     cpus = sorted({(r["cpus"], r["cpu"]) for r in rows})
-    lines += ["", f"Machine: {', '.join(f'{n} cores ({c})' for n, c in cpus)}.", END]
+    lines += ["", f"Machine: {', '.join(f'{n} cores ({c})' for n, c in cpus)}.", *NOTES, END]
     return "\n".join(lines)
 
 
