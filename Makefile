@@ -17,7 +17,7 @@ setup: $(STAMP)
 # Zero-shot W4A4 of the embedded model (fast preset), its report, then its accuracy on the digits test split.
 demo: $(STAMP)
 	mkdir -p out/demo
-	$(BIN)/onnxgenie quantize models/digits_resnet8.onnx -o out/demo/digits_resnet8_w4a4.onnx --overwrite \
+	$(BIN)/onnxgenie quantize models/digits_resnet8.onnx -o out/demo/digits_resnet8_w4a4.onnx --overwrite --holdout-images 128 \
 		--report out/demo/report.json --report-html out/demo/report.html
 	$(BIN)/python -m onnxgenie.datasets out/demo/digits_test.npz test
 	$(BIN)/onnxgenie eval out/demo/digits_resnet8_w4a4.onnx --data out/demo/digits_test.npz \

@@ -74,10 +74,11 @@ class QuantizeConfig:
     verbose: bool = False               # per-batch / per-block lines and reconstruction losses
 
 
-# fast: ResNet-20 on 2 cores in minutes (one round of two distillation workers; lr x8 measured best for
-# 500 steps, BENCHMARKS.md); paper: GENIE's own hyper-parameters (hours).
+# fast: ResNet-20 on 2 cores in minutes: two distillation batches of 128 (one round on two cores), 500
+# GENIE-M steps with learning rates x8 (BENCHMARKS.md). No held-out images: 64 more would cost a second
+# distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 PRESETS: dict[str, dict] = {
-    "fast": dict(calib_images=256, holdout_images=64, distill_iters=200, distill_batch=160, reconstruct=True,
+    "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
                  recon_iters=500, recon_batch=32, recon_lr_scale=8.0),
     "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
                   recon_iters=20000, recon_batch=32, recon_lr_scale=1.0),
