@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import write_section
+from benchlib import publish
 from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,11 +203,7 @@ def main() -> int:
                                              args.jobs, args.profile),))
             print({k: v for k, v in row.items() if k != "profile"}, flush=True)
             rows.append(row)
-    section = _table(rows, args)
-    print(section)
-    if not args.no_write:
-        write_section(BEGIN, END, section)
-    return 0
+    return publish(BEGIN, END, _table(rows, args), write=not args.no_write)
 
 
 if __name__ == "__main__":

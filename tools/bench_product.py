@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import write_section
+from benchlib import publish, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -176,15 +176,11 @@ def main() -> int:
                         print(json.dumps(row), flush=True)
                         with RESULTS.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+    rows = read_rows(RESULTS)
     latest: dict = {}
     for r in rows:  # the latest run of each (model, bits, variant, seed) counts
         latest[(r["model"], r["wbits"], r["abits"], r["variant"], r["seed"])] = r
-    section = table(list(latest.values()))
-    print(section)
-    if not args.no_write:
-        write_section(BEGIN, END, section)
-    return 0
+    return publish(BEGIN, END, table(list(latest.values())), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import write_section
+from benchlib import publish, read_rows
 from onnxgenie.resources import peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,12 +198,8 @@ def main() -> int:
                         print(json.dumps({k: v for k, v in row.items() if k != "block_s"}), flush=True)
                         with RESULTS.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
-    section = table(rows)
-    print(section)
-    if not args.no_write:
-        write_section(BEGIN, END, section)
-    return 0
+    rows = read_rows(RESULTS)
+    return publish(BEGIN, END, table(rows), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,16 @@ def write_section(begin: str, end: str, section: str, path: Path = BENCHMARKS) -
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish(begin: str, end: str, section: str, write: bool) -> int:
+    """Print the section, and put it into BENCHMARKS.md unless ``write`` is False; the tools' exit code."""
+    print(section)
+    if write:
+        write_section(begin, end, section)
+    return 0
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON lines of a results file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
