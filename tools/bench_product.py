@@ -57,7 +57,8 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "ran beside their reconstruction); its seed 1 runs of W4A4 and W2A4 ran at the same time (four "
          "distillation workers on two cores), hence ~950 s. fast W2A4 seed 0 was run directly as `onnxgenie "
          "quantize` with the preset's flags, beside a bench_quant process (its `run` field in "
-         "out/bench_product.jsonl). Stage times of every run are in its report (`out/bench_product/*.json`)."]
+         "out/bench_product.jsonl); its seed 1 runs ran at the same time as each other, the test suite and "
+         "bench_quant (~1230 s). Stage times of every run are in its report (`out/bench_product/*.json`)."]
 ORDER = ["fast", "fast-b160", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
