@@ -1,11 +1,11 @@
 """Memory sanity before distillation: estimate the peak, lower ``--jobs`` rather than meet the OOM killer.
 
 The estimate is a process base plus, per image of a batch, the float activations of the generator
-and the teacher (shape inference, one image), counted once: a GENIE-D step keeps the forward
-activations for the backward pass and ORT reuses the rest. Measured peak RSS on this code
-(onnxruntime-training 1.19.2, ``distill`` with 5 steps, VmHWM): digits ResNet-8 16x16 138 MB
-(batch 16) / 205 MB (batch 128), CIFAR ResNet-20 380 MB (batch 32) / 692 MB (batch 128); the
-estimate gives 266 / 331 / 403 / 831 MiB, above every measurement.
+and the teacher (shape inference, one image), times a margin for onnxruntime's arena, which grows in
+chunks. Measured peak RSS on this code (onnxruntime-training 1.19.2, VmHWM): digits ResNet-8 16x16
+138 MB (batch 16) / 205 MB (batch 128); CIFAR ResNet-20 380 MB (batch 32) / 692 MB (batch 128) /
+1126 MiB (batch 160, where the arena jumped); ShuffleNet g3 about 3.7 GB (batch 128). The estimate
+is above every one of them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from onnx import TensorProto, shape_inference
 
 MIB = 2 ** 20
 PROCESS_BASE = 256 * MIB   # python + numpy + onnxruntime-training + the built training graph
-ACTIVATION_FACTOR = 1.0    # bytes kept per activation byte of one forward pass (fitted above)
+ACTIVATION_FACTOR = 1.3    # bytes kept per activation byte of one forward pass, with the arena's margin
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,22 @@ def available_memory() -> int | None:
         return None
 
 
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as in a container or under taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(threads: int = 0) -> int:
+    """``threads``, or one onnxruntime thread per core when it is 0."""
+    return threads if threads > 0 else cores()
+
+
 def default_jobs(n_batches: int) -> int:
     """One distillation worker per core, at most one per batch (``fit_jobs`` then bounds it by memory)."""
-    return max(1, min(os.cpu_count() or 1, n_batches))
+    return max(1, min(cores(), n_batches))
 
 
 def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | None = None,
