@@ -181,7 +181,7 @@ def _heights(values: list) -> np.ndarray:
 
 
 def _recon_plot(blocks: list[dict]) -> bytes | None:
-    """Reconstruction loss at the first and last step of each block; skipped blocks (None) get no bar."""
+    """Each block's deployed error before (round-to-nearest) and after learning; None gets no bar."""
     names = [str(b.get("name", i)) for i, b in enumerate(blocks)]
     first = [b.get("recon_first") for b in blocks]
     last = [b.get("recon_last") for b in blocks]
@@ -192,13 +192,13 @@ def _recon_plot(blocks: list[dict]) -> bytes | None:
     idx = np.arange(len(blocks))
     fig = _figure(max(6.0, 0.45 * len(blocks) + 2), 4)
     ax = fig.add_subplot()
-    ax.bar(idx - 0.2, first_v, 0.4, label="first step")
-    ax.bar(idx + 0.2, last_v, 0.4, label="last step")
+    ax.bar(idx - 0.2, first_v, 0.4, label="round-to-nearest")
+    ax.bar(idx + 0.2, last_v, 0.4, label="reconstructed")
     if min(values) > 0:
         ax.set_yscale("log")
     ax.set_xticks(idx)
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
-    ax.set_ylabel("reconstruction loss")
+    ax.set_ylabel("block output error, Σ(y - ŷ)² per image")
     ax.set_title("GENIE-M reconstruction per block")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)

@@ -340,7 +340,8 @@ def _train(gg: GradientGraph, names: TrainNames, x_fp, x_q, y, mask_shapes, cfg:
         losses.append(loss)
         if progress is not None:
             progress.update(1)
-    return params, {"recon_first": recon_first, "recon_last": recon_last, "loss_last": losses[-1] if losses else None,
+    return params, {"train_recon_first": recon_first, "train_recon_last": recon_last,
+                    "loss_last": losses[-1] if losses else None,
                     "ort_s": t_ort}
 
 
@@ -383,11 +384,45 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     return updates, stats
 
 
-def apply_updates(plan: QuantPlan, updates: dict) -> None:
+def apply_updates(plan: QuantPlan, updates: dict) -> dict:
+    """Write ``updates`` into ``plan``; returns the updates that restore the values it replaced."""
+    previous: dict = {"weights": {}, "acts": {}}
     for node, (wint, scale) in updates.get("weights", {}).items():
+        previous["weights"][node] = (plan.weights[node].wint, plan.weights[node].scale)
         plan.weights[node].wint, plan.weights[node].scale = wint, scale
     for tensor, scale in updates.get("acts", {}).items():
+        previous["acts"][tensor] = plan.acts[tensor].scale
         plan.acts[tensor].scale = scale
+    return previous
+
+
+EVAL_IMAGES = 256   # images on which a block's hard-rounded error is compared before / after learning
+
+
+def block_error(fp_model: onnx.ModelProto, plan: QuantPlan, x_q: np.ndarray, y: np.ndarray, threads: int) -> float:
+    """Mean over images of Σ(y - ŷ)², ŷ the block as deployed (hard-rounded, every quantizer on)."""
+    n = min(len(x_q), EVAL_IMAGES)
+    y_hat = _run_batched(quantized_block_model(fp_model, plan), x_q[:n], np.empty((n, *y.shape[1:]), np.float32),
+                         threads)
+    return float(np.mean(np.sum(np.square(y_hat - y[:n]).reshape(n, -1), axis=1, dtype=np.float64)))
+
+
+def keep_if_better(fp_model: onnx.ModelProto, plan: QuantPlan, updates: dict, x_q: np.ndarray, y: np.ndarray,
+                   threads: int) -> tuple[dict, dict]:
+    """Apply ``updates`` to ``plan`` only if they lower the block's deployed error (``block_error``).
+
+    Learning at a short budget with large learning rates can end worse than round-to-nearest; such a
+    block keeps its starting point. Returns the updates kept ({} if none) and the two errors."""
+    before = block_error(fp_model, plan, x_q, y, threads)
+    if not updates.get("weights") and not updates.get("acts"):
+        return {}, {"recon_first": before, "recon_last": before}
+    previous = apply_updates(plan, updates)
+    after = block_error(fp_model, plan, x_q, y, threads)
+    if not after < before:
+        apply_updates(plan, previous)
+        return {}, {"recon_first": before, "recon_last": before, "recon_learned": after,
+                    "status": "rtn (learning raised the block's error)"}
+    return updates, {"recon_first": before, "recon_last": after}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +466,7 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
 
 def _log_block(row: dict, bar) -> None:
     first, last = row.get("recon_first"), row.get("recon_last")
-    losses = f"reconstruction loss {first:.4g} -> {last:.4g}" if first is not None and last is not None else ""
+    losses = f"output error {first:.4g} -> {last:.4g}" if first is not None and last is not None else ""
     line = (f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} "
             f"[{row['status']}, {row['wall_s']:.1f} s]")
     if bar is not None:
@@ -506,15 +541,17 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
             if workdir is not None and path.exists():
                 updates, stats = _load_block(path, key)
                 stats = {**stats, "status": "resumed"}
+                apply_updates(plan, updates)
                 if bar is not None:
                     bar.update(iters)
             else:
                 rng = np.random.default_rng([seed, i])
                 cfg.name = block.name
                 updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, bar)
+                updates, errors = keep_if_better(fp_model, plan, updates, x_q, y, threads)
+                stats = {**stats, **errors}
                 if workdir is not None:
                     _save_block(path, key, updates, stats)
-            apply_updates(plan, updates)
             x_q_next = store.empty(y.shape)
             _run_batched(quantized_block_model(fp_model, plan), x_q, x_q_next, threads)
             x_fp, x_q = y, x_q_next
