@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 images (after /255)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 images (after /255)")
     p.add_argument("--reference", metavar="FP.onnx", help="also report top-1 agreement with this model")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: one per core)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_cmd_eval)
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
     p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
     p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: one per core)")
     p.add_argument("--workdir", help="keep finished distillation batches / reconstructed blocks here")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --workdir (same model, flags and seed)")

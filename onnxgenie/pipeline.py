@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from .quant.fakequant import fakequant_model
 from .quant.init import P_NORM, init_activations, init_weights
 from .quant.plan import build_plan, check_bits
 from .quant.spec import QuantPlan
+from .resources import default_threads
 
 CALIB_SOURCES = ("distill", "data", "noise")
 PARITY_TOLERANCE = 1e-4  # of the logit range
@@ -64,7 +65,7 @@ class QuantizeConfig:
     quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
     lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
-    threads: int = 1
+    threads: int = 0                    # onnxruntime threads of this process; 0: one per core
     workdir: str | None = None
     progress: bool = True
     mean: tuple[float, ...] | None = None  # preprocessing of uint8 calibration files
@@ -158,7 +159,7 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         jobs = fit_jobs(normal, batch, min(config.jobs, -(-(n + m) // batch)), notify=config.progress)
         x, info = distill(original, n_images=n + m, batch=batch, iters=config.distill_iters, seed=config.seed,
                           mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress,
-                          threads=config.threads,
+                          threads=1,  # as in every worker: --jobs and --threads do not change the images
                           workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
                           resume=resume and (Path(config.workdir) / "distill").exists())
         x = np.asarray(x, dtype=np.float32)
@@ -197,7 +198,7 @@ def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray
 
 RUN_FILE = "run.json"
 # Settings that do not change the result: a resumed run may differ in them.
-_NOT_HASHED = ("workdir", "progress", "jobs", "preset", "min_agreement", "verbose")
+_NOT_HASHED = ("workdir", "progress", "jobs", "threads", "preset", "min_agreement", "verbose")
 
 
 def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
@@ -284,6 +285,9 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         check_args(config.recon_iters, config.recon_batch, config.quantizer,
                    len(calib) if calib is not None else config.calib_images)
         check_lr_scale(config.recon_lr_scale)
+    if config.threads < 0:
+        raise BadInputError(f"--threads must be 0 (one per core) or more (got {config.threads})")
+    config = replace(config, threads=default_threads(config.threads))
     stages = _Stages(config.progress)
     original = load_model(model)
     normal, folded = prepare(original)
