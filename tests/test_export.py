@@ -73,10 +73,21 @@ def test_storage_types_ort():
     for wq in plan.weights.values():
         expected = TensorProto.UINT4 if wq.bits == 4 else TensorProto.UINT8
         assert types[f"{wq.weight}_quantized"] == expected == types[f"{wq.weight}_zero_point"]
+    zero_points = {t.name: int(numpy_helper.to_array(t).ravel()[0]) for t in q.graph.initializer}
     for act in plan.acts.values():
         small = {True: TensorProto.INT4, False: TensorProto.UINT4}
-        big = {True: TensorProto.INT8, False: TensorProto.UINT8}
-        assert types[f"{act.tensor}_zero_point"] == (small if act.bits == 4 else big)[act.signed]
+        # 8-bit: uint8 throughout, a signed grid as zero point 128 (the same values)
+        assert types[f"{act.tensor}_zero_point"] == (small[act.signed] if act.bits == 4 else TensorProto.UINT8)
+        if act.bits == 8:
+            assert zero_points[f"{act.tensor}_zero_point"] == (128 if act.signed else 0)
+
+
+def _ort_optimized_ops(q: onnx.ModelProto, x: np.ndarray, python, tmp_path) -> list[str]:
+    """The op types the latest plain onnxruntime runs for ``q`` after its CPU optimisations."""
+    onnx.save(q, str(tmp_path / "q.onnx"))
+    run_plain_ort(tmp_path / "q.onnx", x, "ORT_ENABLE_EXTENDED", python=python,
+                  optimized_path=tmp_path / "optimized.onnx")
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
 def test_tensorrt_rules():
@@ -153,6 +164,22 @@ def test_runs_on_latest_plain_onnxruntime(plain_python, tmp_path):
         assert np.abs(y - expected).max() <= TOL * np.ptp(expected)
         y, _ = run_plain_ort(path, x, "ORT_ENABLE_ALL", python=plain_python)  # its own int kernels
         assert np.isfinite(y).all() and (y.argmax(1) == expected.argmax(1)).mean() >= 0.8
+
+
+def test_ort_w8a8_runs_on_onnxruntime_int8_kernels(plain_python, tmp_path):
+    """At W8A8 the ort target places Q/DQ so that onnxruntime fuses the convs and the residual Add
+    into its int8 kernels (the W4A4 plan, the paper's, leaves float convs between DQ nodes). The
+    last conv feeds the float pooling head, so it stays float."""
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    folded, plan, q, sim = _quantized(model, 8, 8, x)
+    convs = sum(n.op_type == "Conv" for n in folded.graph.node)
+    ops = _ort_optimized_ops(q, x, plain_python, tmp_path)
+    assert ops.count("QLinearConv") == convs - 1
+    assert ops.count("QLinearAdd") == 1 and "Add" not in ops
+    assert parity(q, sim, x) <= TOL
+    _, _, q4, _ = _quantized(model, 4, 4, x)
+    assert _ort_optimized_ops(q4, x, plain_python, tmp_path).count("QLinearConv") < convs
 
 
 def test_shared_model_on_plain_onnxruntime(plain_python, tmp_path):

@@ -22,6 +22,8 @@ model, x_path, out_path, level = sys.argv[1:5]
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = 1
 opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+if len(sys.argv) > 5:
+    opts.optimized_model_filepath = sys.argv[5]
 s = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 x = np.load(x_path)
 np.save(out_path, s.run(None, {s.get_inputs()[0].name: x})[0])
@@ -57,8 +59,9 @@ def plain_ort_python(create: bool = True, packages: tuple[str, ...] = ("onnxrunt
 
 
 def run_plain_ort(model_path: str | os.PathLike, x: np.ndarray, level: str = "ORT_ENABLE_ALL",
-                  python: Path | None = None) -> tuple[np.ndarray, str]:
-    """(first output of the model on ``x``, onnxruntime version) in the plain-onnxruntime venv."""
+                  python: Path | None = None, optimized_path: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
+    """(first output of the model on ``x``, onnxruntime version) in the plain-onnxruntime venv;
+    ``optimized_path`` receives the graph onnxruntime runs after its optimisations at ``level``."""
     if python is None:
         python, why = plain_ort_python()
         if python is None:
@@ -66,7 +69,8 @@ def run_plain_ort(model_path: str | os.PathLike, x: np.ndarray, level: str = "OR
     with tempfile.TemporaryDirectory(prefix="onnxgenie-plain-ort-") as tmp:
         x_path, out_path = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
         np.save(x_path, np.ascontiguousarray(x, dtype=np.float32))
-        done = subprocess.run([str(python), "-c", _RUNNER, str(model_path), str(x_path), str(out_path), level],
+        extra = [] if optimized_path is None else [str(optimized_path)]
+        done = subprocess.run([str(python), "-c", _RUNNER, str(model_path), str(x_path), str(out_path), level, *extra],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"plain onnxruntime failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -65,9 +65,13 @@ def _weight_dq(wq: WeightQuant, target: str) -> tuple[list[onnx.NodeProto], list
 def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
     qmin, qmax = act.qrange
     dtype = storage_type(act.bits, act.signed, target)
+    zero_point = act.zero_point
+    if dtype == TensorProto.INT8 and target == "ort":
+        # the same grid as uint8 with zero point 128: onnxruntime's int8 kernels want one type throughout
+        dtype, zero_point = TensorProto.UINT8, zero_point + 128
     p = act.tensor
     inits = [numpy_helper.from_array(np.float32(act.scale), f"{p}_scale"),
-             _int_tensor(f"{p}_zero_point", np.array(act.zero_point), dtype)]
+             _int_tensor(f"{p}_zero_point", np.array(zero_point), dtype)]
     nodes, x = [], p
     if act.bits not in (4, 8):  # a 5-7 bit grid in an 8-bit container: clip to the grid's range first
         inits += [numpy_helper.from_array(np.float32(qmin * np.float32(act.scale)), f"{p}_clip_min"),

@@ -95,7 +95,9 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
-    ``exclude`` names nodes that stay float.
+    ``exclude`` names nodes that stay float. At W8A8 the ``"ort"`` target quantizes the image and both
+    inputs of every residual Add too, so that onnxruntime's CPU int8 kernels (QLinearConv, QLinearAdd)
+    take whole residual blocks instead of running float convolutions between DequantizeLinear nodes.
     """
     check_bits(wbits, abits, first_last_bits, target)
     names = {n.name for n in folded.graph.node}
@@ -108,9 +110,10 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     layers = [n for n in quantized_layers(folded)]
     plan = QuantPlan(target=target)
     trt = target == "tensorrt"
+    int8_kernels = trt or (wbits == abits == first_last_bits == 8)   # every conv input and Add input quantized
 
     def add_act(tensor: str, bits: int, consumer: str) -> None:
-        if tensor in graph_inputs and not trt:
+        if tensor in graph_inputs and not int8_kernels:
             return  # the image: already quantized by its 8-bit encoding (TensorRT wants Q/DQ on every conv input)
         act = plan.acts.get(tensor)
         if act is None:
@@ -126,7 +129,7 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
         plan.weights[node.name] = WeightQuant(
             node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
             symmetric=trt, axis=weight_axis(node), narrow=trt)
-        if i > 0 or trt:  # the first layer reads the image
+        if i > 0 or int8_kernels:  # the first layer reads the image
             add_act(node.input[0], first_last_bits if i in (0, 1, last) else abits, node.name)
 
     producers = {o: n.op_type for n in folded.graph.node for o in n.output}
@@ -134,8 +137,13 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
         if add.name in excluded:
             continue
         for tensor in add.input:
-            if trt or producers.get(tensor) not in QUANT_OPS:
+            if int8_kernels or producers.get(tensor) not in QUANT_OPS:
                 add_act(tensor, abits, add.name)
+    if int8_kernels and not trt:  # every reader of a quantized tensor reads the quantized value
+        # (the tensorrt target keeps float side paths: onnxruntime's int8->uint8 rewrite breaks on them)
+        for act in plan.acts.values():
+            act.consumers += [n.name for n in folded.graph.node
+                              if act.tensor in n.input and n.name not in act.consumers and n.name not in excluded]
     return plan
 
 
