@@ -3,7 +3,7 @@
 Each run is the CLI in a fresh process (distillation workers included) on a shared CIFAR-10 model;
 the written QDQ model is scored on the 5,000-image dev split. Per run: top-1, Δ to FP32, wall time
 of the whole command, the stage times from its report, the peak RSS of the largest process
-(``RUSAGE_CHILDREN``), and the FP32-agreement on held-out distilled images the report gives.
+(its report: main process or a distillation worker), and the FP32-agreement on held-out distilled images the report gives.
 Results are appended to out/bench_product.jsonl; the table is rebuilt from every row there.
 
 Variants (``--variants``): ``fast`` / ``paper`` (the presets); ``fewshot`` (fast preset with 256 real
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,6 +95,16 @@ def dev_top1(model_path: Path, model: str, limit: int) -> float:
     return round(float((pred == y).mean() * 100), 2)
 
 
+def _peak_rss_mib(stages: dict) -> int:
+    """The largest process of the run: the main one or a distillation worker (from the run's report)."""
+    return max(max(v.get("peak_rss_mib", 0), v.get("distilling_process_peak_rss_mib", 0)) for v in stages.values())
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip()
+
+
 def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_images: int) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     stem = f"{model}_{variant}_w{wbits}a{abits}_s{seed}"
@@ -110,7 +119,8 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
     return {"model": model, "variant": variant, "wbits": wbits, "abits": abits, "seed": seed,
             "top1": dev_top1(out, model, eval_images), "fp32": _model_info(model)["fp32_top1_dev"],
             "wall_s": round(wall, 1), "stages_s": {k: v["wall_s"] for k, v in report["stages"].items()},
-            "rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+            "rss_mib": _peak_rss_mib(report["stages"]),
+            "threads": report["config"].get("threads"), "commit": _commit(),
             "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
             "config": {k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
@@ -129,8 +139,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"]), {})[r["seed"]] = r
     lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
-             "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs`, 1 ORT thread per "
-             "process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
+             "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs` and `--threads`; "
+             "rows before commit 0fa022b ran one ORT thread per process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
              "Wall per seed; runs that shared the machine with another run are slower (see the notes below the table). "
              "Agreement: FP32 vs quantized top-1 on the held-out distilled images (what `--min-agreement` "
              "gates). ± is the standard deviation over seeds (the latest run per seed). M1–M5: the paper's Table 2 "
