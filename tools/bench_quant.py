@@ -134,7 +134,8 @@ def run(args) -> dict:
                   "noise": np.random.default_rng(0).standard_normal(real.shape).astype(np.float32)}
         if args.distill:
             calibs["distilled"] = distilled(name, src, work, args.distill_images, args.distill_iters, args.jobs)
-        r = results[name] = {"fp32": evaluate(python, src, work)}
+        r = results.setdefault(name, {})  # configs not run this time keep their earlier figures
+        r["fp32"] = evaluate(python, src, work)
         print(f"{name}: FP32 {r['fp32']['top1']:.2f} %, {r['fp32']['ms']:.2f} ms", flush=True)
         for label, (wbits, abits) in CONFIGS.items():
             if label not in args.configs:
