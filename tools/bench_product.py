@@ -41,6 +41,7 @@ BEGIN, END = "<!-- bench_product -->", "<!-- /bench_product -->"
 VARIANTS = {
     "fast": [],
     "fast-b160": ["--distill-batch", "160", "--holdout-images", "64"],  # the fast preset before it had no hold-out
+    "fast-r1000": ["--recon-iters", "1000", "--recon-lr-scale", "4"],  # twice the steps at half the lr factor
     "paper": ["--preset", "paper"],
     "fewshot": ["--calib-data", "{train}", "--calib-images", "256", "--mean", "{mean}", "--std", "{std}"],
     "noise": ["--calib", "noise"],
@@ -52,13 +53,13 @@ VARIANTS = {
 }
 # What the rows cannot say themselves (kept by hand, next to the runs they describe).
 NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches of 160 holding out 64 images), "
-         "replaced after these rows. Its seed 0 runs distilled with the machine to themselves (a one-core job "
-         "ran beside their reconstruction); its seed 1 runs of W4A4 and W2A4 ran at the same time (four "
-         "distillation workers on two cores), hence ~950 s. fast W2A4 seed 0 was run directly as `onnxgenie "
-         "quantize` with the preset's flags, beside a bench_quant process (its `run` field in "
-         "out/bench_product.jsonl); its seed 1 runs ran at the same time as each other, the test suite and "
-         "bench_quant (~1230 s). Stage times of every run are in its report (`out/bench_product/*.json`)."]
-ORDER = ["fast", "fast-b160", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
+         "replaced after these rows. fast-r1000: the fast preset with `--recon-iters 1000 --recon-lr-scale 4` "
+         "(twice the steps at half the lr factor). fast-b160's seed 1 runs of W4A4 and W2A4 ran at the same time (four distillation "
+         "workers on two cores), hence ~950 s. The fast rows (commit 3a2f97e: one ORT thread per core, a block "
+         "keeps its learned values only if they lower its error) ran one after another with the machine to "
+         "themselves. Stage times and per-block errors of every run are in its report "
+         "(`out/bench_product/*.json`)."]
+ORDER = ["fast", "fast-b160", "fast-r1000", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
              "W2A4 77.60 / 77.30 (−3.42 / −3.72), about 11 minutes a run. onnxruntime `quantize_static` with "
@@ -124,7 +125,8 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
             "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
             "config": {k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
-                                                         "distill_batch", "recon_iters", "recon_batch")}}
+                                                         "distill_batch", "recon_iters", "recon_batch",
+                                                         "recon_lr_scale")}}
 
 
 def _cell(values: list[float]) -> str:
