@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import publish
+from benchlib import ROOT, SHARED, publish
 from onnxgenie.resources import peak_rss
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 MODELS = ("resnet20_cifar10", "shufflenet_g3_cifar10")
 RUNS = {"genie": ("genie", True), "genie-noswing": ("genie", False), "noise": ("noise", True),
         "zeroq": ("zeroq", True)}

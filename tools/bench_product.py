@@ -31,10 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import publish, read_rows
+from benchlib import ROOT, SHARED, model_info, publish, read_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 OUT = ROOT / "out" / "bench_product"
 RESULTS = ROOT / "out" / "bench_product.jsonl"
 BEGIN, END = "<!-- bench_product -->", "<!-- /bench_product -->"
@@ -66,12 +64,9 @@ REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 
              "1,000 real images, W4A4 Percentile: 60.06.")
 
 
-def _model_info(model: str) -> dict:
-    return json.loads((SHARED / "models" / "models.json").read_text())[f"{model}.onnx"]
-
 
 def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Path, report: Path) -> list[str]:
-    info = _model_info(model)
+    info = model_info(model)
     fill = {"train": str(SHARED / "data" / "cifar10_train_1k.npz")}
     flags = []
     for flag in VARIANTS[variant]:
@@ -87,7 +82,7 @@ def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Pa
 def dev_top1(model_path: Path, model: str, limit: int) -> float:
     from onnxgenie.evaluate import predict, preprocess
 
-    info = _model_info(model)
+    info = model_info(model)
     with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
         x, y = d["images"][:limit], d["labels"][:limit]
     import onnx
@@ -118,7 +113,7 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
         raise SystemExit(f"bench_product: {stem} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     report = json.loads(report_file.read_text())
     return {"model": model, "variant": variant, "wbits": wbits, "abits": abits, "seed": seed,
-            "top1": dev_top1(out, model, eval_images), "fp32": _model_info(model)["fp32_top1_dev"],
+            "top1": dev_top1(out, model, eval_images), "fp32": model_info(model)["fp32_top1_dev"],
             "wall_s": round(wall, 1), "stages_s": {k: v["wall_s"] for k, v in report["stages"].items()},
             "rss_mib": _peak_rss_mib(report["stages"]),
             "threads": report["config"].get("threads"), "commit": _commit(),

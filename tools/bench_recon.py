@@ -26,11 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import publish, read_rows
+from benchlib import ROOT, SHARED, model_info, publish, read_rows
 from onnxgenie.resources import peak_rss
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "out" / "bench_recon.jsonl"
 BEGIN, END = "<!-- bench_recon -->", "<!-- /bench_recon -->"
 REFERENCE = ("Official GENIE code (PyTorch) on resnet20_cifar10, 512 distilled images × 200 distillation steps, "
@@ -48,9 +46,6 @@ MEMORY_NOTE = (
     "plan bit for bit), so RAM holds the images, the batch and the page cache. Not measured at 224×224.")
 
 
-def _model_info(name: str) -> dict:
-    return json.loads((SHARED / "models" / "models.json").read_text())[f"{name}.onnx"]
-
 
 def calibration(model: str, source: str, n: int, seed: int, distill_iters: int, threads: int) -> Path:
     """Calibration images as an .npz under out/ (made once, reused)."""
@@ -62,7 +57,7 @@ def calibration(model: str, source: str, n: int, seed: int, distill_iters: int, 
     if source == "real":
         from onnxgenie.evaluate import preprocess
 
-        info = _model_info(model)
+        info = model_info(model)
         with np.load(SHARED / "data" / "cifar10_train_1k.npz") as d:
             images = d["images"]
         pick = np.random.default_rng(seed).permutation(len(images))[:n]
@@ -84,7 +79,7 @@ def _one_run(cfg: dict) -> dict:
     from onnxgenie.evaluate import predict, preprocess
     from onnxgenie.pipeline import QuantizeConfig, quantize
 
-    info = _model_info(cfg["model"])
+    info = model_info(cfg["model"])
     with np.load(cfg["calib_file"]) as d:
         x = d["images"]
     with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
