@@ -18,7 +18,8 @@ from onnxgenie.ortrain import inference_session
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
-from onnxgenie.quant.reconstruct import block_error, keep_if_better, quantized_block_model, reconstruct, training_model
+from onnxgenie.quant.reconstruct import (LR_ACT_STEP, LR_SOFTBITS, LR_WEIGHT_STEP, _optimizer, block_error, keep_if_better,
+                                         quantized_block_model, reconstruct, training_model)
 from onnxgenie.quant.spec import QuantPlan
 
 ITERS = 30
@@ -147,6 +148,25 @@ def test_lr_scale_multiplies_every_step(reconstructed, tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(BadInputError, match="recon-lr-scale"):
             reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, lr_scale=bad)
+
+
+def test_finer_grids_get_proportionally_smaller_step_learning_rates():
+    """A step of an 8-bit grid (first/last layer) gets lr × 15/255 next to 4-bit steps, so Adam moves
+    each step by the same fraction of itself; soft bits keep one lr; only steps decay."""
+    folded, plan, _ = _setup(wbits=4, abits=4)
+    block = partition_blocks(folded, list(plan.weights))[0]
+    bm = extract_block_model(folded, block)
+    _, names = training_model(bm, plan, "genie")
+    adam, decays = _optimizer(names, plan, lr_scale=2.0)
+    lr_of = {p: (g.lr, d) for g, d in zip(adam.groups, decays) for p in g.names}
+    for node, param in names.weight_steps.items():
+        bits = plan.weights[node].bits
+        assert lr_of[param] == (pytest.approx(LR_WEIGHT_STEP * 2.0 * 15 / (2 ** bits - 1)), True)
+    for tensor, param in names.act_steps.items():
+        bits = plan.acts[tensor].bits
+        assert lr_of[param] == (pytest.approx(LR_ACT_STEP * 2.0 * 15 / (2 ** bits - 1)), True)
+    assert {lr_of[p] for p in names.softbits.values()} == {(LR_SOFTBITS * 2.0, False)}
+    assert {plan.weights[n].bits for n in names.weight_steps} >= {8}, "the fixture's first block has the 8-bit layer"
 
 
 def test_diverging_loss_keeps_round_to_nearest():

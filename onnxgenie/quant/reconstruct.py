@@ -40,6 +40,7 @@ QUANTIZERS = ("genie", "adaround")
 DEFAULT_LAMBDA = {"genie": 1.0, "adaround": 0.1}
 LR_WEIGHT_STEP, LR_SOFTBITS, LR_ACT_STEP = 1e-4, 1e-3, 4e-5
 BETA_RANGE, WARMUP = (20.0, 2.0), 0.2
+RECON_VERSION = 2  # part of the resume key: 2 = step learning rates relative to the grid
 INPUT_TARGET, INPUT_BETA, INPUT_LAMBDA = "recon_target", "round_beta", "round_lambda"
 
 
@@ -281,10 +282,32 @@ class BlockConfig:
     lr_scale: float = 1.0  # on all three learning rates (the reference's are for 20k steps)
 
 
-def _optimizer(names: TrainNames, lr_scale: float = 1.0) -> Adam:
-    return Adam(groups=[ParamGroup(list(names.weight_steps.values()), LR_WEIGHT_STEP * lr_scale),
-                        ParamGroup(list(names.softbits.values()), LR_SOFTBITS * lr_scale),
-                        ParamGroup(list(names.act_steps.values()), LR_ACT_STEP * lr_scale)])
+def grid_lr_factor(bits: int, coarsest_bits: int) -> float:
+    """Learning-rate factor for the step of a ``bits`` grid: the finer grid's step is about
+    (2^coarsest − 1)/(2^bits − 1) times smaller, so Adam (which moves a parameter by about lr per
+    update) moves it by the same fraction of itself as the coarsest grid's step."""
+    return (2 ** coarsest_bits - 1) / (2 ** bits - 1)
+
+
+def _optimizer(names: TrainNames, plan: QuantPlan, lr_scale: float = 1.0) -> tuple[Adam, list[bool]]:
+    """Adam with one group per (kind, bit width); the second value says which groups decay (steps)."""
+    groups, decays = [], []
+
+    def add(params: dict[str, str], bits_of, base_lr: float, coarsest: int | None, decay: bool) -> None:
+        by_bits: dict[int, list[str]] = {}
+        for key, param in params.items():
+            by_bits.setdefault(bits_of(key), []).append(param)
+        for bits, members in sorted(by_bits.items()):
+            factor = grid_lr_factor(bits, coarsest) if coarsest is not None else 1.0
+            groups.append(ParamGroup(members, base_lr * lr_scale * factor))
+            decays.append(decay)
+
+    wbits = min(w.bits for w in plan.weights.values())
+    abits = min((a.bits for a in plan.acts.values()), default=8)
+    add(names.weight_steps, lambda node: plan.weights[node].bits, LR_WEIGHT_STEP, wbits, True)
+    add(names.softbits, lambda node: 0, LR_SOFTBITS, None, False)
+    add(names.act_steps, lambda tensor: plan.acts[tensor].bits, LR_ACT_STEP, abits, True)
+    return Adam(groups=groups), decays
 
 
 def coin_flips(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -302,12 +325,12 @@ def _step(gg: GradientGraph, *inputs: np.ndarray) -> tuple[float, float]:
     return float(np.asarray(loss).reshape(-1)[0]), float(np.asarray(recon).reshape(-1)[0])
 
 
-def _train(gg: GradientGraph, names: TrainNames, x_fp, x_q, y, mask_shapes, cfg: BlockConfig,
+def _train(gg: GradientGraph, names: TrainNames, plan: QuantPlan, x_fp, x_q, y, mask_shapes, cfg: BlockConfig,
            rng: np.random.Generator, lr_scale: float, progress) -> tuple[dict | None, dict]:
     """Adam steps on one block; returns the final parameters (None if the loss diverged) and stats."""
     params = {k: v.copy() for k, v in names.init.items()}
     gg.set_params(params)
-    adam = _optimizer(names, lr_scale)
+    adam, decays = _optimizer(names, plan, lr_scale)
     base_lrs = [g.lr for g in adam.groups]
     n = len(x_fp)
     order, pos = rng.permutation(n), 0
@@ -329,8 +352,9 @@ def _train(gg: GradientGraph, names: TrainNames, x_fp, x_q, y, mask_shapes, cfg:
         t_ort += time.perf_counter() - t0
         if not (np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())):
             return None, {"diverged_at": step}
-        adam.groups[0].lr = cosine(base_lrs[0], step + 1, cfg.iters)
-        adam.groups[2].lr = cosine(base_lrs[2], step + 1, cfg.iters)
+        for group, base_lr, decay in zip(adam.groups, base_lrs, decays):
+            if decay:
+                group.lr = cosine(base_lr, step + 1, cfg.iters)
         params = adam.step(params, grads)
         t0 = time.perf_counter()
         gg.set_params(params)
@@ -361,7 +385,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
         return {}, {"status": f"rtn (training graph failed: {str(err).strip().splitlines()[0][:160]})"}
     stats: dict = {}
     for attempt, retry_scale in enumerate((1.0, 0.5)):
-        params, stats = _train(gg, names, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
+        params, stats = _train(gg, names, plan, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
                                progress)
         if params is None:
             then = "retrying with halved learning rates" if attempt == 0 else "keeping round-to-nearest"
@@ -456,7 +480,7 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
     for k in sorted(arrays):
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
     h.update(np.ascontiguousarray(calib[: min(len(calib), 64)]).tobytes())
-    h.update(json.dumps([len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]
+    h.update(json.dumps([RECON_VERSION, len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]
                         + ([cfg.lr_scale] if cfg.lr_scale != 1.0 else [])).encode())
     return h.hexdigest()[:16]
 
