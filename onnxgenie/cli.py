@@ -23,7 +23,8 @@ def _cmd_inspect(args) -> int:
         from .pipeline import prepare
         from .quant.plan import build_plan, format_plan
 
-        plan = build_plan(prepare(args.model)[1], args.wbits, args.abits, args.first_last_bits, args.target)
+        plan = build_plan(prepare(args.model)[1], args.wbits, args.abits, args.first_last_bits, args.target,
+                          weight_grid=args.weight_grid)
         if args.json:
             info["plan"] = plan.to_arrays()[0]
         else:
@@ -64,7 +65,8 @@ def _cmd_quantize(args) -> int:
     calib = "data" if args.calib_data else args.calib
     config = preset_config(
         args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
-        exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images, holdout_images=args.holdout_images,
+        weight_grid=args.weight_grid, exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images,
+        holdout_images=args.holdout_images,
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
@@ -98,6 +100,9 @@ def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) 
                    help="bits of the first/last layer's weights and of the 2nd/last layer's input (default 8)")
     p.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
                    help="ort: asymmetric per-channel weights; tensorrt: int8, zero points 0, int32 biases")
+    p.add_argument("--weight-grid", choices=("auto", "asym", "sym"), default="auto",
+                   help="per-channel weight grid: asym (the paper's), sym (zero point 0), auto (default): "
+                        "sym for depthwise convs, asym for the rest")
 
 
 def _cmd_distill(args) -> int:

@@ -28,7 +28,7 @@ from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.fakequant import fakequant_model
 from .quant.init import P_NORM, init_activations, init_weights
-from .quant.plan import build_plan, check_bits
+from .quant.plan import build_plan, check_bits, check_weight_grid
 from .quant.spec import QuantPlan
 from .resources import default_threads
 
@@ -48,6 +48,7 @@ class QuantizeConfig:
     abits: int = 4
     first_last_bits: int = 8
     target: str = "ort"
+    weight_grid: str = "auto"           # asym | sym | auto (symmetric for depthwise convs only)
     exclude: tuple[str, ...] = ()
     calib: str = "distill"
     calib_images: int = 256
@@ -279,6 +280,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     from . import report as rep
 
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
+    check_weight_grid(config.weight_grid, config.target)
     if config.reconstruct:
         from .quant.reconstruct import check_args, check_lr_scale
 
@@ -291,7 +293,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     stages = _Stages(config.progress)
     original = load_model(model)
     normal, folded = prepare(original)
-    plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude)
+    plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
+                      config.weight_grid)
     init_weights(folded, plan)
     holdout, calib_info = None, {"source": "given"}
     if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written
@@ -327,7 +330,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         raise OnnxGenieError(f"the exported model differs from its simulation by {report['parity']:.2e} of the "
                              "logit range; this is a bug, please report it with the model")
     meta = {"wbits": config.wbits, "abits": config.abits, "first_last_bits": config.first_last_bits,
-            "target": config.target, "calib": config.calib, "reconstruct": config.reconstruct}
+            "target": config.target, "weight_grid": config.weight_grid, "calib": config.calib,
+            "reconstruct": config.reconstruct}
     exported.metadata_props.add(key="onnxgenie", value=json.dumps(meta))
     report["weight_sqnr_db"] = rep.weight_sqnr(folded, plan)
     report["agreement"] = _agreement(normal, exported, calib, holdout, config.threads)

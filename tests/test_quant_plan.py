@@ -11,6 +11,7 @@ from onnxgenie.cli import main
 from onnxgenie.errors import BadInputError
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
+from onnxgenie.quant.init import init_weights
 from onnxgenie.quant.plan import build_plan, quantized_layers, residual_adds
 from onnxgenie.quant.spec import QuantPlan
 
@@ -76,10 +77,29 @@ def test_matmul_axis_and_exclude():
     (dict(wbits=8, abits=4, target="tensorrt"), "int8 activations only"),
     (dict(wbits=8, abits=8, target="tpu"), "unknown target"),
     (dict(wbits=8, abits=8, exclude=["nope"]), "--exclude"),
+    (dict(wbits=8, abits=8, weight_grid="pow2"), "unknown weight grid"),
+    (dict(wbits=8, abits=8, target="tensorrt", weight_grid="asym"), "needs symmetric weights"),
 ])
 def test_bad_plans(kwargs, words):
     with pytest.raises(BadInputError, match=words):
         build_plan(_folded(fixtures.conv_bn_net()), **kwargs)
+
+
+@pytest.mark.parametrize("grid", ["auto", "asym", "sym"])
+def test_weight_grid_symmetric_where_asked(grid):
+    """auto: the depthwise conv symmetric (signed, zero point 0 after init), the others asymmetric."""
+    folded = _folded(fixtures.depthwise())
+    plan = init_weights(folded, build_plan(folded, 4, 4, weight_grid=grid))
+    depthwise = {n.name for n in folded.graph.node if n.op_type == "Conv"
+                 and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    assert depthwise and depthwise < set(plan.weights)
+    for w in plan.weights.values():
+        want = grid == "sym" or (grid == "auto" and w.node in depthwise)
+        assert w.symmetric == w.signed == want
+        if w.bits == 4:
+            assert w.qrange == ((-8, 7) if want else (0, 15))
+        if want:
+            assert not w.zero_point.any()
 
 
 def test_plan_roundtrip_keeps_target():

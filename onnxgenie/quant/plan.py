@@ -6,6 +6,10 @@ quantizes the identity path with the same quantizer as the block's first conv). 
 tensor, shared by all its consumers, with the highest bit width any consumer asked for. The first
 layer keeps 8-bit weights and a float input (the image), the second layer's input is 8-bit, and
 the last layer's weights and input are 8-bit (``first_last_bits``).
+
+Weight grids (``weight_grid``): the reference's asymmetric per-channel grid, except that depthwise
+convolutions get a symmetric one under ``"auto"``: with 9 weights per channel the asymmetric grid
+costs ShuffleNet 5 pt at W4A8 (BENCHMARKS.md), the symmetric one nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .spec import TARGETS, ActQuant, QuantPlan, WeightQuant
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 WEIGHT_BITS = range(2, 9)
+WEIGHT_GRIDS = ("auto", "asym", "sym")
 ACT_BITS = range(4, 9)
 # Ops that move values without changing them: a tensor after them is non-negative iff before.
 _SIGN_PRESERVING = ("Relu", "MaxPool", "Reshape", "Transpose", "Flatten", "Slice", "Pad", "Identity",
@@ -75,6 +80,19 @@ def _non_negative(model: onnx.ModelProto, tensor: str) -> bool:
     return True
 
 
+def is_depthwise(node: onnx.NodeProto, weight_shape) -> bool:
+    """A Conv with one input channel per group and more than one group."""
+    return node.op_type == "Conv" and _attr(node, "group", 1) > 1 and len(weight_shape) > 1 and weight_shape[1] == 1
+
+
+def check_weight_grid(weight_grid: str, target: str) -> None:
+    if weight_grid not in WEIGHT_GRIDS:
+        raise BadInputError(f"unknown weight grid {weight_grid!r}; use one of {', '.join(WEIGHT_GRIDS)}")
+    if target == "tensorrt" and weight_grid == "asym":
+        raise BadInputError("--target tensorrt needs symmetric weights (zero points 0); "
+                            "use --weight-grid auto or sym, or --target ort")
+
+
 def check_bits(wbits: int, abits: int, first_last_bits: int, target: str) -> None:
     if target not in TARGETS:
         raise BadInputError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
@@ -89,10 +107,11 @@ def check_bits(wbits: int, abits: int, first_last_bits: int, target: str) -> Non
 
 
 def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits: int = 8,
-               target: str = "ort", exclude=()) -> QuantPlan:
+               target: str = "ort", exclude=(), weight_grid: str = "auto") -> QuantPlan:
     """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
 
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
+    ``weight_grid`` "sym" / "auto" (depthwise convs) makes those weights symmetric and signed.
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
     ``exclude`` names nodes that stay float. At W8A8 the ``"ort"`` target quantizes the image and both
@@ -100,6 +119,7 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     take whole residual blocks instead of running float convolutions between DequantizeLinear nodes.
     """
     check_bits(wbits, abits, first_last_bits, target)
+    check_weight_grid(weight_grid, target)
     names = {n.name for n in folded.graph.node}
     unknown = [e for e in exclude if e not in names]
     if unknown:
@@ -121,14 +141,16 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
         act.bits = max(act.bits, bits)
         act.consumers.append(consumer)
 
+    shapes = {t.name: tuple(t.dims) for t in folded.graph.initializer}
     last = len(layers) - 1
     for i, node in enumerate(layers):
         if node.name in excluded:
             continue
         edge = i in (0, last)
+        symmetric = trt or weight_grid == "sym" or (weight_grid == "auto" and is_depthwise(node, shapes[node.input[1]]))
         plan.weights[node.name] = WeightQuant(
             node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
-            symmetric=trt, axis=weight_axis(node), narrow=trt)
+            symmetric=symmetric, axis=weight_axis(node), narrow=trt)
         if i > 0 or int8_kernels:  # the first layer reads the image
             add_act(node.input[0], first_last_bits if i in (0, 1, last) else abits, node.name)
 
