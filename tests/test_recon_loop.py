@@ -18,8 +18,9 @@ from onnxgenie.ortrain import inference_session
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
-from onnxgenie.quant.reconstruct import (LR_ACT_STEP, LR_SOFTBITS, LR_WEIGHT_STEP, _optimizer, block_error, keep_if_better,
-                                         quantized_block_model, reconstruct, training_model)
+from onnxgenie.quant.reconstruct import (LR_ACT_STEP, LR_SOFTBITS, LR_WEIGHT_STEP, _optimizer, block_error, coin_flips,
+                                         keep_if_better, mix_inputs, quantized_block_model, reconstruct,
+                                         training_model)
 from onnxgenie.quant.spec import QuantPlan
 
 ITERS = 30
@@ -167,6 +168,14 @@ def test_finer_grids_get_proportionally_smaller_step_learning_rates():
         assert lr_of[param] == (pytest.approx(LR_ACT_STEP * 2.0 * 15 / (2 ** bits - 1)), True)
     assert {lr_of[p] for p in names.softbits.values()} == {(LR_SOFTBITS * 2.0, False)}
     assert {plan.weights[n].bits for n in names.weight_steps} >= {8}, "the fixture's first block has the 8-bit layer"
+
+
+def test_mix_inputs_selects_exactly():
+    rng = np.random.default_rng(3)
+    x_fp, x_q = rng.standard_normal((2, 4, 3, 5, 5), dtype=np.float32) * 1e3
+    mask = coin_flips(rng, x_fp.shape)
+    assert 0 < mask.mean() < 1
+    np.testing.assert_array_equal(mix_inputs(mask, x_q, x_fp), np.where(mask > 0, x_q, x_fp))
 
 
 def test_diverging_loss_keeps_round_to_nearest():

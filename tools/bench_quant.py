@@ -140,7 +140,8 @@ def run(args) -> dict:
         for label, (wbits, abits) in CONFIGS.items():
             if label not in args.configs:
                 continue
-            row = r[label] = {}
+            earlier = r.get(label, {})
+            row = r[label] = {} if args.ort else {k: v for k, v in earlier.items() if k.startswith("ort_")}
             for calib_name, calib in calibs.items():
                 t = time.perf_counter()
                 res = quantize(src, QuantizeConfig(wbits=wbits, abits=abits, progress=False), calib=calib)
@@ -148,7 +149,7 @@ def run(args) -> dict:
                 onnx.save(res.model, str(path))
                 row[calib_name] = {**evaluate(python, path, work), "parity": res.report["parity"],
                                    "seconds": round(time.perf_counter() - t, 1)}
-            for method in ("MinMax", "Percentile"):
+            for method in ("MinMax", "Percentile") if args.ort else ():
                 path = work / f"{name}_{label}_ort_{method}.onnx"
                 try:
                     plain(python, ORT_QUANT_SCRIPT, src, path, work / "calib_x.npy", wbits, abits, method)
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument("--distill-images", type=int, default=256)
     parser.add_argument("--distill-iters", type=int, default=500)
     parser.add_argument("--jobs", type=int, default=2, help="distillation processes")
+    parser.add_argument("--no-ort", dest="ort", action="store_false",
+                        help="keep onnxruntime's quantize_static figures from the previous run (they do not depend on "
+                             "onnxgenie's code) and rerun only ours")
     parser.add_argument("--out", default=str(REPO / "out" / "bench_quant"))
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from OUT/results.json")
