@@ -187,22 +187,64 @@ def test_diverging_loss_keeps_round_to_nearest():
         np.testing.assert_array_equal(new.weights[name].wint, wq.wint)
 
 
-def test_op_without_gradient_keeps_block_at_round_to_nearest():
-    folded, plan, x = _setup()
-    # a Floor after the residual block's conv: no gradient reaches its softbits through it
+def _block_with_floor_between_two_convs():
+    """The fixture with its residual block made conv -> Floor -> conv2 -> Add: no gradient crosses the
+    Floor, so the block's training graph cannot be built, but each conv alone can be learned."""
+    folded = fold_bn(normalize(fixtures.opset17()))
     conv = next(n for n in folded.graph.node if n.name == "block.conv")
     out = conv.output[0]
+    w2 = np.random.default_rng(1).normal(0, 0.1, (8, 8, 3, 3)).astype(np.float32)
+    assert onnx.numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == conv.input[1])).shape == w2.shape
+    folded.graph.initializer.append(onnx.numpy_helper.from_array(w2, "block.conv2.weight"))
     floor = helper.make_node("Floor", [out], ["block.floor"], name="block.floor")
+    conv2 = helper.make_node("Conv", ["block.floor", "block.conv2.weight"], ["block.conv2"], name="block.conv2",
+                             kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     for node in folded.graph.node:
-        node.input[:] = ["block.floor" if i == out else i for i in node.input]
-    folded.graph.node.insert(list(folded.graph.node).index(conv) + 1, floor)
-    new, report = reconstruct(folded, plan, x, iters=5, batch=16, progress=False)
-    statuses = {b["name"]: b["status"] for b in report["blocks"]}
+        node.input[:] = ["block.conv2" if i == out else i for i in node.input]
+    at = list(folded.graph.node).index(conv) + 1
+    folded.graph.node.insert(at, floor)
+    folded.graph.node.insert(at + 1, conv2)
+    x = fixtures.random_input(folded, 64, seed=5)
+    plan = build_plan(folded, 4, 4, first_last_bits=8)
+    init_weights(folded, plan)
+    init_activations(folded, plan, x[:32])
     owner = next(b for b in partition_blocks(folded, list(plan.weights)) if "block.floor" in b.nodes)
-    assert statuses.pop(owner.name).startswith("rtn (training graph failed")
-    assert set(statuses.values()) <= {"ok", "rtn (learning raised the block's error)"}
-    for name in owner.quantized_nodes:
-        np.testing.assert_array_equal(new.weights[name].wint, plan.weights[name].wint)
+    assert owner.quantized_nodes == ["block.conv", "block.conv2"]
+    return folded, plan, x, owner
+
+
+def test_block_without_gradient_is_learned_layer_by_layer():
+    folded, plan, x, owner = _block_with_floor_between_two_convs()
+    new, report = reconstruct(folded, plan, x, iters=40, batch=16, progress=False)
+    row = next(b for b in report["blocks"] if b["name"] == owner.name)
+    assert "layer by layer" in row["status"] and "training graph failed" in row["status"]
+    assert [layer["name"] for layer in row["per_layer"]] == owner.quantized_nodes
+    for layer in row["per_layer"]:
+        assert layer["status"] in ("ok", "rtn (learning raised the block's error)")
+        assert layer["recon_last"] <= layer["recon_first"]
+    changed = [n for n in owner.quantized_nodes if not np.array_equal(new.weights[n].wint, plan.weights[n].wint)]
+    assert changed == [layer["name"] for layer in row["per_layer"] if layer["status"] == "ok"]
+    assert row["status"].startswith("ok") == bool(changed)
+
+
+def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
+    import onnxgenie.quant.reconstruct as rec
+
+    folded, plan, x, owner = _block_with_floor_between_two_convs()
+    real = rec.training_model
+
+    def failing_for_conv2(block_model, *args):
+        if any(n.name == "block.conv2" for n in block_model.graph.node):
+            raise RuntimeError("no gradient for this layer")
+        return real(block_model, *args)
+
+    monkeypatch.setattr(rec, "training_model", failing_for_conv2)
+    new, report = reconstruct(folded, plan, x, iters=10, batch=16, progress=False)
+    row = next(b for b in report["blocks"] if b["name"] == owner.name)
+    statuses = {layer["name"]: layer["status"] for layer in row["per_layer"]}
+    assert statuses["block.conv2"] == "rtn (training graph failed: no gradient for this layer)"
+    np.testing.assert_array_equal(new.weights["block.conv2"].wint, plan.weights["block.conv2"].wint)
+    np.testing.assert_array_equal(new.weights["block.conv2"].scale, plan.weights["block.conv2"].scale)
 
 
 def test_bad_arguments():

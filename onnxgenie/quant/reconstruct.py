@@ -22,7 +22,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError
-from ..graph.blocks import extract_block_model, partition_blocks
+from ..graph.blocks import Block, extract_block_model, partition_blocks
 from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, relu_as_clip
 from .lsq import lsq_quantize, qdrop
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
@@ -219,7 +219,7 @@ def cosine(base_lr: float, step: int, iters: int) -> float:
 # Data
 
 def _run_batched(model: onnx.ModelProto, x: np.ndarray, out: np.ndarray | None, threads: int,
-                 chunk: int = 256, extra_outputs: list[str] | None = None):
+                 chunk: int = 256):
     sess = inference_session(model, threads)
     name = sess.get_inputs()[0].name
     results = []
@@ -234,6 +234,18 @@ def _run_batched(model: onnx.ModelProto, x: np.ndarray, out: np.ndarray | None, 
 
 def _output_shape(model: onnx.ModelProto, x: np.ndarray, threads: int) -> tuple[int, ...]:
     return _run_batched(model, x[:1], None, threads)[0][0].shape[1:]
+
+
+def _inner_values(block_model: onnx.ModelProto, tensor: str, x: np.ndarray, store: "_Store",
+                  threads: int) -> np.ndarray:
+    """The values of one of the block's tensors (its input included) on ``x``."""
+    if tensor == block_model.graph.input[0].name:
+        return x
+    model = copy.deepcopy(block_model)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    out = store.empty((len(x), *_output_shape(model, x, threads)))
+    return _run_batched(model, x, out, threads)
 
 
 class _Store:
@@ -459,6 +471,48 @@ def keep_if_better(fp_model: onnx.ModelProto, plan: QuantPlan, updates: dict, x_
     return updates, {"recon_first": before, "recon_last": after}
 
 
+def learn_block(folded: onnx.ModelProto, block: Block, fp_model: onnx.ModelProto, plan: QuantPlan,
+                x_fp: np.ndarray, x_q: np.ndarray, y: np.ndarray, cfg: BlockConfig, rng: np.random.Generator,
+                store: "_Store", progress=None) -> tuple[dict, dict]:
+    """Reconstruct one block and apply what it learned to ``plan`` (if it lowers the block's error).
+
+    A block whose training graph cannot be built (an op without a gradient between its layers) is
+    learned layer by layer instead: each quantized layer alone, from its own input to its own output,
+    in order, each kept only if it lowers that layer's error; a layer that fails too stays at
+    round-to-nearest. Returns the updates kept and the stats."""
+    updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, progress)
+    if not stats["status"].startswith("rtn (training graph failed") or len(block.quantized_nodes) < 2:
+        updates, errors = keep_if_better(fp_model, plan, updates, x_q, y, cfg.threads)
+        return updates, {**stats, **errors}
+    before = block_error(fp_model, plan, x_q, y, cfg.threads)
+    nodes = {n.name: n for n in folded.graph.node}
+    kept: dict = {"weights": {}, "acts": {}}
+    layers, ort_s = [], 0.0
+    for name in block.quantized_nodes:
+        node = nodes[name]
+        layer = Block(f"{block.name}/{name}", [name], node.input[0], node.output[0], [name])
+        layer_model = extract_block_model(folded, layer)
+        q_model = quantized_block_model(fp_model, plan)  # with the layers before this one learned
+        lx_fp = _inner_values(fp_model, layer.input, x_fp, store, cfg.threads)
+        lx_q = _inner_values(q_model, layer.input, x_q, store, cfg.threads)
+        ly = _inner_values(fp_model, layer.output, x_fp, store, cfg.threads)
+        upd, lstats = reconstruct_block(layer_model, plan, lx_fp, lx_q, ly, replace(cfg, name=layer.name), rng)
+        upd, errors = keep_if_better(layer_model, plan, upd, lx_q, ly, cfg.threads)
+        for kind in kept:
+            kept[kind].update(upd.get(kind, {}))
+        ort_s += lstats.get("ort_s", 0.0)
+        layers.append({"name": name, "status": errors.get("status", lstats["status"]),
+                       "recon_first": errors["recon_first"], "recon_last": errors["recon_last"]})
+        del lx_fp, lx_q, ly
+    if progress is not None:
+        progress.update(cfg.iters)
+    after = block_error(fp_model, plan, x_q, y, cfg.threads)
+    learned = sum(layer["status"].startswith("ok") for layer in layers)
+    status = (f"{'ok' if learned else 'rtn'} (layer by layer, {learned} of {len(layers)} layers learned; "
+              f"block {stats['status']})")
+    return kept, {"status": status, "per_layer": layers, "ort_s": ort_s, "recon_first": before, "recon_last": after}
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -581,9 +635,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
             else:
                 rng = np.random.default_rng([seed, i])
                 cfg.name = block.name
-                updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, bar)
-                updates, errors = keep_if_better(fp_model, plan, updates, x_q, y, threads)
-                stats = {**stats, **errors}
+                updates, stats = learn_block(folded, block, fp_model, plan, x_fp, x_q, y, cfg, rng, store, bar)
                 if workdir is not None:
                     _save_block(path, key, updates, stats)
             x_q_next = store.empty(y.shape)
