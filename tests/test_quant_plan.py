@@ -102,6 +102,14 @@ def test_weight_grid_symmetric_where_asked(grid):
             assert not w.zero_point.any()
 
 
+def test_weight_grid_auto_is_symmetric_everywhere_at_w8a8():
+    """onnxruntime's int8 convolution kernels are slow with weight zero points: W8A8 gets none."""
+    folded = _folded(fixtures.conv_bn_net())
+    auto = build_plan(folded, 8, 8)
+    assert all(w.symmetric for w in auto.weights.values())
+    assert not any(w.symmetric for w in build_plan(folded, 8, 8, weight_grid="asym").weights.values())
+
+
 def test_plan_roundtrip_keeps_target():
     plan = build_plan(_folded(fixtures.conv_bn_net()), 4, 8, target="tensorrt")
     meta, arrays = plan.to_arrays()
