@@ -42,10 +42,12 @@ def _candidates(x: np.ndarray, ratio: np.float32, qmin: int, qmax: int, symmetri
 
 
 def lp_search(x: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = P_NORM,
-              lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              lo: np.ndarray | None = None, hi: np.ndarray | None = None,
+              ratios: np.ndarray = CLIP_RATIOS) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (x is [rows, n]) step and zero point minimising mean |x - Q(x)|^p over the clip ratios.
 
-    ``lo``/``hi`` override the row ranges (used when ``x`` is a sample of a larger tensor).
+    ``lo``/``hi`` override the row ranges (used when ``x`` is a sample of a larger tensor); ``ratios``
+    of [1.0] gives the plain min/max (or max-abs) grid.
     """
     x = x.astype(np.float32)
     lo = np.minimum(x.min(axis=1) if lo is None else lo, 0).astype(np.float32)
@@ -53,7 +55,7 @@ def lp_search(x: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = P
     best = np.full(x.shape[0], np.inf)
     best_scale = np.ones(x.shape[0], np.float32)
     best_zero = np.zeros(x.shape[0], np.float32)
-    for ratio in CLIP_RATIOS:
+    for ratio in ratios:
         scale, zero = _candidates(x, ratio, qmin, qmax, symmetric, lo, hi)
         err = np.abs(x - fake_quant(x, scale[:, None], zero[:, None], qmin, qmax))
         score = (err ** np.float32(p)).mean(axis=1, dtype=np.float64)
