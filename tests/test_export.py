@@ -65,6 +65,23 @@ def test_fixture_parity_and_grid(name, wbits, abits, target):
     assert not np.array_equal(predict(sim, x), predict(folded, x))
 
 
+def test_signed_8bit_weights_are_stored_as_uint8_for_ort():
+    """A symmetric 8-bit weight grid (W8A8 ort) goes out as uint8 with zero point 128: the same values,
+    and onnxruntime's u8u8 kernels, which do not saturate on CPUs without VNNI."""
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    _, plan, q, sim = _quantized(model, 8, 8, x)
+    params = {t.name: t for t in q.graph.initializer}
+    assert all(w.signed for w in plan.weights.values())
+    for wq in plan.weights.values():
+        stored = params[f"{wq.weight}_quantized"]
+        assert stored.data_type == params[f"{wq.weight}_zero_point"].data_type == TensorProto.UINT8
+        np.testing.assert_array_equal(numpy_helper.to_array(stored).astype(np.int32), wq.wint + 128)
+        assert set(numpy_helper.to_array(params[f"{wq.weight}_zero_point"]).ravel()) == {128}
+    assert max(weight_grid_errors(q, plan).values()) == 0.0
+    assert parity(q, sim, x) <= TOL
+
+
 def test_storage_types_ort():
     model = fixtures.conv_bn_net()
     x = fixtures.random_input(model, 16)
