@@ -113,8 +113,12 @@ def _fmt_mean(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    latest: dict = {}
+    for r in rows:  # the latest run of each setting and seed counts (earlier code versions stay in the file)
+        latest[(r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["quantizer"], r["iters"],
+                r.get("lr_scale", 1.0), r["seed"])] = r
     groups: dict = {}
-    for r in rows:
+    for r in latest.values():
         key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["calib"], r["images"], r["quantizer"], r["iters"],
                r.get("lr_scale", 1.0))
         groups.setdefault(key, []).append(r)
