@@ -57,7 +57,8 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "activation-step learning rates relative to the grid, one ORT thread per core, a block keeps its learned "
          "values only if they lower its error) ran one after another, but shared the machine with other jobs at "
          "times (W4A4 seed 0 most: 773 s); the fast-r1000 rows (commit 3a2f97e, step learning rates not yet "
-         "relative to the grid) had the machine to themselves. Stage times and per-block errors of every run are in its report "
+         "relative to the grid) had the machine to themselves. M1 and M4 ran once (seed 0, W2A4) with the grid-relative "
+         "learning rates; M2 and M3 were not run. Stage times and per-block errors of every run are in its report "
          "(`out/bench_product/*.json`)."]
 ORDER = ["fast", "fast-b160", "fast-r1000", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
