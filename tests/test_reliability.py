@@ -499,8 +499,10 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
             "--recon-iters", "5", "--recon-batch", "8", "--jobs", str(jobs), "--workdir", str(wd)]
     (tmp_path / "scratch").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "scratch")}  # terminated workers' leftovers stay here
+    # SIGINT back to its default: a shell's background job (`make test &`) starts with it ignored
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(lambda: any((wd / "distill").glob("batch_*.npz")), proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
