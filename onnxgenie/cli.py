@@ -102,7 +102,7 @@ def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) 
                    help="ort: asymmetric per-channel weights; tensorrt: int8, zero points 0, int32 biases")
     p.add_argument("--weight-grid", choices=("auto", "asym", "sym"), default="auto",
                    help="per-channel weight grid: asym (the paper's), sym (zero point 0), auto (default): "
-                        "sym for depthwise convs and at W8A8, asym for the rest")
+                        "sym for depthwise convs, asym for the rest")
 
 
 def _cmd_distill(args) -> int:

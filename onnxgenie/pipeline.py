@@ -48,7 +48,7 @@ class QuantizeConfig:
     abits: int = 4
     first_last_bits: int = 8
     target: str = "ort"
-    weight_grid: str = "auto"           # asym | sym | auto (symmetric for depthwise convs and at W8A8)
+    weight_grid: str = "auto"           # asym | sym | auto (symmetric for depthwise convs only)
     exclude: tuple[str, ...] = ()
     calib: str = "distill"
     calib_images: int = 256

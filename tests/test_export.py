@@ -29,9 +29,9 @@ from onnxgenie.quant.plan import build_plan
 TOL = 1e-4  # of the logit range
 
 
-def _quantized(model, wbits, abits, calib, target="ort", exclude=()):
+def _quantized(model, wbits, abits, calib, target="ort", exclude=(), weight_grid="auto"):
     folded = fold_bn(normalize(model))
-    plan = build_plan(folded, wbits, abits, target=target, exclude=exclude)
+    plan = build_plan(folded, wbits, abits, target=target, exclude=exclude, weight_grid=weight_grid)
     init_weights(folded, plan)
     init_activations(folded, plan, calib)
     return folded, plan, export_qdq(folded, plan), fakequant_model(folded, plan, opset=EXPORT_OPSET)
@@ -66,11 +66,11 @@ def test_fixture_parity_and_grid(name, wbits, abits, target):
 
 
 def test_signed_8bit_weights_are_stored_as_uint8_for_ort():
-    """A symmetric 8-bit weight grid (W8A8 ort) goes out as uint8 with zero point 128: the same values,
+    """A symmetric 8-bit weight grid goes out as uint8 with zero point 128 for ort: the same values,
     and onnxruntime's u8u8 kernels, which do not saturate on CPUs without VNNI."""
     model = fixtures.conv_bn_net()
     x = fixtures.random_input(model, 16)
-    _, plan, q, sim = _quantized(model, 8, 8, x)
+    _, plan, q, sim = _quantized(model, 8, 8, x, weight_grid="sym")
     params = {t.name: t for t in q.graph.initializer}
     assert all(w.signed for w in plan.weights.values())
     for wq in plan.weights.values():

@@ -7,11 +7,10 @@ tensor, shared by all its consumers, with the highest bit width any consumer ask
 layer keeps 8-bit weights and a float input (the image), the second layer's input is 8-bit, and
 the last layer's weights and input are 8-bit (``first_last_bits``).
 
-Weight grids (``weight_grid``): the reference's asymmetric per-channel grid, except where ``"auto"``
-picks a symmetric one: for depthwise convolutions (with 9 weights per channel the asymmetric grid
-costs ShuffleNet 5 pt at W4A8, the symmetric one nothing), and for every layer at W8A8, where
-onnxruntime runs the convolutions on its int8 kernels, which are ~10x slower with per-channel weight
-zero points (ShuffleNet: 27 ms against 2.5 ms per image), at no cost in accuracy (BENCHMARKS.md).
+Weight grids (``weight_grid``): the reference's asymmetric per-channel grid, except that ``"auto"``
+gives depthwise convolutions a symmetric one: with 9 weights per channel the asymmetric grid costs
+ShuffleNet 5 pt at W4A8, and at W8A8 onnxruntime's depthwise QLinearConv with per-channel weight zero
+points is 6x slower than the whole FP32 model (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
 
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
-    ``weight_grid`` "sym" / "auto" (depthwise convs; all layers at W8A8) makes those weights symmetric.
+    ``weight_grid`` "sym" / "auto" (depthwise convs only) makes those weights symmetric.
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
     ``exclude`` names nodes that stay float. At W8A8 the ``"ort"`` target quantizes the image and both
@@ -149,8 +148,7 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
         if node.name in excluded:
             continue
         edge = i in (0, last)
-        symmetric = trt or weight_grid == "sym" or (
-            weight_grid == "auto" and (int8_kernels or is_depthwise(node, shapes[node.input[1]])))
+        symmetric = trt or weight_grid == "sym" or (weight_grid == "auto" and is_depthwise(node, shapes[node.input[1]]))
         plan.weights[node.name] = WeightQuant(
             node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
             symmetric=symmetric, axis=weight_axis(node), narrow=trt)
