@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
+from benchlib import ROOT, SHARED, write_section
 
-from benchlib import write_section  # noqa: E402
+sys.path.insert(0, str(ROOT))
+
 from onnxgenie.export.plain_ort import plain_ort_python  # noqa: E402
 from onnxgenie.pipeline import QuantizeConfig, prepare, quantize  # noqa: E402
 from onnxgenie.quant.plan import build_plan  # noqa: E402
@@ -115,9 +114,8 @@ def distilled(model_name: str, src: Path, work: Path, n: int, iters: int, jobs: 
     return x
 
 
-def same_grid(src: Path, wbits: int, abits: int) -> bool:
+def same_grid(folded: onnx.ModelProto, wbits: int, abits: int) -> bool:
     """True if the default weight grid is the asymmetric one on every layer of this model and bits."""
-    folded = prepare(str(src))[1]
     return not any(w.symmetric for w in build_plan(folded, wbits, abits).weights.values())
 
 
@@ -141,6 +139,7 @@ def run(args) -> dict:
                   "noise": np.random.default_rng(0).standard_normal(real.shape).astype(np.float32)}
         if args.distill:
             calibs["distilled"] = distilled(name, src, work, args.distill_images, args.distill_iters, args.jobs)
+        folded = prepare(str(src))[1]
         r = results.setdefault(name, {})  # configs not run this time keep their earlier figures
         r["fp32"] = evaluate(python, src, work)
         print(f"{name}: FP32 {r['fp32']['top1']:.2f} %, {r['fp32']['ms']:.2f} ms", flush=True)
@@ -153,7 +152,7 @@ def run(args) -> dict:
             if "distilled" in calibs:  # what the default weight grid changes against the paper's asymmetric one
                 runs.append(("distilled_asym", calibs["distilled"], "asym"))
             for calib_name, calib, grid in runs:
-                if grid == "asym" and same_grid(src, wbits, abits):
+                if grid == "asym" and same_grid(folded, wbits, abits):
                     row[calib_name] = row["distilled"]
                     continue
                 t = time.perf_counter()
@@ -190,7 +189,7 @@ def markdown(results: dict, args, ort_version: str) -> str:
              f"{args.dev_images} images of `cifar10_dev_test.npz`, all models run on plain onnxruntime "
              f"{ort_version} (CPU, default optimisations). Ours: `quantize --no-reconstruct` (L2.4 step search, "
              "first/last layer 8-bit, per-channel weights on the default `--weight-grid auto`: asymmetric, "
-             "symmetric for depthwise convs and at W8A8; per-tensor activations incl. residual "
+             "symmetric for depthwise convs; per-tensor activations incl. residual "
              "shortcuts); *distilled asym*: the same distilled images with the paper's asymmetric grid everywhere. Calibration: *real* = the 1,000 `cifar10_train_1k` images; *noise* = 1,000 N(0,1) "
              f"images; *distilled* = {args.distill_images} GENIE-D images ({args.distill_iters} steps per batch). "
              "ORT = onnxruntime `quant_pre_process` + `quantize_static` (QDQ, per-channel, Percentile histograms merged per batch of 100 so that ShuffleNet fits in memory, same 1,000 real "
@@ -230,7 +229,7 @@ def main() -> None:
     parser.add_argument("--no-ort", dest="ort", action="store_false",
                         help="keep onnxruntime's quantize_static figures from the previous run (they do not depend on "
                              "onnxgenie's code) and rerun only ours")
-    parser.add_argument("--out", default=str(REPO / "out" / "bench_quant"))
+    parser.add_argument("--out", default=str(ROOT / "out" / "bench_quant"))
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from OUT/results.json")
     args = parser.parse_args()

@@ -23,26 +23,13 @@ sys.path.insert(0, str(ROOT))
 
 import onnxgenie.quant.init as qinit  # noqa: E402
 from onnxgenie.evaluate import predict, preprocess  # noqa: E402
-from onnxgenie.graph.bn import initializers  # noqa: E402
 from onnxgenie.pipeline import prepare  # noqa: E402
 from onnxgenie.quant.fakequant import fakequant_model  # noqa: E402
 from onnxgenie.quant.plan import build_plan, is_depthwise  # noqa: E402
+from onnxgenie.quant.spec import QuantPlan  # noqa: E402
 
 ROWS = [("asym", "all", "L2.4"), ("asym", "all", "minmax"), ("sym", "all", "L2.4"), ("sym", "all", "minmax"),
         ("sym", "depthwise", "L2.4"), ("sym", "depthwise", "minmax")]
-
-
-def minmax_weights(folded, plan, nodes: set[str]) -> None:
-    """Re-initialise the named layers' steps from their full range (no clipping search)."""
-    inits = initializers(folded)
-    for wq in plan.weights.values():
-        if wq.node not in nodes:
-            continue
-        w = inits[wq.weight].astype(np.float32)
-        rows = np.moveaxis(w, wq.axis, 0).reshape(w.shape[wq.axis], -1)
-        qmin, qmax = wq.qrange
-        wq.scale, wq.zero_point = qinit.lp_search(rows, qmin, qmax, wq.symmetric, ratios=np.ones(1, np.float32))
-        wq.wint = qinit.quantize_weight(w, wq.scale, wq.zero_point, wq.axis, qmin, qmax)
 
 
 def main() -> None:
@@ -70,8 +57,9 @@ def main() -> None:
             for w in plan.weights.values():
                 w.symmetric = grid == "sym" and w.node in chosen
             qinit.init_weights(folded, plan)
-            if search == "minmax":
-                minmax_weights(folded, plan, chosen)
+            if search == "minmax":  # the chosen layers again, from their full range (no clipping search)
+                only = QuantPlan(target=plan.target, weights={n: plan.weights[n] for n in chosen})
+                qinit.init_weights(folded, only, ratios=np.ones(1, np.float32))
             qinit.init_activations(folded, plan, calib)
             top1 = 100 * float((predict(fakequant_model(folded, plan), x, threads=0).argmax(1) == y).mean())
             print(f"{args.model} W{wbits}A{abits} {grid:4} on {where:9} {search:6}: {top1:.2f} "

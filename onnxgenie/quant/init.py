@@ -66,14 +66,15 @@ def lp_search(x: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = P
     return best_scale.astype(np.float32), best_zero.astype(np.int32)
 
 
-def init_weights(folded: onnx.ModelProto, plan: QuantPlan, p: float = P_NORM) -> QuantPlan:
+def init_weights(folded: onnx.ModelProto, plan: QuantPlan, p: float = P_NORM,
+                 ratios: np.ndarray = CLIP_RATIOS) -> QuantPlan:
     """Fill scale, zero_point and round-to-nearest ``wint`` of every weight quantizer (in place; returned)."""
     inits = initializers(folded)
     for wq in plan.weights.values():
         w = inits[wq.weight].astype(np.float32)
         rows = np.moveaxis(w, wq.axis, 0).reshape(w.shape[wq.axis], -1)
         qmin, qmax = wq.qrange
-        wq.scale, wq.zero_point = lp_search(rows, qmin, qmax, wq.symmetric, p)
+        wq.scale, wq.zero_point = lp_search(rows, qmin, qmax, wq.symmetric, p, ratios=ratios)
         wq.wint = quantize_weight(w, wq.scale, wq.zero_point, wq.axis, qmin, qmax)
     return plan
 
