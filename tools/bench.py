@@ -1,8 +1,10 @@
 """Regenerate BENCHMARKS.md: every benchmark tool with the settings its table was made with.
 
-Each tool appends its runs to out/*.jsonl (or out/bench_quant/) and rewrites its own section of
-BENCHMARKS.md, so the steps can also be run one at a time (``--only``). The whole set takes hours
-on 2 cores (distillation and 2,000-step reconstructions dominate); ``--list`` shows the commands.
+Each tool adds its runs to its raw-results file in benchmarks/ (tracked: bench_product.jsonl, bench_recon.jsonl,
+bench_quant.json) and rebuilds its own section of BENCHMARKS.md from every row there, so the steps can also be
+run one at a time (``--only``); bench_distill keeps no file, its table is its latest run. Models, caches and run
+reports stay under out/ (not tracked). The whole set takes hours on 2 cores (distillation and 2,000-step
+reconstructions dominate); ``--list`` shows the commands.
 
     .venv/bin/python tools/bench.py --list
     .venv/bin/python tools/bench.py                       # everything

@@ -4,7 +4,8 @@ Each run is the CLI in a fresh process (distillation workers included) on a shar
 the written QDQ model is scored on the 5,000-image dev split. Per run: top-1, Δ to FP32, wall time
 of the whole command, the stage times from its report, the peak RSS of the largest process
 (its report: main process or a distillation worker), and the FP32-agreement on held-out distilled images the report gives.
-Results are appended to out/bench_product.jsonl; the table is rebuilt from every row there.
+Results are appended to benchmarks/bench_product.jsonl (tracked); the table is rebuilt from every row there.
+The written models and run reports stay under out/bench_product/.
 
 Variants (``--variants``): ``fast`` / ``paper`` (the presets); ``fewshot`` (fast preset with 256 real
 training images from cifar10_train_1k: not zero-shot); ``noise`` (Gaussian-noise calibration, the naive
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, SHARED, model_info, publish, read_rows
+from benchlib import RESULTS_DIR, ROOT, SHARED, model_info, publish, read_rows
 
 OUT = ROOT / "out" / "bench_product"
-RESULTS = ROOT / "out" / "bench_product.jsonl"
+RESULTS = RESULTS_DIR / "bench_product.jsonl"
 BEGIN, END = "<!-- bench_product -->", "<!-- /bench_product -->"
 VARIANTS = {
     "fast": [],

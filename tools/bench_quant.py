@@ -5,9 +5,13 @@ reconstruction) with real calibration images (cifar10_train_1k), with Gaussian n
 GENIE-D distilled images; onnxruntime's ``quantize_static`` (QDQ, per-channel, MinMax and
 Percentile) on the same 1,000 real images. Every model is evaluated on the 5,000 dev images and timed
 (batch 1, one thread) on the latest plain onnxruntime, in its own venv (.venv-ort, with onnx).
+The figures go to benchmarks/bench_quant.json (tracked; ``--results`` for another file): the table is rebuilt
+from it, and models and configs not rerun keep their earlier figures. Models, images and distillation caches
+stay under ``--out`` (out/bench_quant/).
 
     .venv/bin/python tools/bench_quant.py            # all of it (distillation dominates the time)
     .venv/bin/python tools/bench_quant.py --models resnet20_cifar10 --no-distill --dev-images 1000
+    .venv/bin/python tools/bench_quant.py --table-only --distill-iters 200   # the table as in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchlib import ROOT, SHARED, write_section
+from benchlib import RESULTS_DIR, ROOT, SHARED, write_section
 
 sys.path.insert(0, str(ROOT))
 
@@ -33,6 +37,7 @@ from onnxgenie.quant.plan import build_plan  # noqa: E402
 MODELS = ("resnet20_cifar10", "resnet32_cifar10", "shufflenet_g3_cifar10")
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 MARK = "<!-- bench_quant -->"
+RESULTS = RESULTS_DIR / "bench_quant.json"  # {model: {"fp32": ..., config: {calibration: ...}}}
 
 # Runs in the plain-onnxruntime venv: top-1 and batch-1 latency of one model.
 EVAL_SCRIPT = r"""
@@ -127,8 +132,8 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     infos = json.loads((SHARED / "models" / "models.json").read_text())
     dev, train = np.load(SHARED / "data" / "cifar10_dev_test.npz"), np.load(SHARED / "data" / "cifar10_train_1k.npz")
-    previous = work / "results.json"  # models measured by earlier runs stay in the table
-    results: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    store = Path(args.results)  # models measured by earlier runs stay in the table
+    results: dict = json.loads(store.read_text()) if store.exists() else {}
     for name in args.models:
         info, src = infos[f"{name}.onnx"], SHARED / "models" / f"{name}.onnx"
         np.save(work / "dev_x.npy", preprocess(dev["images"][:args.dev_images], info))
@@ -171,7 +176,8 @@ def run(args) -> dict:
                     row[f"ort_{method}"] = {"error": str(err)[:200]}
             print(f"  {label}: " + ", ".join(f"{k} {v.get('top1', float('nan')):.2f}" for k, v in row.items()),
                   flush=True)
-        (work / "results.json").write_text(json.dumps(results, indent=1))
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -229,14 +235,18 @@ def main() -> None:
     parser.add_argument("--no-ort", dest="ort", action="store_false",
                         help="keep onnxruntime's quantize_static figures from the previous run (they do not depend on "
                              "onnxgenie's code) and rerun only ours")
-    parser.add_argument("--out", default=str(ROOT / "out" / "bench_quant"))
+    parser.add_argument("--out", default=str(ROOT / "out" / "bench_quant"),
+                        help="work folder: models, images, distillation caches (the figures go to --results)")
+    parser.add_argument("--results", default=str(RESULTS),
+                        help="the figures, read first and rewritten after each model (default: the tracked "
+                             "benchmarks/bench_quant.json; another path keeps a trial run out of it)")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
-    parser.add_argument("--table-only", action="store_true", help="rewrite the table from OUT/results.json")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from --results")
     args = parser.parse_args()
     if not (SHARED / "models" / "models.json").is_file():
         sys.exit("bench_quant: ../shared (models and data) is not present")
-    if args.table_only:  # the table from a previous (possibly interrupted) run's results.json
-        results = json.loads((Path(args.out) / "results.json").read_text())
+    if args.table_only:  # the table from the previous (possibly interrupted) runs' figures
+        results = json.loads(Path(args.results).read_text())
     else:
         results = run(args)
     version = next(iter(results.values()))["fp32"]["ort"]

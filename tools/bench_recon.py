@@ -7,7 +7,7 @@ block, the share of that time spent inside onnxruntime training calls, peak RSS.
 
 Calibration: ``--calib real`` uses the first images of a seeded shuffle of cifar10_train_1k.npz (few-shot);
 ``--calib distill`` distils them with GENIE-D first (cached under out/).
-Results are appended to out/bench_recon.jsonl; the table is built from every row in that file.
+Results are appended to benchmarks/bench_recon.jsonl (tracked); the table is built from every row in that file.
 
     .venv/bin/python tools/bench_recon.py --bits 4/4 --iters 500 --quantizers genie adaround
     .venv/bin/python tools/bench_recon.py --table-only
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, SHARED, model_info, publish, read_rows
+from benchlib import RESULTS_DIR, ROOT, SHARED, model_info, publish, read_rows
 from onnxgenie.resources import peak_rss
 
-RESULTS = ROOT / "out" / "bench_recon.jsonl"
+RESULTS = RESULTS_DIR / "bench_recon.jsonl"
 BEGIN, END = "<!-- bench_recon -->", "<!-- /bench_recon -->"
 REFERENCE = ("Official GENIE code (PyTorch) on resnet20_cifar10, 512 distilled images × 200 distillation steps, "
              "2,000 reconstruction steps per block, same CPU: W4A4 80.62 / 79.82, W2A4 77.60 / 77.30 "

@@ -1,4 +1,5 @@
-"""What the benchmark tools share: where the shared models are, and writing one section of BENCHMARKS.md."""
+"""What the benchmark tools share: where the shared models and the raw results are, and writing one section of
+BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+# The raw rows each table is rebuilt from. Tracked (out/ is not), so that a fresh checkout's next run adds to
+# the earlier figures instead of replacing them; models, caches and reports stay under out/.
+RESULTS_DIR = ROOT / "benchmarks"
 
 
 def model_info(model: str) -> dict:
