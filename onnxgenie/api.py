@@ -39,7 +39,7 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     path = None if array is not None or calib_data is None else calib_data
     config = preset_config(preset, wbits=wbits, abits=abits, target=target, seed=seed,
                            workdir=None if workdir is None else str(workdir), progress=progress,
-                           min_agreement=min_agreement, calib="data" if path is not None else None, **settings)
+                           min_agreement=min_agreement, calib="data" if calib_data is not None else None, **settings)
     if "jobs" not in settings:
         config = replace(config, jobs=auto_jobs(config))
     if isinstance(model_input, (str, os.PathLike)) and model_output is not None:

@@ -196,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-mode", choices=("genie", "zeroq", "noise"), default=None,
                    help="GENIE-D ablation: generator + latents (genie, default), pixels (zeroq), fixed latents (noise)")
     p.add_argument("--no-swing", action="store_true", help="GENIE-D without swing convolution (ablation)")
-    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 --calib-data (after /255)")
-    p.add_argument("--std", type=float, nargs="+", help="per-channel std for uint8 --calib-data (after /255)")
+    p.add_argument("--mean", type=float, nargs="+",
+                   help="the model's per-channel input mean (after /255): preprocesses uint8 --calib-data and, "
+                        "where the image is quantized (W8A8, tensorrt), gives its exact range")
+    p.add_argument("--std", type=float, nargs="+", help="the model's per-channel input std (after /255), as --mean")
     p.add_argument("--jobs", type=int, default=0, help="distillation processes (default: cores, bounded by memory)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: one per core)")
     p.add_argument("--workdir", help="keep finished distillation batches / reconstructed blocks here")

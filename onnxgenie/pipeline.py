@@ -27,7 +27,7 @@ from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.fakequant import fakequant_model
-from .quant.init import P_NORM, init_activations, init_weights
+from .quant.init import IMAGE_SIGMAS, P_NORM, image_range, init_activations, init_weights, set_image_step
 from .quant.plan import build_plan, check_bits, check_weight_grid
 from .quant.spec import QuantPlan
 from .resources import default_threads
@@ -69,7 +69,7 @@ class QuantizeConfig:
     threads: int = 0                    # onnxruntime threads of this process; 0: one per core
     workdir: str | None = None
     progress: bool = True
-    mean: tuple[float, ...] | None = None  # preprocessing of uint8 calibration files
+    mean: tuple[float, ...] | None = None  # the input's preprocessing: uint8 calibration files, image range
     std: tuple[float, ...] | None = None
     preset: str | None = None           # the preset the values came from (for the report)
     min_agreement: float | None = None  # quality gate: FP32 vs quantized top-1 agreement, %, on held-out images
@@ -148,7 +148,10 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         x = preprocess(images, chw, config.mean, config.std)
         order = rng.permutation(len(x)) if len(x) > n else np.arange(len(x))
         calib, held = x[np.sort(order[:n])], x[np.sort(order[n:n + m])]
-        return _input_layout(normal, calib), _input_layout(normal, held), {"source": "data", "file": str(calib_data)}
+        with np.load(calib_data) as f:  # a file written by `onnxgenie distill` holds synthetic images
+            synthetic = "loss_history" in f.files
+        return (_input_layout(normal, calib), _input_layout(normal, held),
+                {"source": "data", "file": str(calib_data), "synthetic": synthetic})
     if config.calib == "noise":
         x = rng.standard_normal((n + m, *chw)).astype(np.float32)
         return _input_layout(normal, x[:n]), _input_layout(normal, x[n:]), {"source": "noise"}
@@ -243,6 +246,14 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
         raise BadInputError(f"cannot write in --workdir {work} ({err.strerror}); choose a writable folder") from None
 
 
+def check_preprocessing(mean, std) -> None:
+    """--mean and --std come together, one value per channel each (the count is checked on use), std > 0."""
+    if (mean is None) != (std is None):
+        raise BadInputError("--mean and --std go together; give both (per channel, after /255) or neither")
+    if std is not None and (len(std) != len(mean) or any(not v > 0 for v in std)):
+        raise BadInputError(f"--mean/--std need the same number of values and std > 0; got {list(mean)} / {list(std)}")
+
+
 def check_finite(model: onnx.ModelProto) -> None:
     """Refuse to export a model with NaN/Inf in any float initializer."""
     from onnx import numpy_helper
@@ -272,7 +283,8 @@ class _Stages:
 
 def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None = None,
              calib: np.ndarray | None = None, resume: bool = False) -> QuantizationResult:
-    """The whole pipeline in memory. ``calib`` (float32, the model's layout) overrides ``config.calib``.
+    """The whole pipeline in memory. ``calib`` (float32, the model's layout) overrides ``config.calib``,
+    which then says what the images are: real (``"data"``) or synthetic (``"distill"``, ``"noise"``).
 
     With ``config.workdir`` finished distillation batches and blocks are kept there; ``resume``
     continues such a run (refused when the model, config or seed differ). The result's report holds
@@ -287,6 +299,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         check_args(config.recon_iters, config.recon_batch, config.quantizer,
                    len(calib) if calib is not None else config.calib_images)
         check_lr_scale(config.recon_lr_scale)
+    check_preprocessing(config.mean, config.std)
     if config.threads < 0:
         raise BadInputError(f"--threads must be 0 (one per core) or more (got {config.threads})")
     config = replace(config, threads=default_threads(config.threads))
@@ -311,6 +324,13 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
                     f"(batches {np.min(losses):.4f}-{np.max(losses):.4f})", jobs=calib_info["jobs"],
                     distilling_process_peak_rss_mib=calib_info["process_peak_rss_mib"])
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
+    image = image_io(normal).input
+    if image in plan.acts and (config.calib != "data" or calib_info.get("synthetic")):
+        # synthetic images do not span a real image's range
+        lo, hi = image_range(calib, config.mean, config.std)
+        set_image_step(plan.acts[image], lo, hi, plan.target == "tensorrt")
+        calib_info = {**calib_info, "image_range": [round(lo, 4), round(hi, 4)],
+                      "image_range_from": "--mean/--std" if config.mean else f"±{IMAGE_SIGMAS:g} std of the images"}
     stages.done("init", f"steps of {len(plan.weights)} weights (L{P_NORM} search) and {len(plan.acts)} activations "
                 f"from {len(calib)} images")
     report: dict = {"model": str(model) if isinstance(model, (str, os.PathLike)) else original.graph.name,
@@ -354,6 +374,7 @@ def _calibration_report(calib: np.ndarray, holdout: np.ndarray | None, info: dic
                    seconds_per_step=info["seconds_per_step"], resumed_batches=list(info["resumed_batches"]))
     elif "file" in info:
         out["file"] = info["file"]
+    out.update({k: info[k] for k in ("image_range", "image_range_from") if k in info})
     return out
 
 

@@ -9,7 +9,9 @@ import pytest
 import fixtures
 from onnxgenie.graph.bn import fold_bn, initializers
 from onnxgenie.graph.load import normalize
-from onnxgenie.quant.init import (CLIP_RATIOS, activation_batches, init_activations, init_weights, lp_search)
+from onnxgenie.quant.init import (CLIP_RATIOS, IMAGE_SIGMAS, act_fake_quant, activation_batches, image_range,
+                                  init_activations, init_weights, lp_search, set_image_step)
+from onnxgenie.quant.spec import ActQuant
 from onnxgenie.quant.plan import build_plan
 from onnxgenie.quant.spec import int_range
 
@@ -104,3 +106,50 @@ def test_init_activations_sign_and_range():
         # few values: the search saw all of them (zeros left out), so it equals the search on the full tensor
         full, _ = lp_search(v.reshape(1, -1), qmin, qmax, True)
         assert act.scale == pytest.approx(float(full[0]), rel=1e-6)
+
+
+def test_image_range_exact_from_preprocessing_else_from_spread():
+    lo, hi = image_range(np.zeros((1, 3, 2, 2), np.float32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (lo, hi) == pytest.approx((-0.485 / 0.229, (1 - 0.406) / 0.225))
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32) * 2 + 1
+    lo, hi = image_range(x)
+    assert (lo, hi) == pytest.approx((x.mean() - IMAGE_SIGMAS * x.std(), x.mean() + IMAGE_SIGMAS * x.std()), rel=1e-5)
+
+
+@pytest.mark.parametrize("lo, hi, signed", [(-2.12, 2.64, True), (0.0, 1.0, False), (-1.0, 0.5, True)])
+def test_image_step_covers_its_range_without_clipping(lo, hi, signed):
+    act = set_image_step(ActQuant("input", 8, signed=True), lo, hi)
+    assert act.signed == signed and act.zero_point == 0
+    x = np.linspace(lo, hi, 10001, dtype=np.float32)
+    err = np.abs(act_fake_quant(x, act) - x)
+    assert err.max() <= act.scale / 2 * (1 + 1e-5)          # nothing clipped: only rounding error
+    assert act.scale <= max(abs(lo), abs(hi)) / (act.qrange[1] - 1)   # and the grid is not wider than needed
+
+
+def test_tensorrt_image_step_stays_signed():
+    assert set_image_step(ActQuant("input", 8, signed=True), 0.0, 1.0, signed_only=True).signed
+
+
+def test_w8a8_image_quantizer_does_not_clip_real_images_after_synthetic_calibration():
+    """GENIE-D's images span about ±1.25σ (Tanh, then a BN without affine); real standardised CIFAR
+    images reach 2.6σ. Fitted on such images, the image's 8-bit range clipped real ones (ResNet-32
+    W8A8 lost 2 pt); from synthetic images the range now comes from their spread or the preprocessing."""
+    from conftest import dev_images, model_info, shared_model_path, train_images
+    from onnxgenie.pipeline import QuantizeConfig, quantize
+
+    name = "resnet20_cifar10"
+    real, _ = dev_images(name, 500)
+    train, _ = train_images(name)
+    squashed = np.tanh(train[::8])   # GENIE-D's last two layers: Tanh, then BN without affine
+    squashed = (squashed - squashed.mean(axis=(0, 2, 3), keepdims=True)) / squashed.std(axis=(0, 2, 3), keepdims=True)
+    info = model_info(name)
+
+    def clipped(calib_kind: str, **pre) -> float:
+        result = quantize(str(shared_model_path(name)), QuantizeConfig(wbits=8, abits=8, calib=calib_kind,
+                                                                       progress=False, **pre), calib=squashed)
+        act = result.plan.acts["input"]
+        return float(np.mean(np.abs(act_fake_quant(real, act) - real) > act.scale / 2 * (1 + 1e-5)))
+
+    assert clipped("data") > 0.05                    # a range fitted on them clips real pixels
+    assert clipped("distill") < 1e-3                 # ±3σ of the synthetic images
+    assert clipped("distill", mean=tuple(info["mean"]), std=tuple(info["std"])) == 0.0   # the exact range

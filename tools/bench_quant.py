@@ -161,8 +161,9 @@ def run(args) -> dict:
                     row[calib_name] = row["distilled"]
                     continue
                 t = time.perf_counter()
-                res = quantize(src, QuantizeConfig(wbits=wbits, abits=abits, weight_grid=grid, progress=False),
-                               calib=calib)
+                kind = {"real": "data", "noise": "noise"}.get(calib_name, "distill")  # what the images are
+                res = quantize(src, QuantizeConfig(wbits=wbits, abits=abits, weight_grid=grid, calib=kind,
+                                                   progress=False), calib=calib)
                 path = work / f"{name}_{label}_{calib_name}.onnx"
                 onnx.save(res.model, str(path))
                 row[calib_name] = {**evaluate(python, path, work), "parity": res.report["parity"],

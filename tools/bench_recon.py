@@ -86,7 +86,8 @@ def _one_run(cfg: dict) -> dict:
         dev, labels = d["images"][:cfg["eval_images"]], d["labels"][:cfg["eval_images"]]
     dev = preprocess(dev, (3, 32, 32), info["mean"], info["std"])
     recon = cfg["quantizer"] != "rtn"
-    config = QuantizeConfig(wbits=cfg["wbits"], abits=cfg["abits"], calib="data", reconstruct=recon,
+    config = QuantizeConfig(wbits=cfg["wbits"], abits=cfg["abits"], calib="data" if cfg["calib"] == "real" else "distill",
+                            reconstruct=recon,
                             recon_iters=cfg["iters"], recon_batch=cfg["batch"],
                             recon_lr_scale=cfg.get("lr_scale", 1.0),
                             quantizer=cfg["quantizer"] if recon else "genie", seed=cfg["seed"],

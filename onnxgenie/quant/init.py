@@ -138,3 +138,31 @@ def init_activations(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarra
 def act_fake_quant(x: np.ndarray, act: ActQuant) -> np.ndarray:
     qmin, qmax = int_range(act.bits, act.signed)
     return fake_quant(x, np.float32(act.scale), np.float32(act.zero_point), qmin, qmax)
+
+
+IMAGE_SIGMAS = 3.0  # a standardised image spans about ±3σ: ImageNet mean/std map [0, 1] to [-2.12, 2.64]
+
+
+def image_range(images: np.ndarray, mean=None, std=None) -> tuple[float, float]:
+    """(lo, hi) of the model's input: exact from the preprocessing ``(x − mean) / std`` of x in [0, 1]
+    when it is known, else ±IMAGE_SIGMAS standard deviations of ``images`` around their mean."""
+    if mean is not None and std is not None:
+        m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        return float(np.min(-m / s)), float(np.max((1 - m) / s))
+    center, spread = float(images.mean(dtype=np.float64)), float(images.std(dtype=np.float64))
+    return center - IMAGE_SIGMAS * spread, center + IMAGE_SIGMAS * spread
+
+
+def set_image_step(act: ActQuant, lo: float, hi: float, signed_only: bool = False) -> ActQuant:
+    """Make the image's quantizer cover [lo, hi] without clipping (symmetric, like every activation).
+
+    Used for synthetic calibration images (GENIE-D, noise). The image is quantized only where every
+    conv input must be (W8A8 on onnxruntime's int8 kernels, TensorRT). GENIE-D's images leave Tanh
+    and a BN without affine: standardised, but within about ±1.25σ, where real ones reach ±2-2.6σ; a
+    range fitted on them clips real images (ResNet-32 W8A8: 80.55 against 82.65 % with a range fitted
+    on real images, 2,000 dev images)."""
+    act.signed = signed_only or lo < 0
+    qmin, qmax = act.qrange
+    top = max(abs(lo), abs(hi)) if act.signed else max(hi, 0.0)
+    act.scale, act.zero_point = (float(np.float32(top / qmax)) if top > 0 else 1.0), 0
+    return act
