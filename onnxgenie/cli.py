@@ -70,7 +70,7 @@ def _cmd_quantize(args) -> int:
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
-        recon_lr_scale=args.recon_lr_scale,
+        recon_lr_scale=args.recon_lr_scale, recon_augment=args.recon_augment,
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
@@ -148,6 +148,8 @@ def _cmd_distill(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quant.augment import AUGMENTS
+
     parser = argparse.ArgumentParser(prog="onnxgenie", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show what the tool sees in a model")
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-batch", type=int, default=None, help="reconstruction batch size (default: preset)")
     p.add_argument("--recon-lr-scale", type=float, default=None,
                    help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
+    p.add_argument("--recon-augment", choices=AUGMENTS, default=None,
+                   help="reconstruct on the calibration images plus mirrored (flip) and shifted copies "
+                        "(default: preset; fast: flip-shift, paper: none)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="rounding-loss weight (default 1.0 genie, 0.1 adaround)")
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",

@@ -26,6 +26,7 @@ from .errors import BadInputError, DivergenceError, OnnxGenieError, QualityGateE
 from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
+from .quant.augment import AUGMENTS
 from .quant.fakequant import fakequant_model
 from .quant.init import IMAGE_SIGMAS, P_NORM, image_range, init_activations, init_weights, set_image_step
 from .quant.plan import build_plan, check_bits, check_weight_grid
@@ -63,6 +64,7 @@ class QuantizeConfig:
     recon_iters: int = 2000
     recon_batch: int = 32
     recon_lr_scale: float = 1.0         # on GENIE-M's three learning rates (the reference's suit 2k-20k steps)
+    recon_augment: str = "none"         # none | flip | flip-shift: mirrored / shifted copies for GENIE-M
     quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
     lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
@@ -81,7 +83,7 @@ class QuantizeConfig:
 # distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 PRESETS: dict[str, dict] = {
     "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
-                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0),
+                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="flip-shift"),
     "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
                   recon_iters=20000, recon_batch=32, recon_lr_scale=1.0),
 }
@@ -184,11 +186,17 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     """GENIE-M (``quant.reconstruct``): learned softbits and steps, block by block."""
     from .quant.reconstruct import reconstruct
 
+    from .graph.load import nhwc_transpose
+    from .quant.augment import augment
+
     workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
-    return reconstruct(folded, plan, calib, iters=config.recon_iters, batch=config.recon_batch,
-                       quantizer=config.quantizer, lam=config.lam, seed=config.seed,
-                       workdir=workdir, progress=config.progress, threads=config.threads,
-                       verbose=config.verbose and config.progress, lr_scale=config.recon_lr_scale)
+    h_axis, w_axis = (1, 2) if nhwc_transpose(folded) is not None else (2, 3)
+    images = augment(calib, config.recon_augment, h_axis, w_axis)
+    plan, report = reconstruct(folded, plan, images, iters=config.recon_iters, batch=config.recon_batch,
+                               quantizer=config.quantizer, lam=config.lam, seed=config.seed,
+                               workdir=workdir, progress=config.progress, threads=config.threads,
+                               verbose=config.verbose and config.progress, lr_scale=config.recon_lr_scale)
+    return plan, {**report, "augment": config.recon_augment}
 
 
 def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray) -> float:
@@ -299,6 +307,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         check_args(config.recon_iters, config.recon_batch, config.quantizer,
                    len(calib) if calib is not None else config.calib_images)
         check_lr_scale(config.recon_lr_scale)
+        if config.recon_augment not in AUGMENTS:
+            raise BadInputError(f"unknown --recon-augment {config.recon_augment!r}; use one of {', '.join(AUGMENTS)}")
     check_preprocessing(config.mean, config.std)
     if config.threads < 0:
         raise BadInputError(f"--threads must be 0 (one per core) or more (got {config.threads})")
