@@ -212,6 +212,8 @@ MATRIX = [
     Case("workdir_is_file", _workdir_is_file, ("--workdir", "file")),
     Case("workdir_not_writable", _workdir_not_writable, ("cannot write", "--workdir", "writable")),
     Case("recon_batch_too_big", _flags("--recon-batch", "64"), ("fewer than the reconstruction batch",)),
+    Case("mean_without_std", _flags("--mean", "0.5", "0.5", "0.5"), ("--mean and --std go together",)),
+    Case("std_not_positive", _flags("--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"), ("std > 0",)),
 ]
 
 

@@ -125,7 +125,15 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
             "cpu": platform.processor() or platform.machine(),
             "config": {k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
                                                          "distill_batch", "recon_iters", "recon_batch",
-                                                         "recon_lr_scale")}}
+                                                         "recon_lr_scale", "recon_augment")}}
+
+
+AUGMENT_COPIES = {"none": 1, "flip": 2, "flip-shift": 4}
+
+
+def _augment(row: dict) -> str:
+    """The run's --recon-augment (rows from before it existed: none)."""
+    return row["config"].get("recon_augment") or "none"
 
 
 def _cell(values: list[float]) -> str:
@@ -138,7 +146,7 @@ def _cell(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"]), {})[r["seed"]] = r
+        groups.setdefault((r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r)), {})[r["seed"]] = r
     lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
              "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs` and `--threads`; "
              "rows before commit 0fa022b ran one ORT thread per process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
@@ -149,10 +157,11 @@ def table(rows: list[dict]) -> str:
              "| model | bits | variant | budget (calib+held-out imgs × distill steps, recon steps) | top-1 (seeds) "
              "| Δ FP32 | wall s | distill s | recon s | agreement % | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none")):
         rs = [groups[key][s] for s in sorted(groups[key])]
         c = rs[0]["config"]
         budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
+        budget += f" on ×{AUGMENT_COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)
@@ -193,7 +202,7 @@ def main() -> int:
     rows = read_rows(RESULTS)
     latest: dict = {}
     for r in rows:  # the latest run of each (model, bits, variant, seed) counts
-        latest[(r["model"], r["wbits"], r["abits"], r["variant"], r["seed"])] = r
+        latest[(r["model"], r["wbits"], r["abits"], r["variant"], _augment(r), r["seed"])] = r
     return publish(BEGIN, END, table(list(latest.values())), write=not args.no_write)
 
 
