@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
     p.add_argument("--recon-augment", choices=AUGMENTS, default=None,
                    help="reconstruct on the calibration images plus mirrored (flip) and shifted copies "
-                        "(default: preset; fast: flip-shift, paper: none)")
+                        "(default: preset; fast: auto = flip-shift below 4-bit weights, paper: none)")
     p.add_argument("--lambda", dest="lam", type=float, default=None,
                    help="rounding-loss weight (default 1.0 genie, 0.1 adaround)")
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",

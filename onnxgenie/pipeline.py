@@ -64,7 +64,7 @@ class QuantizeConfig:
     recon_iters: int = 2000
     recon_batch: int = 32
     recon_lr_scale: float = 1.0         # on GENIE-M's three learning rates (the reference's suit 2k-20k steps)
-    recon_augment: str = "none"         # none | flip | flip-shift: mirrored / shifted copies for GENIE-M
+    recon_augment: str = "none"         # auto | none | flip | flip-shift: mirrored / shifted copies for GENIE-M
     quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
     lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
@@ -83,7 +83,7 @@ class QuantizeConfig:
 # distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 PRESETS: dict[str, dict] = {
     "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
-                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="flip-shift"),
+                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="auto"),
     "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
                   recon_iters=20000, recon_batch=32, recon_lr_scale=1.0),
 }
@@ -187,16 +187,17 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     from .quant.reconstruct import reconstruct
 
     from .graph.load import nhwc_transpose
-    from .quant.augment import augment
+    from .quant.augment import augment, resolve
 
     workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
     h_axis, w_axis = (1, 2) if nhwc_transpose(folded) is not None else (2, 3)
-    images = augment(calib, config.recon_augment, h_axis, w_axis)
+    mode = resolve(config.recon_augment, config.wbits)
+    images = augment(calib, mode, h_axis, w_axis)
     plan, report = reconstruct(folded, plan, images, iters=config.recon_iters, batch=config.recon_batch,
                                quantizer=config.quantizer, lam=config.lam, seed=config.seed,
                                workdir=workdir, progress=config.progress, threads=config.threads,
                                verbose=config.verbose and config.progress, lr_scale=config.recon_lr_scale)
-    return plan, {**report, "augment": config.recon_augment}
+    return plan, {**report, "augment": mode}
 
 
 def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray) -> float:

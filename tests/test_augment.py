@@ -46,6 +46,23 @@ def test_pipeline_reconstructs_on_the_augmented_set_and_reports_it():
     assert report["calibration"]["images"] == 8
 
 
+def test_auto_mirrors_and_shifts_below_4_bit_weights_only():
+    from onnxgenie.pipeline import preset_config, quantize
+    from onnxgenie.quant.augment import resolve
+
+    assert preset_config("fast").recon_augment == "auto" and preset_config("paper").recon_augment == "none"
+    assert [resolve("auto", b) for b in (2, 3, 4, 8)] == ["flip-shift", "flip-shift", "none", "none"]
+    assert resolve("flip", 8) == "flip"
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 8)
+    for wbits, images, mode in ((2, 32, "flip-shift"), (4, 8, "none")):
+        config = preset_config("fast", wbits=wbits, abits=4, recon_iters=2, recon_batch=4, calib="data", progress=False)
+        report = quantize(model, config, calib=x).report["reconstruction"]
+        assert (report["images"], report["augment"]) == (images, mode)
+    with pytest.raises(ValueError):
+        augment(x, "auto")
+
+
 def test_unknown_augmentation_is_bad_input():
     from onnxgenie.errors import BadInputError
     from onnxgenie.pipeline import QuantizeConfig, quantize

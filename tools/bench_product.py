@@ -123,9 +123,10 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
             "threads": report["config"].get("threads"), "commit": _commit(),
             "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
-            "config": {k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
-                                                         "distill_batch", "recon_iters", "recon_batch",
-                                                         "recon_lr_scale", "recon_augment")}}
+            "config": {**{k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
+                                                            "distill_batch", "recon_iters", "recon_batch",
+                                                            "recon_lr_scale")},
+                       "recon_augment": report.get("reconstruction", {}).get("augment", "none")}}
 
 
 AUGMENT_COPIES = {"none": 1, "flip": 2, "flip-shift": 4}
