@@ -60,7 +60,12 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "times (W4A4 seed 0 most: 773 s); the fast-r1000 rows (commit 3a2f97e, step learning rates not yet "
          "relative to the grid) had the machine to themselves. M1 and M4 ran once (seed 0, W2A4) with the grid-relative "
          "learning rates; M2 and M3 were not run. Stage times and per-block errors of every run are in its report "
-         "(`out/bench_product/*.json`)."]
+         "(`out/bench_product/*.json`). Rows whose budget says *on ×4 (flip-shift)* reconstructed on the 256 images plus mirrored "
+         "and shifted copies (`--recon-augment`, commits 7b7ddd7–1fe57e7, one run after another with the machine to "
+         "themselves); since commit 7891458 the fast preset's `auto` does so below 4-bit weights only, so the fast "
+         "preset is the flip-shift row at W2A4 and the row without at W4A4. Rows before stop 11 were rebuilt from "
+         "BENCHMARKS.md (their raw rows lived in the untracked out/; stage times, agreement and RSS there are the "
+         "group's mean / max)."]
 ORDER = ["fast", "fast-b160", "fast-r1000", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
