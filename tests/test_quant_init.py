@@ -87,9 +87,10 @@ def test_init_weights_fills_grid_and_rounds_to_nearest():
         assert np.all(np.abs(deq - w)[inside] <= (0.5 * s * np.ones_like(w))[inside] * (1 + 1e-5))
 
 
-def test_init_activations_sign_and_range():
+@pytest.mark.parametrize("abits", [8, 4])
+def test_init_activations_sign_and_range(abits):
     folded = fold_bn(normalize(fixtures.conv_bn_net()))
-    plan = build_plan(folded, 8, 8)
+    plan = build_plan(folded, 4, abits)
     x = np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)
     init_activations(folded, plan, x, batch_size=7)
     values = {t: [] for t in plan.acts}
@@ -105,7 +106,12 @@ def test_init_activations_sign_and_range():
         assert act.zero_point == 0
         # few values: the search saw all of them (zeros left out), so it equals the search on the full tensor
         full, _ = lp_search(v.reshape(1, -1), qmin, qmax, True)
-        assert act.scale == pytest.approx(float(full[0]), rel=1e-6)
+        if act.bits == 8:   # 8-bit activations keep their whole range: nothing is clipped
+            assert top == pytest.approx(float(np.abs(v).max() if act.signed else v.max()), rel=1e-6)
+            assert act.scale >= float(full[0])
+        else:
+            assert act.scale == pytest.approx(float(full[0]), rel=1e-6)
+    assert {a.bits for a in plan.acts.values()} == ({8} if abits == 8 else {4, 8})
 
 
 def test_image_range_exact_from_preprocessing_else_from_spread():

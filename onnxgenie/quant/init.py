@@ -17,6 +17,10 @@ from .spec import ActQuant, QuantPlan, int_range
 P_NORM = 2.4
 CLIP_RATIOS = np.arange(100, 0, -1, dtype=np.float32) / np.float32(100)
 MAX_SAMPLES = 1 << 18  # activation values scored per tensor (the range is taken from all values)
+# 8-bit activations take their whole observed range: with 255 levels the rounding error is small, and what a
+# clipped range costs is the tails that synthetic images under-represent (ResNet-32 W8A8 from distilled
+# images, 5,000 dev images: 82.46 % with the L2.4 search, 82.82 with min/max; FP32 82.90).
+FULL_RANGE_ACT_BITS = 8
 
 
 def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -108,6 +112,7 @@ def activation_batches(folded: onnx.ModelProto, tensors: list[str], images: np.n
 def init_activations(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, batch_size: int = 64,
                      threads: int = 1, p: float = P_NORM, seed: int = 0) -> QuantPlan:
     """Per-tensor symmetric steps from calibration images; signed iff the tensor has negative values.
+    Below ``FULL_RANGE_ACT_BITS`` the step minimises the L_p error; at 8 bits it covers the whole range.
 
     The range is the exact min/max over all images; the L_p score uses a uniform random sample of
     about ``MAX_SAMPLES`` nonzero values per tensor (memory stays bounded for any number of images;
@@ -129,8 +134,9 @@ def init_activations(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarra
         act.signed = plan.target == "tensorrt" or lo[t] < 0
         qmin, qmax = act.qrange
         sample = np.concatenate([*samples.pop(t), np.zeros(1, np.float32)])
+        ratios = CLIP_RATIOS[:1] if act.bits >= FULL_RANGE_ACT_BITS else CLIP_RATIOS
         scale, _ = lp_search(sample[None, :], qmin, qmax, True, p,
-                             lo=np.float32([lo[t]]), hi=np.float32([hi[t]]))
+                             lo=np.float32([lo[t]]), hi=np.float32([hi[t]]), ratios=ratios)
         act.scale, act.zero_point = float(scale[0]), 0
     return plan
 
