@@ -184,10 +184,9 @@ def _input_layout(normal: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
                       config: QuantizeConfig) -> tuple[QuantPlan, dict]:
     """GENIE-M (``quant.reconstruct``): learned softbits and steps, block by block."""
-    from .quant.reconstruct import reconstruct
-
     from .graph.load import nhwc_transpose
     from .quant.augment import augment, resolve
+    from .quant.reconstruct import reconstruct
 
     workdir = None if config.workdir is None else str(Path(config.workdir) / "reconstruct")
     h_axis, w_axis = (1, 2) if nhwc_transpose(folded) is not None else (2, 3)

@@ -40,7 +40,9 @@ def augment(images: np.ndarray, mode: str, h_axis: int = 2, w_axis: int = 3) -> 
     adds a copy moved right and a mirrored copy moved up, by ``SHIFT_FRACTION`` of the size."""
     if mode == "none":
         return images
-    if mode not in AUGMENTS or mode == "auto":
+    if mode == "auto":
+        raise ValueError("'auto' depends on the weight bits: resolve(mode, wbits) first")
+    if mode not in AUGMENTS:
         raise ValueError(f"unknown augmentation {mode!r}; use one of {', '.join(AUGMENTS)}")
     mirror = np.flip(images, axis=w_axis)
     copies = [images, mirror]
