@@ -41,6 +41,7 @@ VARIANTS = {
     "fast": [],
     "fast-b160": ["--distill-batch", "160", "--holdout-images", "64"],  # the fast preset before it had no hold-out
     "fast-r1000": ["--recon-iters", "1000", "--recon-lr-scale", "4"],  # twice the steps at half the lr factor
+    "fast-512x100": ["--calib-images", "512", "--distill-iters", "100"],  # twice the images, half the steps
     "paper": ["--preset", "paper"],
     "fewshot": ["--calib-data", "{train}", "--calib-images", "256", "--mean", "{mean}", "--std", "{std}"],
     "noise": ["--calib", "noise"],
@@ -66,7 +67,7 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "preset is the flip-shift row at W2A4 and the row without at W4A4. Rows before stop 11 were rebuilt from "
          "BENCHMARKS.md (their raw rows lived in the untracked out/; stage times, agreement and RSS there are the "
          "group's mean / max)."]
-ORDER = ["fast", "fast-b160", "fast-r1000", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
+ORDER = ["fast", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
              "W2A4 77.60 / 77.30 (−3.42 / −3.72), about 11 minutes a run. onnxruntime `quantize_static` with "
