@@ -54,7 +54,8 @@ VARIANTS = {
 # What the rows cannot say themselves (kept by hand, next to the runs they describe).
 NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches of 160 holding out 64 images), "
          "replaced after these rows. fast-r1000: the fast preset with `--recon-iters 1000 --recon-lr-scale 4` "
-         "(twice the steps at half the lr factor). fast-b160's seed 1 runs of W4A4 and W2A4 ran at the same time (four distillation "
+         "(twice the steps at half the lr factor). fast-512x100: `--calib-images 512 --distill-iters 100` (stop 12: twice the "
+         "images at half the distillation steps, the same distillation time; not better, so not the default). fast-b160's seed 1 runs of W4A4 and W2A4 ran at the same time (four distillation "
          "workers on two cores), hence ~950 s. The fast rows (commits 5a69de6–be12c57, which do not differ for ResNet-20 below W8A8: weight- and "
          "activation-step learning rates relative to the grid, one ORT thread per core, a block keeps its learned "
          "values only if they lower its error) ran one after another, but shared the machine with other jobs at "
