@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import RESULTS_DIR, ROOT, SHARED, model_info, publish, read_rows
+from onnxgenie.quant.augment import COPIES
 
 OUT = ROOT / "out" / "bench_product"
 RESULTS = RESULTS_DIR / "bench_product.jsonl"
@@ -140,9 +141,6 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
                        "recon_augment": report.get("reconstruction", {}).get("augment", "none")}}
 
 
-AUGMENT_COPIES = {"none": 1, "flip": 2, "flip-shift": 4}
-
-
 def _augment(row: dict) -> str:
     """The run's --recon-augment (rows from before it existed: none)."""
     return row["config"].get("recon_augment") or "none"
@@ -173,7 +171,7 @@ def table(rows: list[dict]) -> str:
         rs = [groups[key][s] for s in sorted(groups[key])]
         c = rs[0]["config"]
         budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
-        budget += f" on ×{AUGMENT_COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
+        budget += f" on ×{COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-AUGMENTS = ("auto", "none", "flip", "flip-shift")
+COPIES = {"none": 1, "flip": 2, "flip-shift": 4}   # images per calibration image
+AUGMENTS = ("auto", *COPIES)
 SHIFT_FRACTION = 1 / 16   # of the image's height / width: 2 pixels at 32 x 32
 
 
