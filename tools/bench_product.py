@@ -81,7 +81,8 @@ REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 
 
 
 
-def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Path, report: Path) -> list[str]:
+def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Path, report: Path,
+            machine_flags: tuple[str, ...] = ()) -> list[str]:
     info = model_info(model)
     fill = {"train": str(SHARED / "data" / "cifar10_train_1k.npz")}
     flags = []
@@ -92,7 +93,7 @@ def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Pa
             flags.append(flag.format(**fill))
     return [sys.executable, "-m", "onnxgenie.cli", "quantize", str(SHARED / "models" / f"{model}.onnx"),
             "-o", str(out), "--wbits", str(wbits), "--abits", str(abits), "--seed", str(seed), "--overwrite",
-            "--quiet", "--report", str(report), *flags]
+            "--quiet", "--report", str(report), *flags, *machine_flags]
 
 
 def dev_top1(model_path: Path, model: str, limit: int) -> float:
@@ -117,11 +118,12 @@ def _commit() -> str:
     return done.stdout.strip()
 
 
-def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_images: int) -> dict:
+def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_images: int,
+            machine_flags: tuple[str, ...] = ()) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     stem = f"{model}_{variant}_w{wbits}a{abits}_s{seed}"
     out, report_file = OUT / f"{stem}.onnx", OUT / f"{stem}.json"
-    argv = command(model, variant, wbits, abits, seed, out, report_file)
+    argv = command(model, variant, wbits, abits, seed, out, report_file, machine_flags)
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -132,7 +134,7 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
             "top1": dev_top1(out, model, eval_images), "fp32": model_info(model)["fp32_top1_dev"],
             "wall_s": round(wall, 1), "stages_s": {k: v["wall_s"] for k, v in report["stages"].items()},
             "rss_mib": _peak_rss_mib(report["stages"]),
-            "threads": report["config"].get("threads"), "commit": _commit(),
+            "threads": report["config"].get("threads"), "jobs": report["config"].get("jobs"), "commit": _commit(),
             "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
             "config": {**{k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
@@ -192,12 +194,16 @@ def main() -> int:
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4"], help="W/A pairs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--eval-images", type=int, default=5000)
+    parser.add_argument("--threads", type=int, help="the CLI's --threads (default: its own)")
+    parser.add_argument("--jobs", type=int, help="the CLI's --jobs (default: its own); with --threads, for two runs side by side")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the results file")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     if not (SHARED / "models").is_dir():
         print(f"bench_product: {SHARED / 'models'} not found; the shared models and data are needed", file=sys.stderr)
         return 2
+    machine_flags = tuple(f for name in ("threads", "jobs") if getattr(args, name)
+                          for f in (f"--{name}", str(getattr(args, name))))
     if not args.table_only:
         RESULTS.parent.mkdir(exist_ok=True)
         for model in args.models:
@@ -205,7 +211,7 @@ def main() -> int:
                 wbits, abits = (int(b) for b in bits.split("/"))
                 for variant in args.variants:
                     for seed in args.seeds:
-                        row = run_one(model, variant, wbits, abits, seed, args.eval_images)
+                        row = run_one(model, variant, wbits, abits, seed, args.eval_images, machine_flags)
                         print(json.dumps(row), flush=True)
                         with RESULTS.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
