@@ -65,7 +65,7 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "learning rates, without copies. The M1–M5 rows on ×4 (stop 12, commit 47bc514, after the 8-bit activation "
          "change 7c94c52) ran one after another, M1 s2 and M2 s0 beside a 10-minute test job; M5 is the fast preset "
          "rerun there: on the same distilled images (same seed) as the stop-11 fast rows it gave 75.48 / 78.88 / 75.94 "
-         "against 77.12 / 77.52 / 77.76, the run-to-run spread of W2A4 reconstruction. The ResNet-32 rows (stop 12) "
+         "against 77.12 / 77.52 / 77.76, the run-to-run spread of W2A4 reconstruction. The W4A4 M1–M5 rows (stop 13, commit cfcda60) ran two at a time at one thread each (`--threads 1 --jobs 1`; M1–M3 in one process, M4–M5 in another, a ShuffleNet reconstruction beside them for the last 40 minutes): their wall times are those of a shared machine. The ResNet-32 rows (stop 12) "
          "ran one after another; W4A4 shared its first 4 minutes with a test run. Stage times and per-block errors of every run are in its report "
          "(`out/bench_product/*.json`). Rows whose budget says *on ×4 (flip-shift)* reconstructed on the 256 images plus mirrored "
          "and shifted copies (`--recon-augment`, commits 7b7ddd7–1fe57e7, one run after another with the machine to "
