@@ -3,6 +3,8 @@ quantizers, residual Adds, targets, --exclude and bad bit widths."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 
 import fixtures
@@ -12,7 +14,7 @@ from onnxgenie.errors import BadInputError
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
 from onnxgenie.quant.init import init_weights
-from onnxgenie.quant.plan import build_plan, quantized_layers, residual_adds
+from onnxgenie.quant.plan import build_plan, grid_source, quantized_layers, residual_adds
 from onnxgenie.quant.spec import QuantPlan
 
 
@@ -116,8 +118,16 @@ def test_resnet20_plan():
     assert len(plan.weights) == 20                                 # 19 convs + the linear head
     adds = residual_adds(folded)
     assert len(adds) == 9
-    for add in adds:  # every block's shortcut (identity or option-A Slice/Pad) is quantized
-        assert any(add.name in plan.acts[t].consumers for t in add.input if t in plan.acts)
+    producers = {o: n for n in folded.graph.node for o in n.output}
+    option_a = 0
+    for add in adds:  # identity shortcuts read the block input's quantizer; option-A ones its moved values
+        if any(add.name in plan.acts[t].consumers for t in add.input if t in plan.acts):
+            continue
+        pad = producers[next(t for t in add.input if producers[t].op_type == "Pad")]
+        source, first = grid_source(folded, pad.output[0], plan.acts)
+        assert first in plan.acts[source].consumers and pad.output[0] not in plan.acts
+        option_a += 1
+    assert option_a == 2
     assert all(not a.signed for a in plan.acts.values())          # all post-ReLU or padded post-ReLU
 
 
@@ -126,3 +136,14 @@ def test_inspect_plan_cli(capsys, tmp_path):
     assert main(["inspect", str(path), "--plan", "--wbits", "3", "--abits", "5"]) == 0
     out = capsys.readouterr().out
     assert "W3 asymmetric" in out and "A5 " in out and "activation quantizers" in out
+
+
+def test_grid_source_refuses_a_nonzero_pad():
+    folded = _folded(shared_model("resnet20_cifar10"))
+    plan = build_plan(folded, 4, 4)
+    pad = next(n for n in folded.graph.node if n.op_type == "Pad")
+    assert grid_source(folded, pad.output[0], plan.acts) is not None
+    folded.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    del pad.input[2:]
+    pad.input.append("one")  # constant_value 1: off the grid
+    assert grid_source(folded, pad.output[0], plan.acts) is None

@@ -2,7 +2,8 @@
 
 Follows the GENIE/BRECQ setting: weights of every Conv/Gemm/MatMul per output channel, the
 activation entering each of those ops, and the shortcut input of residual Adds (the reference
-quantizes the identity path with the same quantizer as the block's first conv). One quantizer per
+quantizes the identity path with the same quantizer as the block's first conv; an option-A shortcut,
+Slice + zero Pad of the block input, reads that quantizer's values too). One quantizer per
 tensor, shared by all its consumers, with the highest bit width any consumer asked for. The first
 layer keeps 8-bit weights and a float input (the image), the second layer's input is 8-bit, and
 the last layer's weights and input are 8-bit (``first_last_bits``).
@@ -16,7 +17,7 @@ points is 6x slower than the whole FP32 model (BENCHMARKS.md).
 from __future__ import annotations
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..errors import BadInputError
 from .spec import TARGETS, ActQuant, QuantPlan, WeightQuant
@@ -25,6 +26,9 @@ QUANT_OPS = ("Conv", "Gemm", "MatMul")
 WEIGHT_BITS = range(2, 9)
 WEIGHT_GRIDS = ("auto", "asym", "sym")
 ACT_BITS = range(4, 9)
+# Ops that keep every value of a quantized tensor on its grid (Pad only with the value 0, always on the grid).
+_GRID_PRESERVING = ("Slice", "Pad", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                    "MaxPool", "Relu")
 # Ops that move values without changing them: a tensor after them is non-negative iff before.
 _SIGN_PRESERVING = ("Relu", "MaxPool", "Reshape", "Transpose", "Flatten", "Slice", "Pad", "Identity",
                     "Squeeze", "Unsqueeze", "GlobalAveragePool", "AveragePool", "Concat")
@@ -79,6 +83,36 @@ def _non_negative(model: onnx.ModelProto, tensor: str) -> bool:
             continue
         todo.extend([node.input[0]] if node.op_type != "Concat" else list(node.input))
     return True
+
+
+def _pads_with_zero(model: onnx.ModelProto, pad: onnx.NodeProto) -> bool:
+    if _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+        return False
+    if len(pad.input) < 3 or not pad.input[2]:
+        return True
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    value = values.get(pad.input[2])
+    return value is not None and not value.any()
+
+
+def grid_source(model: onnx.ModelProto, tensor: str, quantized) -> tuple[str, str] | None:
+    """(quantized tensor, first node) when ``tensor`` is a quantized tensor moved by grid-preserving ops.
+
+    The option-A shortcut of CIFAR ResNets (Slice + zero Pad of the block input) is the case: its
+    values are already on the block input's grid, and a second quantizer there would round them again.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = None
+    while tensor not in quantized:
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _GRID_PRESERVING:
+            return None
+        if node.op_type == "Pad" and not _pads_with_zero(model, node):
+            return None
+        tensor = node.input[0]
+    return (tensor, node.name) if node is not None else None
 
 
 def is_depthwise(node: onnx.NodeProto, weight_shape) -> bool:
@@ -161,7 +195,11 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
             continue
         for tensor in add.input:
             if int8_kernels or producers.get(tensor) not in QUANT_OPS:
-                add_act(tensor, abits, add.name)
+                moved = None if int8_kernels or tensor in plan.acts else grid_source(folded, tensor, plan.acts)
+                if moved:  # read the source's quantized values instead of rounding them again
+                    plan.acts[moved[0]].consumers.append(moved[1])
+                else:
+                    add_act(tensor, abits, add.name)
     if int8_kernels and not trt:  # every reader of a quantized tensor reads the quantized value
         # (the tensorrt target keeps float side paths: onnxruntime's int8->uint8 rewrite breaks on them)
         for act in plan.acts.values():
