@@ -65,7 +65,8 @@ def _cmd_quantize(args) -> int:
     calib = "data" if args.calib_data else args.calib
     config = preset_config(
         args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
-        weight_grid=args.weight_grid, exclude=tuple(args.exclude), calib=calib, calib_images=args.calib_images,
+        weight_grid=args.weight_grid, exclude=tuple(args.exclude), high_bits=tuple(args.high_bits), calib=calib,
+        calib_images=args.calib_images,
         holdout_images=args.holdout_images,
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
         swing=False if args.no_swing else None,
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget: fast (default; minutes on a laptop CPU) or paper (GENIE's own, hours); "
                    "the flags below override it")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
+    p.add_argument("--high-bits", nargs="+", default=[], metavar="NODE",
+                   help="nodes quantized like the first and last layer: weights and input at --first-last-bits "
+                   "(mixed precision for sensitive layers; names from `onnxgenie inspect --plan`)")
     p.add_argument("--no-reconstruct", action="store_true", help="step initialisation only (no GENIE-M)")
     p.add_argument("--quantizer", choices=("genie", "adaround"), default="genie",
                    help="reconstruction weight quantizer: genie learns the weight steps, adaround keeps them")

@@ -51,6 +51,7 @@ class QuantizeConfig:
     target: str = "ort"
     weight_grid: str = "auto"           # asym | sym | auto (symmetric for depthwise convs only)
     exclude: tuple[str, ...] = ()
+    high_bits: tuple[str, ...] = ()     # nodes at first_last_bits (weights and input), like the first/last layer
     calib: str = "distill"
     calib_images: int = 256
     holdout_images: int = 0             # distilled beside the calibration set, only to measure agreement
@@ -317,7 +318,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     original = load_model(model)
     normal, folded = prepare(original)
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
-                      config.weight_grid)
+                      config.weight_grid, config.high_bits)
     init_weights(folded, plan)
     holdout, calib_info = None, {"source": "given"}
     if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written

@@ -29,9 +29,10 @@ from onnxgenie.quant.plan import build_plan
 TOL = 1e-4  # of the logit range
 
 
-def _quantized(model, wbits, abits, calib, target="ort", exclude=(), weight_grid="auto"):
+def _quantized(model, wbits, abits, calib, target="ort", exclude=(), weight_grid="auto", high_bits=()):
     folded = fold_bn(normalize(model))
-    plan = build_plan(folded, wbits, abits, target=target, exclude=exclude, weight_grid=weight_grid)
+    plan = build_plan(folded, wbits, abits, target=target, exclude=exclude, weight_grid=weight_grid,
+                      high_bits=high_bits)
     init_weights(folded, plan)
     init_activations(folded, plan, calib)
     return folded, plan, export_qdq(folded, plan), fakequant_model(folded, plan, opset=EXPORT_OPSET)
@@ -146,6 +147,23 @@ def test_exclude_keeps_node_float():
     assert parity(q, sim, x) <= TOL
 
 
+def test_high_bits_node_exported_at_8_bits():
+    model = fixtures.conv_bn_net()
+    x = fixtures.random_input(model, 16)
+    folded = fold_bn(normalize(model))
+    conv = [n for n in folded.graph.node if n.op_type == "Conv"][2]
+    stored = {}
+    for high in ((), (conv.name,)):
+        _, plan, q, sim = _quantized(model, 4, 4, x, high_bits=high)
+        _check_exported(q, plan)
+        assert parity(q, sim, x) <= TOL
+        node = next(n for n in q.graph.node if n.name == conv.name)
+        weights = {t.name: t for t in q.graph.initializer}
+        dequant = next(n for n in q.graph.node if n.output[0] == node.input[1])
+        stored[high] = weights[dequant.input[0]].data_type
+    assert stored[()] in (TensorProto.UINT4, TensorProto.INT4) and stored[(conv.name,)] == TensorProto.UINT8
+
+
 @pytest.mark.parametrize("name", ["resnet20_cifar10", "shufflenet_g3_cifar10"])
 @pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 4)])
 def test_shared_model_parity(name, wbits, abits):
@@ -225,6 +243,7 @@ def _one_line_exit_2(code, err, *words):
     (["--wbits", "1", "--abits", "8"], ["weight bit width 1"]),
     (["--wbits", "8", "--abits", "4", "--target", "tensorrt"], ["int8 activations only"]),
     (["--wbits", "4", "--abits", "4", "--exclude", "no_such_node"], ["--exclude"]),
+    (["--wbits", "4", "--abits", "4", "--high-bits", "no_such_node"], ["--high-bits"]),
     (["--wbits", "4", "--abits", "4", "--calib-data", "BADNPZ"], ["expected [N, H, W, 3]"]),
 ])
 def test_quantize_bad_input(capsys, tmp_path, extra, words):

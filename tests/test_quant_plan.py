@@ -1,5 +1,5 @@
 """The quantization plan: which tensors, how many bits, the first/last-layer policy, shared
-quantizers, residual Adds, targets, --exclude and bad bit widths."""
+quantizers, residual Adds, targets, --exclude, --high-bits and bad bit widths."""
 
 from __future__ import annotations
 
@@ -72,6 +72,21 @@ def test_matmul_axis_and_exclude():
     assert all(mm.name not in a.consumers for a in plan.acts.values())
 
 
+def test_high_bits_node_quantized_like_first_and_last():
+    folded = _folded(fixtures.conv_bn_net())
+    layers = quantized_layers(folded)
+    middle = layers[2]
+    assert 2 < len(layers) - 1
+    plain, mixed = build_plan(folded, 4, 4), build_plan(folded, 4, 4, high_bits=[middle.name])
+    assert plain.weights[middle.name].bits == plain.acts[middle.input[0]].bits == 4
+    assert mixed.weights[middle.name].bits == mixed.acts[middle.input[0]].bits == 8
+    others = [n for n in layers if n is not middle]
+    assert [mixed.weights[n.name].bits for n in others] == [plain.weights[n.name].bits for n in others]
+    (add,) = residual_adds(folded)
+    mixed = build_plan(folded, 4, 4, high_bits=[add.name])
+    assert all(a.bits == 8 for a in mixed.acts.values() if add.name in a.consumers)
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(wbits=1, abits=8), "weight bit width 1"),
     (dict(wbits=4, abits=3), "activation bit width 3"),
@@ -79,6 +94,7 @@ def test_matmul_axis_and_exclude():
     (dict(wbits=8, abits=4, target="tensorrt"), "int8 activations only"),
     (dict(wbits=8, abits=8, target="tpu"), "unknown target"),
     (dict(wbits=8, abits=8, exclude=["nope"]), "--exclude"),
+    (dict(wbits=4, abits=4, high_bits=["nope"]), "--high-bits"),
     (dict(wbits=8, abits=8, weight_grid="pow2"), "unknown weight grid"),
     (dict(wbits=8, abits=8, target="tensorrt", weight_grid="asym"), "needs symmetric weights"),
 ])

@@ -141,26 +141,32 @@ def check_bits(wbits: int, abits: int, first_last_bits: int, target: str) -> Non
                             "asked; TensorRT's int4 is weight-only); use --abits 8 or --target ort")
 
 
+def _check_node_names(folded: onnx.ModelProto, names, flag: str) -> None:
+    known = {n.name for n in folded.graph.node}
+    unknown = [e for e in names if e not in known]
+    if unknown:
+        raise BadInputError(f"{flag} names no node of the model: {', '.join(unknown)}; "
+                            "see `onnxgenie inspect --plan` for the node names")
+
+
 def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits: int = 8,
-               target: str = "ort", exclude=(), weight_grid: str = "auto") -> QuantPlan:
+               target: str = "ort", exclude=(), weight_grid: str = "auto", high_bits=()) -> QuantPlan:
     """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
 
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
     ``weight_grid`` "sym" / "auto" (depthwise convs only) makes those weights symmetric.
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
-    ``exclude`` names nodes that stay float. At W8A8 the ``"ort"`` target quantizes the image and both
+    ``exclude`` names nodes that stay float; ``high_bits`` names nodes quantized like the first and
+    last layer (weights and input at ``first_last_bits``: mixed precision). At W8A8 the ``"ort"`` target quantizes the image and both
     inputs of every residual Add too, so that onnxruntime's CPU int8 kernels (QLinearConv, QLinearAdd)
     take whole residual blocks instead of running float convolutions between DequantizeLinear nodes.
     """
     check_bits(wbits, abits, first_last_bits, target)
     check_weight_grid(weight_grid, target)
-    names = {n.name for n in folded.graph.node}
-    unknown = [e for e in exclude if e not in names]
-    if unknown:
-        raise BadInputError(f"--exclude names no node of the model: {', '.join(unknown)}; "
-                            "see `onnxgenie inspect --plan` for the node names")
-    excluded = set(exclude)
+    _check_node_names(folded, exclude, "--exclude")
+    _check_node_names(folded, high_bits, "--high-bits")
+    excluded, high = set(exclude), set(high_bits)
     graph_inputs = {i.name for i in folded.graph.input}
     layers = [n for n in quantized_layers(folded)]
     plan = QuantPlan(target=target)
@@ -181,13 +187,14 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     for i, node in enumerate(layers):
         if node.name in excluded:
             continue
-        edge = i in (0, last)
+        edge = i in (0, last) or node.name in high
         symmetric = trt or weight_grid == "sym" or (weight_grid == "auto" and is_depthwise(node, shapes[node.input[1]]))
         plan.weights[node.name] = WeightQuant(
             node=node.name, weight=node.input[1], bits=first_last_bits if edge else wbits,
             symmetric=symmetric, axis=weight_axis(node), narrow=trt)
         if i > 0 or int8_kernels:  # the first layer reads the image
-            add_act(node.input[0], first_last_bits if i in (0, 1, last) else abits, node.name)
+            wide = i in (0, 1, last) or node.name in high
+            add_act(node.input[0], first_last_bits if wide else abits, node.name)
 
     producers = {o: n.op_type for n in folded.graph.node for o in n.output}
     for add in residual_adds(folded):
@@ -199,7 +206,7 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
                 if moved:  # read the source's quantized values instead of rounding them again
                     plan.acts[moved[0]].consumers.append(moved[1])
                 else:
-                    add_act(tensor, abits, add.name)
+                    add_act(tensor, first_last_bits if add.name in high else abits, add.name)
     if int8_kernels and not trt:  # every reader of a quantized tensor reads the quantized value
         # (the tensorrt target keeps float side paths: onnxruntime's int8->uint8 rewrite breaks on them)
         for act in plan.acts.values():
