@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import RESULTS_DIR, ROOT, SHARED, model_info, publish, read_rows
+from benchlib import RESULTS_DIR, ROOT, SHARED, dev_split, model_info, publish, read_rows
 from onnxgenie.quant.augment import COPIES
 
 OUT = ROOT / "out" / "bench_product"
@@ -97,14 +97,12 @@ def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Pa
 
 
 def dev_top1(model_path: Path, model: str, limit: int) -> float:
-    from onnxgenie.evaluate import predict, preprocess
-
-    info = model_info(model)
-    with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
-        x, y = d["images"][:limit], d["labels"][:limit]
     import onnx
 
-    pred = predict(onnx.load(str(model_path)), preprocess(x, (3, 32, 32), info["mean"], info["std"])).argmax(1)
+    from onnxgenie.evaluate import predict
+
+    x, y = dev_split(model, limit)
+    pred = predict(onnx.load(str(model_path)), x).argmax(1)
     return round(float((pred == y).mean() * 100), 2)
 
 

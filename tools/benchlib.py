@@ -20,6 +20,17 @@ def model_info(model: str) -> dict:
     return json.loads((SHARED / "models" / "models.json").read_text())[f"{model}.onnx"]
 
 
+def dev_split(model: str, limit: int):
+    """The first ``limit`` images of the shared dev split, preprocessed for ``model`` (float32 NCHW), and labels."""
+    import numpy as np
+
+    from onnxgenie.evaluate import preprocess
+
+    info = model_info(model)
+    with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
+        return preprocess(d["images"][:limit], (3, 32, 32), info["mean"], info["std"]), d["labels"][:limit]
+
+
 def write_section(begin: str, end: str, section: str, path: Path = BENCHMARKS) -> None:
     """Replace the text from ``begin`` to ``end`` (markers included in ``section``), or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

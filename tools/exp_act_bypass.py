@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import onnx
 
-from benchlib import ROOT, SHARED, model_info
+from benchlib import ROOT, dev_split
 
 sys.path.insert(0, str(ROOT))
 
-from onnxgenie.evaluate import predict, preprocess  # noqa: E402
+from onnxgenie.evaluate import predict  # noqa: E402
 
 
 def without_pair(model: onnx.ModelProto, quant: onnx.NodeProto) -> onnx.ModelProto:
@@ -43,10 +42,7 @@ def main() -> None:
     parser.add_argument("model", help="the shared model it was made from, without .onnx (for preprocessing)")
     parser.add_argument("--dev-images", type=int, default=2000)
     args = parser.parse_args()
-    info = model_info(args.model)
-    with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
-        x = preprocess(d["images"][:args.dev_images], (3, 32, 32), info["mean"], info["std"])
-        y = d["labels"][:args.dev_images]
+    x, y = dev_split(args.model, args.dev_images)
 
     def top1(m: onnx.ModelProto) -> float:
         return 100 * float((predict(m, x).argmax(1) == y).mean())

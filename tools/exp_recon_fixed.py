@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import ROOT, SHARED, model_info
+from benchlib import ROOT, SHARED, dev_split, model_info
 
 sys.path.insert(0, str(ROOT))
 
 from onnxgenie import pipeline  # noqa: E402
-from onnxgenie.evaluate import predict, preprocess  # noqa: E402
+from onnxgenie.evaluate import predict  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +49,7 @@ def main() -> None:
     info = model_info(args.model)
     with np.load(args.calib) as f:
         calib = f["images"].astype(np.float32)
-    with np.load(SHARED / "data" / "cifar10_dev_test.npz") as d:
-        x = preprocess(d["images"][:args.dev_images], (3, 32, 32), info["mean"], info["std"])
-        y = d["labels"][:args.dev_images]
+    x, y = dev_split(args.model, args.dev_images)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         cfg = pipeline.preset_config("fast", wbits=wbits, abits=abits, seed=seed, calib="distill",

@@ -90,11 +90,11 @@ def _pads_with_zero(model: onnx.ModelProto, pad: onnx.NodeProto) -> bool:
         return False
     if len(pad.input) < 3 or not pad.input[2]:
         return True
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    value = values.get(pad.input[2])
-    return value is not None and not value.any()
+    name = pad.input[2]  # convert only the pad value, not every initializer
+    found = [t for t in model.graph.initializer if t.name == name]
+    found += [n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.output[0] == name
+              and n.attribute and n.attribute[0].name == "value"]
+    return bool(found) and not numpy_helper.to_array(found[0]).any()
 
 
 def grid_source(model: onnx.ModelProto, tensor: str, quantized) -> tuple[str, str] | None:
@@ -158,8 +158,8 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
     ``exclude`` names nodes that stay float; ``high_bits`` names nodes quantized like the first and
-    last layer (weights and input at ``first_last_bits``: mixed precision). At W8A8 the ``"ort"`` target quantizes the image and both
-    inputs of every residual Add too, so that onnxruntime's CPU int8 kernels (QLinearConv, QLinearAdd)
+    last layer (weights and input at ``first_last_bits``: mixed precision). At W8A8 the ``"ort"``
+    target quantizes the image and both inputs of every residual Add too, so that onnxruntime's CPU int8 kernels (QLinearConv, QLinearAdd)
     take whole residual blocks instead of running float convolutions between DequantizeLinear nodes.
     """
     check_bits(wbits, abits, first_last_bits, target)
