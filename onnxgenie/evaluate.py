@@ -70,11 +70,12 @@ def load_npz(path: str | os.PathLike, need_labels: bool = True) -> tuple[np.ndar
 
 
 def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, threads: int = 1,
-            level: ort.GraphOptimizationLevel | None = None) -> np.ndarray:
+            level: ort.GraphOptimizationLevel | None = None, mem_reuse: bool = True) -> np.ndarray:
     """Logits of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU."""
     opts = session_options(threads)
     if level is not None:
         opts.graph_optimization_level = level
+    opts.enable_mem_reuse = mem_reuse
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]

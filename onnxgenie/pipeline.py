@@ -39,6 +39,10 @@ PARITY_IMAGES = 16
 # The simulation and the export agree bit for bit at this level; ORT_ENABLE_ALL re-lays-out the float
 # convolutions of the simulation (NCHWc), which changes float sums and so a few rounding decisions.
 PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+# onnxruntime 1.19 at that level can reuse a buffer that is still needed (ResNet-20 W4A4 with the
+# 8-bit input of layer3.0's first conv: logits off by 28 for single images); 1.32 does not, and the
+# default level (ENABLE_ALL) is right on both. The check runs without buffer reuse.
+PARITY_MEM_REUSE = False
 
 
 @dataclass(frozen=True)
@@ -204,8 +208,8 @@ def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray
     """max |exported - simulated logits| / logit range on ``x``."""
     from .evaluate import predict
 
-    a = predict(simulation, x, level=PARITY_LEVEL)
-    b = predict(exported, x, level=PARITY_LEVEL)
+    a = predict(simulation, x, level=PARITY_LEVEL, mem_reuse=PARITY_MEM_REUSE)
+    b = predict(exported, x, level=PARITY_LEVEL, mem_reuse=PARITY_MEM_REUSE)
     return float(np.abs(a - b).max() / max(float(np.ptp(a)), 1e-12))
 
 
