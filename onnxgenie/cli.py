@@ -65,7 +65,8 @@ def _cmd_quantize(args) -> int:
     calib = "data" if args.calib_data else args.calib
     config = preset_config(
         args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
-        weight_grid=args.weight_grid, exclude=tuple(args.exclude), high_bits=tuple(args.high_bits), calib=calib,
+        weight_grid=args.weight_grid, exclude=tuple(args.exclude), high_bits=tuple(args.high_bits),
+        auto_high_bits=args.auto_high_bits, calib=calib,
         calib_images=args.calib_images,
         holdout_images=args.holdout_images,
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high-bits", nargs="+", default=[], metavar="NODE",
                    help="nodes quantized like the first and last layer: weights and input at --first-last-bits "
                    "(mixed precision for sensitive layers; names from `onnxgenie inspect --plan`)")
+    p.add_argument("--auto-high-bits", type=int, default=0, metavar="K",
+                   help="K more layers like --high-bits, chosen without data: those whose high bits bring the "
+                   "quantized model closest to FP32 on the calibration images (KL of the outputs)")
     p.add_argument("--no-reconstruct", action="store_true", help="step initialisation only (no GENIE-M)")
     p.add_argument("--quantizer", choices=("genie", "adaround"), default="genie",
                    help="reconstruction weight quantizer: genie learns the weight steps, adaround keeps them")

@@ -36,6 +36,7 @@ from .resources import default_threads
 CALIB_SOURCES = ("distill", "data", "noise")
 PARITY_TOLERANCE = 1e-4  # of the logit range
 PARITY_IMAGES = 16
+SENSITIVITY_IMAGES = 256   # calibration images that rank layers for --auto-high-bits
 # The simulation and the export agree bit for bit at this level; ORT_ENABLE_ALL re-lays-out the float
 # convolutions of the simulation (NCHWc), which changes float sums and so a few rounding decisions.
 PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -56,6 +57,7 @@ class QuantizeConfig:
     weight_grid: str = "auto"           # asym | sym | auto (symmetric for depthwise convs only)
     exclude: tuple[str, ...] = ()
     high_bits: tuple[str, ...] = ()     # nodes at first_last_bits (weights and input), like the first/last layer
+    auto_high_bits: int = 0             # this many more, chosen on the calibration images (quant.sensitivity)
     calib: str = "distill"
     calib_images: int = 256
     holdout_images: int = 0             # distilled beside the calibration set, only to measure agreement
@@ -184,6 +186,42 @@ def _input_layout(normal: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     from .graph.load import nhwc_transpose
 
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc_transpose(normal) is not None else x
+
+
+def _initialised_plan(folded: onnx.ModelProto, config: QuantizeConfig, calib: np.ndarray,
+                      high_bits: tuple[str, ...]) -> QuantPlan:
+    plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
+                      config.weight_grid, high_bits)
+    init_weights(folded, plan)
+    init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
+    return plan
+
+
+def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
+                         config: QuantizeConfig) -> tuple[QuantPlan, dict]:
+    """``config.auto_high_bits`` more layers at ``first_last_bits``: those whose high bits lower the
+    FP32-vs-quantized KL divergence on the calibration images most (``quant.sensitivity``). ``plan``
+    is initialised with ``config.high_bits``; returns the new initialised plan and what was chosen."""
+    from .evaluate import predict
+    from .quant.sensitivity import choose, high_bits_gains, kl_divergence
+
+    layers = tuple(plan.weights)
+    high = _initialised_plan(folded, config, calib, layers)
+    images = calib[:SENSITIVITY_IMAGES]
+    gains, base = high_bits_gains(folded, plan, high, images, config.threads)
+    chosen = choose(gains, config.auto_high_bits)
+    report = {"given": list(config.high_bits), "chosen": chosen, "images": len(images), "kl_before": base,
+              "gains": {n: round(g, 6) for n, g in sorted(gains.items(), key=lambda kv: -kv[1])}}
+    if not chosen:
+        return plan, report
+    plan = _initialised_plan(folded, config, calib, tuple(config.high_bits) + tuple(chosen))
+    report["kl_after"] = kl_divergence(predict(folded, images, threads=config.threads),
+                                       predict(fakequant_model(folded, plan), images, threads=config.threads))
+    if config.progress:
+        print(f"onnxgenie: high bits: {len(chosen)} of {len(gains)} low-bit layers at {config.first_last_bits} bits "
+              f"(KL to FP32 on {len(images)} calibration images {base:.4f} -> {report['kl_after']:.4f} before "
+              f"reconstruction): {', '.join(chosen)}", file=sys.stderr)
+    return plan, report
 
 
 def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
@@ -315,6 +353,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         if config.recon_augment not in AUGMENTS:
             raise BadInputError(f"unknown --recon-augment {config.recon_augment!r}; use one of {', '.join(AUGMENTS)}")
     check_preprocessing(config.mean, config.std)
+    if config.auto_high_bits < 0:
+        raise BadInputError(f"--auto-high-bits must be 0 or more layers (got {config.auto_high_bits})")
     if config.threads < 0:
         raise BadInputError(f"--threads must be 0 (one per core) or more (got {config.threads})")
     config = replace(config, threads=default_threads(config.threads))
@@ -339,6 +379,9 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
                     f"(batches {np.min(losses):.4f}-{np.max(losses):.4f})", jobs=calib_info["jobs"],
                     distilling_process_peak_rss_mib=calib_info["process_peak_rss_mib"])
     init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
+    high_bits_report = None
+    if config.auto_high_bits:
+        plan, high_bits_report = auto_high_bits_stage(folded, plan, calib, config)
     image = image_io(normal).input
     if image in plan.acts and (config.calib != "data" or calib_info.get("synthetic")):
         # synthetic images do not span a real image's range
@@ -351,6 +394,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     report: dict = {"model": str(model) if isinstance(model, (str, os.PathLike)) else original.graph.name,
                     "versions": rep.versions(), "config": asdict(config), "seed": config.seed,
                     "calibration": _calibration_report(calib, holdout, calib_info)}
+    if high_bits_report is not None:
+        report["high_bits"] = high_bits_report
     if config.reconstruct:
         plan, report["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
         blocks = report["reconstruction"]["blocks"]

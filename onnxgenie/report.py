@@ -263,6 +263,11 @@ def _summary_rows(report: dict) -> list[tuple[str, object]]:
     for key in ("preset", "target", "quantizer"):
         if cfg.get(key) is not None:
             rows.append((key, cfg[key]))
+    if cfg.get("high_bits"):
+        rows.append(("layers at high bits (given)", ", ".join(cfg["high_bits"])))
+    high = report.get("high_bits") or {}
+    if high.get("chosen") is not None:
+        rows.append(("layers at high bits (--auto-high-bits)", ", ".join(high["chosen"]) or "none helped"))
     calib = report.get("calibration") or {}
     if calib.get("images") is not None:
         rows.append(("calibration images", f"{calib['images']} ({calib.get('source')}), "

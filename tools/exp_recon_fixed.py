@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dev-images", type=int, default=5000)
     parser.add_argument("--high-bits", nargs="+", default=[], metavar="NODE", help="as `quantize --high-bits`")
+    parser.add_argument("--auto-high-bits", type=int, default=0, metavar="K", help="as `quantize --auto-high-bits`")
     parser.add_argument("--save", type=Path, help="folder for the exported models")
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_recon_fixed.jsonl")
     args = parser.parse_args()
@@ -54,14 +55,16 @@ def main() -> None:
     for seed in args.seeds:
         cfg = pipeline.preset_config("fast", wbits=wbits, abits=abits, seed=seed, calib="distill",
                                      calib_images=len(calib), threads=args.threads, progress=False,
-                                     high_bits=tuple(args.high_bits))
+                                     high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits)
         start = time.perf_counter()
         result = pipeline.quantize(str(SHARED / "models" / f"{args.model}.onnx"), cfg, calib=calib)
         top1 = 100 * float((predict(result.model, x).argmax(1) == y).mean())
         row = {"tag": args.tag, "model": args.model, "bits": args.bits, "seed": seed, "calib": str(args.calib),
                "top1": round(top1, 2), "fp32": info["fp32_top1_dev"], "wall_s": round(time.perf_counter() - start),
                "act_quantizers": sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node),
-               "high_bits": len(args.high_bits)}
+               "high_bits": len(args.high_bits),
+               "auto_high_bits": result.report.get("high_bits", {}).get("chosen", []),
+               "size_ratio": result.report["size"]["ratio"]}
         if args.save:
             import onnx
 
