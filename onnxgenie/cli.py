@@ -15,6 +15,13 @@ import traceback
 from .errors import OnnxGenieError
 
 
+def _add_layer_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
+    p.add_argument("--high-bits", nargs="+", default=[], metavar="NODE",
+                   help="nodes quantized like the first and last layer: weights and input at --first-last-bits "
+                   "(mixed precision for sensitive layers; names from `onnxgenie inspect --plan`)")
+
+
 def _cmd_inspect(args) -> int:
     from .inspect import format_summary, inspect_model
 
@@ -24,7 +31,7 @@ def _cmd_inspect(args) -> int:
         from .quant.plan import build_plan, format_plan
 
         plan = build_plan(prepare(args.model)[1], args.wbits, args.abits, args.first_last_bits, args.target,
-                          weight_grid=args.weight_grid)
+                          exclude=args.exclude, weight_grid=args.weight_grid, high_bits=args.high_bits)
         if args.json:
             info["plan"] = plan.to_arrays()[0]
         else:
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="fix a dynamic input size")
     p.add_argument("--plan", action="store_true", help="also show the quantization plan (see --wbits/--abits)")
     _add_bits(p, 4, 4)
+    _add_layer_choice(p)
     p.add_argument("--blocks", action="store_true", help="also list the GENIE-M reconstruction blocks")
     p.set_defaults(func=_cmd_inspect)
 
@@ -181,10 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("fast", "paper"), default="fast",
                    help="budget: fast (default; minutes on a laptop CPU) or paper (GENIE's own, hours); "
                    "the flags below override it")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
-    p.add_argument("--high-bits", nargs="+", default=[], metavar="NODE",
-                   help="nodes quantized like the first and last layer: weights and input at --first-last-bits "
-                   "(mixed precision for sensitive layers; names from `onnxgenie inspect --plan`)")
+    _add_layer_choice(p)
     p.add_argument("--auto-high-bits", type=int, default=0, metavar="K",
                    help="K more layers like --high-bits, chosen without data: those whose high bits bring the "
                    "quantized model closest to FP32 on the calibration images (KL of the outputs)")

@@ -152,6 +152,11 @@ def test_inspect_plan_cli(capsys, tmp_path):
     assert main(["inspect", str(path), "--plan", "--wbits", "3", "--abits", "5"]) == 0
     out = capsys.readouterr().out
     assert "W3 asymmetric" in out and "A5 " in out and "activation quantizers" in out
+    assert main(["inspect", str(path), "--plan", "--wbits", "3", "--abits", "5", "--high-bits", "down.conv",
+                 "--exclude", "block.conv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  W8 ") and line.split()[4] == "down.conv" for line in lines)
+    assert not any("block.conv" in line.split()[-2:-1] for line in lines if line.startswith("  W"))
 
 
 def test_grid_source_refuses_a_nonzero_pad():
