@@ -70,12 +70,15 @@ def load_npz(path: str | os.PathLike, need_labels: bool = True) -> tuple[np.ndar
 
 
 def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, threads: int = 1,
-            level: ort.GraphOptimizationLevel | None = None, mem_reuse: bool = True) -> np.ndarray:
-    """Logits of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU."""
+            level: ort.GraphOptimizationLevel | None = None) -> np.ndarray:
+    """Logits of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU. Buffer reuse is off for a model
+    that onnxruntime 1.19 would overflow a buffer on (``export.qdq.buffer_reuse_hazard``)."""
+    from .export.qdq import buffer_reuse_hazard
+
     opts = session_options(threads)
     if level is not None:
         opts.graph_optimization_level = level
-    opts.enable_mem_reuse = mem_reuse
+    opts.enable_mem_reuse = not buffer_reuse_hazard(model)
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BadInputError, DivergenceError, OnnxGenieError, QualityGateError, ResumeMismatchError
-from .export.qdq import EXPORT_OPSET, export_qdq
+from .export.qdq import EXPORT_OPSET, buffer_reuse_hazard, export_qdq
 from .graph.bn import fold_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.augment import AUGMENTS
@@ -40,10 +40,6 @@ SENSITIVITY_IMAGES = 256   # calibration images that rank layers for --auto-high
 # The simulation and the export agree bit for bit at this level; ORT_ENABLE_ALL re-lays-out the float
 # convolutions of the simulation (NCHWc), which changes float sums and so a few rounding decisions.
 PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-# onnxruntime 1.19 at that level can reuse a buffer that is still needed (ResNet-20 W4A4 with the
-# 8-bit input of layer3.0's first conv: logits off by 28 for single images); 1.32 does not, and the
-# default level (ENABLE_ALL) is right on both. The check runs without buffer reuse.
-PARITY_MEM_REUSE = False
 
 
 @dataclass(frozen=True)
@@ -246,8 +242,8 @@ def parity(exported: onnx.ModelProto, simulation: onnx.ModelProto, x: np.ndarray
     """max |exported - simulated logits| / logit range on ``x``."""
     from .evaluate import predict
 
-    a = predict(simulation, x, level=PARITY_LEVEL, mem_reuse=PARITY_MEM_REUSE)
-    b = predict(exported, x, level=PARITY_LEVEL, mem_reuse=PARITY_MEM_REUSE)
+    a = predict(simulation, x, level=PARITY_LEVEL)
+    b = predict(exported, x, level=PARITY_LEVEL)
     return float(np.abs(a - b).max() / max(float(np.ptp(a)), 1e-12))
 
 
@@ -416,6 +412,12 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     report["weight_sqnr_db"] = rep.weight_sqnr(folded, plan)
     report["agreement"] = _agreement(normal, exported, calib, holdout, config.threads)
     report["size"] = rep.model_sizes(original, exported)
+    report["buffer_reuse_hazard"] = buffer_reuse_hazard(exported)
+    if report["buffer_reuse_hazard"] and config.progress:
+        print(f"onnxgenie: note: {len(report['buffer_reuse_hazard'])} 8-bit activation(s) follow 4-bit ones of the "
+              "same shape; onnxruntime 1.19 (and other releases before its PR 32611) can overflow a buffer on "
+              "this model: run it on a current onnxruntime (1.32 is right) or with "
+              "SessionOptions.enable_mem_reuse = False", file=sys.stderr)
     stages.done("export", f"QDQ opset {EXPORT_OPSET}, parity {report['parity']:.1e}, top-1 agreement "
                 f"{report['agreement']['top1_agreement']:.2f} % on {report['agreement']['images']} "
                 f"{report['agreement']['on']} images")

@@ -139,6 +139,40 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     return model
 
 
+_SUB_BYTE = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
+
+
+def _shape_key(vi: onnx.ValueInfoProto) -> tuple:
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
+
+
+def buffer_reuse_hazard(model: onnx.ModelProto) -> list[str]:
+    """8-bit QuantizeLinear outputs that follow a 4-bit one of the same type family and shape.
+
+    onnxruntime's allocation planner before PR 32611 (1.19, the training build, among them) took a
+    uint4[N] buffer (N/2 bytes) as the same size as a uint8[N] tensor and reused it: the 8-bit write
+    overflows the heap (wrong logits or a crash). The default plans put 8-bit activations only before
+    the first 4-bit one of their shape or at a unique shape; ``--high-bits`` layers mid-network do not.
+    """
+    graph = model.graph
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    if not shapes:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+        shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    seen_sub_byte: set[tuple] = set()
+    hazards = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.output[0] not in shapes:
+            continue
+        vi = shapes[node.output[0]]
+        elem = vi.type.tensor_type.elem_type
+        if elem in _SUB_BYTE:
+            seen_sub_byte.add((_SUB_BYTE[elem], _shape_key(vi)))
+        elif (elem, _shape_key(vi)) in seen_sub_byte:
+            hazards.append(node.output[0])
+    return hazards
+
+
 def check_export(model: onnx.ModelProto) -> None:
     """Full ONNX check and finite parameters; raises on failure."""
     onnx.checker.check_model(model, full_check=True)
