@@ -178,6 +178,10 @@ def test_mixed_precision_export_survives_onnxruntime_buffer_reuse(high_bits):
     folded, plan, q, sim = _quantized(model, 2, 4, calib, high_bits=high_bits)
     inputs = [next(a.tensor for a in plan.acts.values() if n in a.consumers) for n in high_bits]
     assert buffer_reuse_hazard(q) == [f"{t}_quantized" for t in inputs]
+    bare = onnx.ModelProto()
+    bare.CopyFrom(q)
+    del bare.graph.value_info[:]   # as a model saved without shapes
+    assert buffer_reuse_hazard(bare) == buffer_reuse_hazard(q)
     _, _, q_plain, _ = _quantized(model, 4, 4, calib)
     assert buffer_reuse_hazard(q_plain) == []   # the default plan's 8-bit activations are safe
     for i in range(len(x)):

@@ -155,8 +155,9 @@ def buffer_reuse_hazard(model: onnx.ModelProto) -> list[str]:
     the first 4-bit one of their shape or at a unique shape; ``--high-bits`` layers mid-network do not.
     """
     graph = model.graph
+    quantized = [n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"]
     shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    if not shapes:
+    if any(t not in shapes for t in quantized):   # e.g. a model saved without value_info
         graph = onnx.shape_inference.infer_shapes(model).graph
         shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
     seen_sub_byte: set[tuple] = set()
