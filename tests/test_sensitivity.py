@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 
 import fixtures
-from conftest import shared_dir, shared_model, train_images
+from conftest import shared_model, train_images
 from onnxgenie.cli import main
 from onnxgenie.evaluate import predict
 from onnxgenie.graph.bn import fold_bn
@@ -64,7 +63,6 @@ def test_choose_takes_the_largest_positive_gains():
     assert choose(gains, 10) == ["c", "e", "a"] and choose(gains, 0) == []
 
 
-@pytest.mark.skipif(shared_dir() is None, reason="../shared (ResNet-20, CIFAR-10 images) is absent")
 def test_most_sensitive_layers_beat_the_least_sensitive_on_resnet20():
     """ResNet-20 W4A4 at its starting point, real calibration images: the two layers with the largest
     gains, together at 8 bits, bring the model closer to FP32 than the two with the smallest (which,
