@@ -184,35 +184,30 @@ def _input_layout(normal: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc_transpose(normal) is not None else x
 
 
-def _initialised_plan(folded: onnx.ModelProto, config: QuantizeConfig, calib: np.ndarray,
-                      high_bits: tuple[str, ...]) -> QuantPlan:
-    plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
-                      config.weight_grid, high_bits)
-    init_weights(folded, plan)
-    init_activations(folded, plan, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
-    return plan
-
-
 def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
                          config: QuantizeConfig) -> tuple[QuantPlan, dict]:
     """``config.auto_high_bits`` more layers at ``first_last_bits``: those whose high bits lower the
     FP32-vs-quantized KL divergence on the calibration images most (``quant.sensitivity``). ``plan``
     is initialised with ``config.high_bits``; returns the new initialised plan and what was chosen."""
     from .evaluate import predict
-    from .quant.sensitivity import choose, high_bits_gains, kl_divergence
+    from .quant.sensitivity import choose, high_bits_gains, kl_divergence, with_high_node
 
-    layers = tuple(plan.weights)
-    high = _initialised_plan(folded, config, calib, layers)
+    high = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
+                      config.weight_grid, tuple(plan.weights))
+    init_weights(folded, high)
+    init_activations(folded, high, calib, batch_size=config.act_batch, threads=config.threads, seed=config.seed)
     images = calib[:SENSITIVITY_IMAGES]
-    gains, base = high_bits_gains(folded, plan, high, images, config.threads)
+    reference = predict(folded, images, threads=config.threads)
+    gains, base = high_bits_gains(folded, plan, high, images, config.threads, reference)
     chosen = choose(gains, config.auto_high_bits)
     report = {"given": list(config.high_bits), "chosen": chosen, "images": len(images), "kl_before": base,
               "gains": {n: round(g, 6) for n, g in sorted(gains.items(), key=lambda kv: -kv[1])}}
     if not chosen:
         return plan, report
-    plan = _initialised_plan(folded, config, calib, tuple(config.high_bits) + tuple(chosen))
-    report["kl_after"] = kl_divergence(predict(folded, images, threads=config.threads),
-                                       predict(fakequant_model(folded, plan), images, threads=config.threads))
+    for node in chosen:   # each quantizer is initialised on its own: the same as a plan built with them high
+        plan = with_high_node(plan, high, node)
+    report["kl_after"] = kl_divergence(reference, predict(fakequant_model(folded, plan), images,
+                                                          threads=config.threads))
     if config.progress:
         print(f"onnxgenie: high bits: {len(chosen)} of {len(gains)} low-bit layers at {config.first_last_bits} bits "
               f"(KL to FP32 on {len(images)} calibration images {base:.4f} -> {report['kl_after']:.4f} before "

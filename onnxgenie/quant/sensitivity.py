@@ -52,21 +52,20 @@ def with_high_node(low: QuantPlan, high: QuantPlan, node: str) -> QuantPlan:
 
 
 def high_bits_gains(folded: onnx.ModelProto, low: QuantPlan, high: QuantPlan, images: np.ndarray,
-                    threads: int = 1, progress=None) -> tuple[dict[str, float], float]:
+                    threads: int = 1, reference: np.ndarray | None = None) -> tuple[dict[str, float], float]:
     """({node: KL(low) − KL(low with node high)}, KL(low)) on ``images``, for every candidate node.
 
     ``low`` and ``high`` are initialised plans of the same model that differ only in bit widths
-    (``high``: every candidate in ``high_bits``)."""
+    (``high``: every candidate in ``high_bits``); ``reference``: the FP32 logits, if already known."""
     from ..evaluate import predict
 
-    reference = predict(folded, images, threads=threads)
+    if reference is None:
+        reference = predict(folded, images, threads=threads)
     base = kl_divergence(reference, predict(fakequant_model(folded, low), images, threads=threads))
     gains = {}
     for node in candidates(low, high):
         trial = fakequant_model(folded, with_high_node(low, high, node))
         gains[node] = base - kl_divergence(reference, predict(trial, images, threads=threads))
-        if progress is not None:
-            progress.update(1)
     return gains, base
 
 
