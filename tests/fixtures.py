@@ -61,7 +61,8 @@ class _Builder:
 
 def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW), nhwc: bool = False,
                 head: str = "gemm", depthwise: bool = False, bn_after_add: bool = False,
-                batchnorm: bool = True, pool: str = "global", seed: int = 0) -> onnx.ModelProto:
+                batchnorm: bool = True, pool: str = "global", relu6: bool = False, maxpool: bool = False,
+                seed: int = 0) -> onnx.ModelProto:
     """The base net; keyword arguments select the variant (see the module docstring)."""
     b = _Builder(seed)
     x = "input"
@@ -78,7 +79,13 @@ def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW)
     y = b.node("Add", [y, h], "block.add")
     if bn_after_add and batchnorm:
         y = b.bn(y, "block.add_bn", WIDTH)
-    y = b.node("Relu", [y], "block.relu")
+    if relu6:  # ReLU6 as PyTorch exports it: Clip with min/max inputs
+        y = b.node("Clip", [y, b.const("block.min", np.float32(0)), b.const("block.max", np.float32(6))],
+                   "block.relu")
+    else:
+        y = b.node("Relu", [y], "block.relu")
+    if maxpool:
+        y = b.node("MaxPool", [y], "block.maxpool", kernel_shape=[2, 2], strides=[2, 2])
     y = b.node("Relu", [conv_bn(y, "down", WIDTH, 2 * WIDTH, stride=2)], "down.relu")
     if pool == "global":
         y = b.node("GlobalAveragePool", [y], "pool")
@@ -186,6 +193,14 @@ def matmul_head() -> onnx.ModelProto:
 
 def depthwise() -> onnx.ModelProto:
     return conv_bn_net(depthwise=True)
+
+
+def relu6() -> onnx.ModelProto:
+    return conv_bn_net(relu6=True)
+
+
+def maxpool() -> onnx.ModelProto:
+    return conv_bn_net(maxpool=True, hw=(16, 16))
 
 
 def bn_after_add() -> onnx.ModelProto:

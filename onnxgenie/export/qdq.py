@@ -19,6 +19,7 @@ from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 
 EXPORT_OPSET = 21
 EXPORT_IR = 10
+_SUB_BYTE = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
 
 
 def storage_type(bits: int, signed: bool, target: str) -> int:
@@ -73,7 +74,37 @@ def _weight_dq(wq: WeightQuant, target: str) -> tuple[list[onnx.NodeProto], list
     return [node], inits
 
 
-def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+# onnxruntime (1.19 and 1.32) moves a per-tensor 4-bit Q/DQ pair across MaxPool, which has no 4-bit kernel
+# (the model no longer loads above ORT_ENABLE_BASIC), and its Clip+QuantizeLinear fusion cannot read a 4-bit
+# zero point (it throws). Both only take per-tensor pairs: such a pair is written per channel instead, with
+# the same scale and zero point in every channel (the same values).
+SUB_BYTE_TRAPS = {"producer": {"MaxPool", "Clip"}, "consumer": {"MaxPool"}}
+
+
+def sub_byte_trap(model: onnx.ModelProto, act: ActQuant, target: str) -> bool:
+    """Whether onnxruntime's graph optimiser would break ``act``'s per-tensor Q/DQ pair (``SUB_BYTE_TRAPS``)."""
+    if storage_type(act.bits, act.signed, target) not in _SUB_BYTE:
+        return False
+    wanted = set(act.consumers)
+    for node in model.graph.node:
+        if act.tensor in node.output and node.op_type in SUB_BYTE_TRAPS["producer"]:
+            return True
+        if node.name in wanted and node.op_type in SUB_BYTE_TRAPS["consumer"]:
+            return True
+    return False
+
+
+def _channels(model: onnx.ModelProto, tensor: str) -> int | None:
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[1].dim_value if len(dims) >= 2 and dims[1].HasField("dim_value") else None
+    return None
+
+
+def _act_qdq(act: ActQuant, target: str, channels: int | None = None
+             ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """Q->DQ of ``act``; per channel (axis 1, the same value in each) when ``channels`` is given."""
     qmin, qmax = act.qrange
     dtype = storage_type(act.bits, act.signed, target)
     zero_point = act.zero_point
@@ -81,8 +112,9 @@ def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onn
         # the same grid as uint8 with zero point 128: onnxruntime's int8 kernels want one type throughout
         dtype, zero_point = TensorProto.UINT8, zero_point + 128
     p = act.tensor
-    inits = [numpy_helper.from_array(np.float32(act.scale), f"{p}_scale"),
-             _int_tensor(f"{p}_zero_point", np.array(zero_point), dtype)]
+    shape, axis = ((), {}) if channels is None else ((channels,), {"axis": 1})
+    inits = [numpy_helper.from_array(np.full(shape, act.scale, np.float32), f"{p}_scale"),
+             _int_tensor(f"{p}_zero_point", np.full(shape, zero_point), dtype)]
     nodes, x = [], p
     if act.bits not in (4, 8):  # a 5-7 bit grid in an 8-bit container: clip to the grid's range first
         inits += [numpy_helper.from_array(np.float32(qmin * np.float32(act.scale)), f"{p}_clip_min"),
@@ -91,9 +123,9 @@ def _act_qdq(act: ActQuant, target: str) -> tuple[list[onnx.NodeProto], list[onn
                                       name=f"{p}_Clip"))
         x = f"{p}_clipped"
     nodes += [helper.make_node("QuantizeLinear", [x, f"{p}_scale", f"{p}_zero_point"], [f"{p}_quantized"],
-                               name=f"{p}_QuantizeLinear"),
+                               name=f"{p}_QuantizeLinear", **axis),
               helper.make_node("DequantizeLinear", [f"{p}_quantized", f"{p}_scale", f"{p}_zero_point"],
-                               [f"{p}_dequantized"], name=f"{p}_DequantizeLinear")]
+                               [f"{p}_dequantized"], name=f"{p}_DequantizeLinear", **axis)]
     return nodes, inits, f"{p}_dequantized"
 
 
@@ -127,8 +159,11 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     model.graph.initializer.extend(keep + new_inits)
     for i, node in enumerate(dq_nodes):
         model.graph.node.insert(i, node)
+    traps = [a.tensor for a in plan.acts.values() if sub_byte_trap(model, a, plan.target)]
+    shaped = onnx.shape_inference.infer_shapes(model) if traps else model
     for act in plan.acts.values():
-        nodes, inits, out = _act_qdq(act, plan.target)
+        nodes, inits, out = _act_qdq(act, plan.target,
+                                     _channels(shaped, act.tensor) if act.tensor in traps else None)
         model.graph.initializer.extend(inits)
         insert_before_consumers(model, act.tensor, nodes)
         rewire(model, act.tensor, act.consumers, out)
@@ -137,9 +172,6 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     if check:
         check_export(model)
     return model
-
-
-_SUB_BYTE = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
 
 
 def _shape_key(vi: onnx.ValueInfoProto) -> tuple:
