@@ -122,8 +122,9 @@ class GradientGraph:
         """One forward+backward pass; returns the loss (float) and any extra outputs."""
         self.module.lazy_reset_grad()
         out = self.module(*[np.ascontiguousarray(x) for x in inputs])
-        out = out if isinstance(out, tuple) else (out,)
-        return (float(out[0]), *out[1:]) if len(out) > 1 else float(out[0])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        out = [o.numpy() if hasattr(o, "numpy") else o for o in out]  # an input-less graph returns OrtValues
+        return (float(np.asarray(out[0]).reshape(-1)[0]), *out[1:]) if len(out) > 1 else float(out[0])
 
     def evaluate(self, *inputs: np.ndarray):
         """Forward only (no gradients, no state change)."""

@@ -66,9 +66,14 @@ def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.array([h, w], np.int64), f"{tag}_hw"))
         padded_h = _reflect_pad(nodes, inits, x, f"{tag}_pad_h", axis=2, size=h)
         padded = _reflect_pad(nodes, inits, padded_h, f"{tag}_pad", axis=3, size=w)
+        # the crop's starts are inputs, so its shape is unknown to shape inference; a Reshape to
+        # (N, C, h, w) restores it (MaxPool's gradient downstream came back empty without it)
+        inits.append(numpy_helper.from_array(np.array([0, 0, h, w], np.int64), f"{tag}_shape"))
         nodes += [helper.make_node("Add", ["swing_starts", f"{tag}_hw"], [f"{tag}_ends"], name=f"{tag}_ends"),
                   helper.make_node("Slice", [padded, "swing_starts", f"{tag}_ends", "swing_axes"],
-                                   [f"{tag}_crop"], name=f"{tag}_crop")]
+                                   [f"{tag}_crop_any"], name=f"{tag}_crop"),
+                  helper.make_node("Reshape", [f"{tag}_crop_any", f"{tag}_shape"], [f"{tag}_crop"],
+                                   name=f"{tag}_crop_shape")]
         node.input[0] = f"{tag}_crop"
         nodes.append(node)
         rewritten += 1
