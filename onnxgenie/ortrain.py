@@ -74,6 +74,87 @@ def relu_as_clip(model: onnx.ModelProto) -> None:
         node.input.append("ortrain.relu_floor")
 
 
+# Activations without a gradient in onnxruntime-training 1.19, as ops that have one (same values up to
+# float rounding). Each returns the nodes computing node.output[0] from x (and PRelu's slope).
+_NO_GRADIENT = ("HardSigmoid", "HardSwish", "PRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+                "ThresholdedRelu", "Mish")
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto, node: onnx.NodeProto):
+        self.model, self.prefix, self.nodes, self.count = model, f"{node.name or node.output[0]}/grad_form", [], 0
+        self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def const(self, value: float) -> str:
+        from onnx import numpy_helper
+
+        self.count += 1
+        name = f"{self.prefix}/c{self.count}"
+        self.model.graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None) -> str:
+        self.count += 1
+        out = out or f"{self.prefix}/t{self.count}"
+        self.nodes.append(onnx.helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}/n{self.count}"))
+        return out
+
+    def elu_part(self, x: str, alpha: float, inner_scale: float = 1.0) -> str:
+        """alpha * (exp(min(x, 0) / inner_scale) - 1): the negative side of Elu/Celu/Selu."""
+        neg = self.op("Min", x, self.const(0.0))
+        if inner_scale != 1.0:
+            neg = self.op("Div", neg, self.const(inner_scale))
+        return self.op("Mul", self.const(alpha), self.op("Sub", self.op("Exp", neg), self.const(1.0)))
+
+    def softplus(self, x: str, out: str | None = None) -> str:
+        """relu(x) + log(1 + exp(-|x|)): log(1 + exp(x)) without overflow."""
+        tail = self.op("Log", self.op("Add", self.const(1.0), self.op("Exp", self.op("Neg", self.op("Abs", x)))))
+        return self.op("Add", self.op("Relu", x), tail, out=out)
+
+    def rewrite(self, op_type: str, inputs: list[str], y: str) -> None:
+        x, a = inputs[0], self.attrs
+        if op_type == "HardSigmoid":
+            lin = self.op("Add", self.op("Mul", x, self.const(a.get("alpha", 0.2))), self.const(a.get("beta", 0.5)))
+            self.op("Clip", lin, self.const(0.0), self.const(1.0), out=y)
+        elif op_type == "HardSwish":
+            lin = self.op("Add", self.op("Mul", x, self.const(1 / 6)), self.const(0.5))
+            self.op("Mul", x, self.op("Clip", lin, self.const(0.0), self.const(1.0)), out=y)
+        elif op_type == "PRelu":   # relu(x) - slope * relu(-x)
+            neg = self.op("Mul", inputs[1], self.op("Relu", self.op("Neg", x)))
+            self.op("Sub", self.op("Relu", x), neg, out=y)
+        elif op_type in ("Elu", "Celu"):
+            alpha = a.get("alpha", 1.0)
+            self.op("Add", self.op("Relu", x), self.elu_part(x, alpha, alpha if op_type == "Celu" else 1.0), out=y)
+        elif op_type == "Selu":
+            elu = self.op("Add", self.op("Relu", x), self.elu_part(x, a.get("alpha", 1.67326319217681884765625)))
+            self.op("Mul", self.const(a.get("gamma", 1.05070102214813232421875)), elu, out=y)
+        elif op_type == "Softplus":
+            self.softplus(x, out=y)
+        elif op_type == "Softsign":
+            self.op("Div", x, self.op("Add", self.const(1.0), self.op("Abs", x)), out=y)
+        elif op_type == "ThresholdedRelu":
+            zero = self.const(0.0)
+            self.op("Where", self.op("Greater", x, self.const(a.get("alpha", 1.0))), x, zero, out=y)
+        elif op_type == "Mish":
+            self.op("Mul", x, self.op("Tanh", self.softplus(x)), out=y)
+
+
+def trainable_form(model: onnx.ModelProto) -> None:
+    """In place: activations without a gradient in onnxruntime-training (``_NO_GRADIENT``) written with
+    ops that have one, then Relu as Clip (``relu_as_clip``). Values are unchanged up to float rounding."""
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in _NO_GRADIENT and node.domain in ("", "ai.onnx"):
+            rewriter = _Rewriter(model, node)
+            rewriter.rewrite(node.op_type, list(node.input), node.output[0])
+            nodes += rewriter.nodes
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    relu_as_clip(model)
+
+
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                 providers=["CPUExecutionProvider"])

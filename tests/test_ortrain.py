@@ -225,3 +225,65 @@ def test_frozen_bn_must_be_mul_add_inside_training_graphs():
     assert affine.evaluate(x)[0] == pytest.approx(reference, rel=1e-5)
     kept = GradientGraph(_with_square_loss(normal), ["fc.bias"])
     assert kept(x)[0] != pytest.approx(reference, rel=1e-2)
+
+
+# Activations without a gradient in onnxruntime-training, rewritten (trainable_form) -----------------
+
+def _activation_loss_model(op: str, attrs: dict, x: np.ndarray, opset: int) -> "onnx.ModelProto":
+    """loss = sum(w * op(x)) with x trainable (w fixed random weights, so every element matters)."""
+    inits = [numpy_helper.from_array(x, "x"),
+             numpy_helper.from_array(np.random.default_rng(1).standard_normal(x.shape).astype(np.float32), "w")]
+    inputs = ["x"]
+    if op == "PRelu":
+        inits.append(numpy_helper.from_array(np.array([0.25, -0.1, 0.5], np.float32).reshape(3, 1, 1), "slope"))
+        inputs.append("slope")
+    nodes = [helper.make_node(op, inputs, ["y"], name="act", **attrs),
+             helper.make_node("Mul", ["y", "w"], ["wy"]),
+             helper.make_node("ReduceSum", ["wy"], ["loss"], keepdims=0)]
+    graph = helper.make_graph(nodes, "act", [], [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op,attrs", [("HardSigmoid", {"alpha": 0.25, "beta": 0.4}), ("HardSwish", {}),
+                                      ("PRelu", {}), ("Elu", {"alpha": 0.7}), ("Selu", {}), ("Celu", {"alpha": 2.0}),
+                                      ("Softplus", {}), ("Softsign", {}), ("ThresholdedRelu", {"alpha": 0.5}),
+                                      ("Mish", {})])
+def test_activations_without_gradient_are_rewritten_with_the_same_values_and_gradient(op, attrs):
+    import copy
+
+    from onnxgenie.ortrain import inference_session, trainable_form
+
+    opset = 18 if op == "Mish" else 17
+    x = (np.random.default_rng(0).standard_normal((2, 3, 4, 4)) * 3).astype(np.float32)
+    x[0, 0, 0, :3] = [30.0, -30.0, 0.5]   # far tails (Softplus must not overflow)
+    if op == "ThresholdedRelu":   # a jump at alpha: keep finite differences off it
+        x = np.where(np.abs(x - attrs["alpha"]) < 0.05, x + 0.1, x).astype(np.float32)
+    model = _activation_loss_model(op, attrs, x, opset)
+    with pytest.raises(Exception):   # the reason for the rewrite
+        GradientGraph(model, ["x"])
+    rewritten = copy.deepcopy(model)
+    trainable_form(rewritten)
+    assert op not in {n.op_type for n in rewritten.graph.node}
+    want = float(inference_session(model).run(None, {})[0])
+    assert float(inference_session(rewritten).run(None, {})[0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+    gg = GradientGraph(rewritten, ["x"])
+    assert gg() == pytest.approx(want, rel=1e-5, abs=1e-4)
+    grad = gg.grads()["x"]
+
+    def loss_at(values: np.ndarray) -> np.ndarray:   # per-element losses of the original op, float64 steps
+        out = []
+        for v in values:
+            probe = copy.deepcopy(model)
+            probe.graph.initializer[0].CopyFrom(numpy_helper.from_array(v.astype(np.float32), "x"))
+            out.append(float(inference_session(probe).run(None, {})[0]))
+        return np.array(out)
+
+    h = 1e-2
+    rng = np.random.default_rng(2)
+    for _ in range(3):   # directional derivatives
+        d = rng.standard_normal(x.shape).astype(np.float32)
+        d /= np.linalg.norm(d)
+        plus, minus = loss_at([x + h * d, x - h * d])
+        assert (plus - minus) / (2 * h) == pytest.approx(float((grad * d).sum()), rel=2e-2, abs=2e-2)

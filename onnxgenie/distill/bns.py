@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..graph.bn import BNLayer, bn_layers, fold_bn, require_bn
-from ..ortrain import relu_as_clip
+from ..ortrain import trainable_form
 
 STD_EPS = 1e-6
 LOSS = "bns_loss"
@@ -142,7 +142,7 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     out.CopyFrom(affine)
     out.graph.node.extend(b.nodes)
     out.graph.initializer.extend(b.inits)
-    relu_as_clip(out)
+    trainable_form(out)
     shapes = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
     del out.graph.output[:]
     out.graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
-from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, relu_as_clip
+from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, trainable_form
 from .lsq import lsq_quantize, qdrop
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
 from .spec import ActQuant, QuantPlan, WeightQuant
@@ -122,7 +122,7 @@ def training_model(block_model: onnx.ModelProto, plan: QuantPlan,
                    quantizer: str = "genie") -> tuple[onnx.ModelProto, TrainNames]:
     """The block with softbit weights, LSQ+QDrop activations and the GENIE-M loss as first output."""
     model = copy.deepcopy(block_model)
-    relu_as_clip(model)
+    trainable_form(model)
     g = model.graph
     b = GraphBuilder("recon/")
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
