@@ -215,6 +215,17 @@ def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.nda
     return plan, report
 
 
+def _fallbacks(blocks: list[dict]) -> str:
+    """The blocks GENIE-M did not learn whole, with why (status strings of ``reconstruct``)."""
+    rtn = [f"{b['name']} ({b['status'][5:-1]})" for b in blocks if str(b.get("status", "")).startswith("rtn (")]
+    by_layer = [b["name"] for b in blocks if "layer by layer" in str(b.get("status", ""))]
+    text = f"; kept at round-to-nearest: {', '.join(rtn)}" if rtn else ""
+    if by_layer:
+        reason = next(b["status"] for b in blocks if b["name"] == by_layer[0]).split("block rtn (", 1)[-1].rstrip(")")
+        text += f"; learned layer by layer: {', '.join(by_layer)} ({reason})"
+    return text
+
+
 def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray,
                       config: QuantizeConfig) -> tuple[QuantPlan, dict]:
     """GENIE-M (``quant.reconstruct``): learned softbits and steps, block by block."""
@@ -390,9 +401,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     if config.reconstruct:
         plan, report["reconstruction"] = reconstruct_stage(folded, plan, calib, config)
         blocks = report["reconstruction"]["blocks"]
-        stages.done("reconstruct", f"{len(blocks)} blocks, {config.recon_iters} steps each"
-                    + (f"; kept at round-to-nearest: {', '.join(report['reconstruction']['rtn_blocks'])}"
-                       if report["reconstruction"]["rtn_blocks"] else ""))
+        stages.done("reconstruct", f"{len(blocks)} blocks, {config.recon_iters} steps each" + _fallbacks(blocks))
     exported = export_qdq(folded, plan)
     check_finite(exported)
     simulation = fakequant_model(folded, plan, opset=EXPORT_OPSET)

@@ -225,6 +225,10 @@ def test_block_without_gradient_is_learned_layer_by_layer():
     changed = [n for n in owner.quantized_nodes if not np.array_equal(new.weights[n].wint, plan.weights[n].wint)]
     assert changed == [layer["name"] for layer in row["per_layer"] if layer["status"] == "ok"]
     assert row["status"].startswith("ok") == bool(changed)
+    from onnxgenie.pipeline import _fallbacks   # the stage line names the block and why
+
+    line = _fallbacks(report["blocks"])
+    assert f"learned layer by layer: {owner.name} (training graph failed: no gradient for Floor (node" in line
 
 
 def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -391,6 +392,15 @@ def _train(gg: GradientGraph, names: TrainNames, plan: QuantPlan, x_fp, x_q, y, 
                     "ort_s": t_ort}
 
 
+def _reason(err: Exception) -> str:
+    """The useful part of an onnxruntime-training error: "no gradient for Floor (node x)" where it is one."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    missing = re.search(r"gradient builder has not been registered: (\S+) for node (\S+)", text)
+    if missing:
+        return f"no gradient for {missing.group(1)} (node {missing.group(2)})"
+    return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
+
+
 def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.ndarray, x_q: np.ndarray,
                       y: np.ndarray, cfg: BlockConfig, rng: np.random.Generator,
                       progress=None) -> tuple[dict, dict]:
@@ -404,7 +414,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
         mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
         gg = GradientGraph(model, list(names.init), threads=cfg.threads)
     except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
-        return {}, {"status": f"rtn (training graph failed: {str(err).strip().splitlines()[0][:160]})"}
+        return {}, {"status": f"rtn (training graph failed: {_reason(err)})"}
     stats: dict = {}
     for attempt, retry_scale in enumerate((1.0, 0.5)):
         params, stats = _train(gg, names, plan, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
