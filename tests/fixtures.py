@@ -61,7 +61,7 @@ class _Builder:
 
 def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW), nhwc: bool = False,
                 head: str = "gemm", depthwise: bool = False, bn_after_add: bool = False,
-                batchnorm: bool = True, pool: str = "global", relu6: bool = False, maxpool: bool = False,
+                batchnorm: bool = True, pool: str = "global", relu6: bool = False, silu: bool = False, maxpool: bool = False,
                 seed: int = 0) -> onnx.ModelProto:
     """The base net; keyword arguments select the variant (see the module docstring)."""
     b = _Builder(seed)
@@ -79,7 +79,9 @@ def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW)
     y = b.node("Add", [y, h], "block.add")
     if bn_after_add and batchnorm:
         y = b.bn(y, "block.add_bn", WIDTH)
-    if relu6:  # ReLU6 as PyTorch exports it: Clip with min/max inputs
+    if silu:  # SiLU as PyTorch exports it: x * Sigmoid(x)
+        y = b.node("Mul", [y, b.node("Sigmoid", [y], "block.sigmoid")], "block.relu")
+    elif relu6:  # ReLU6 as PyTorch exports it: Clip with min/max inputs
         y = b.node("Clip", [y, b.const("block.min", np.float32(0)), b.const("block.max", np.float32(6))],
                    "block.relu")
     else:
@@ -197,6 +199,10 @@ def depthwise() -> onnx.ModelProto:
 
 def relu6() -> onnx.ModelProto:
     return conv_bn_net(relu6=True)
+
+
+def silu() -> onnx.ModelProto:
+    return conv_bn_net(silu=True)
 
 
 def maxpool() -> onnx.ModelProto:

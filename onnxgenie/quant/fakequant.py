@@ -3,7 +3,8 @@
 Weights become their dequantized values; how they are produced is pluggable (``weight_fn``: the
 round-to-nearest constants here, learned softbits in reconstruction). Each planned activation goes
 through x -> Div(scale) -> Round -> Clip(qmin, qmax) -> Mul(scale) before its quantized consumers
-(zero points of activations are 0). The exported QDQ model computes exactly the same numbers.
+(an activation's zero point shifts the clip range: ``ActQuant.qrange``). The exported QDQ model computes
+exactly the same numbers.
 """
 
 from __future__ import annotations

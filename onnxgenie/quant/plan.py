@@ -68,19 +68,30 @@ def residual_adds(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             if n.op_type == "Add" and len(n.input) == 2 and not (set(n.input) & consts)]
 
 
+_NON_NEGATIVE_OPS = ("Relu", "Sigmoid", "HardSigmoid", "Softplus")
+
+
+def _clip_at_zero_or_above(model: onnx.ModelProto, node: onnx.NodeProto) -> bool:
+    if node.op_type != "Clip" or len(node.input) < 2 or not node.input[1]:
+        return False
+    low = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
+    return low is not None and float(numpy_helper.to_array(low)) >= 0
+
+
 def _non_negative(model: onnx.ModelProto, tensor: str) -> bool:
-    """True if ``tensor`` is a ReLU output, possibly through value-moving ops (a guess before calibration)."""
+    """True if ``tensor`` is a ReLU (ReLU6, Sigmoid, ...) output, possibly through value-moving ops (a
+    guess before calibration, which decides)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     seen = set()
     todo = [tensor]
     while todo:
         t = todo.pop()
         node = producers.get(t)
+        if node is not None and (node.op_type in _NON_NEGATIVE_OPS or _clip_at_zero_or_above(model, node)):
+            continue
         if node is None or node.op_type not in _SIGN_PRESERVING or t in seen:
             return False
         seen.add(t)
-        if node.op_type == "Relu":
-            continue
         todo.extend([node.input[0]] if node.op_type != "Concat" else list(node.input))
     return True
 
@@ -222,6 +233,6 @@ def format_plan(plan: QuantPlan) -> str:
         kind = "symmetric" if w.symmetric else "asymmetric"
         lines.append(f"  W{w.bits} {kind:10} axis {w.axis}  {w.node}  ({w.weight})")
     for a in plan.acts.values():
-        sign = "signed" if a.signed else "unsigned"
+        sign = "signed" if a.signed else ("unsigned" if not a.zero_point else f"unsigned, zero point {a.zero_point}")
         lines.append(f"  A{a.bits} {sign:10}         {a.tensor}  -> {', '.join(a.consumers)}")
     return "\n".join(lines)

@@ -54,7 +54,12 @@ class WeightQuant:
 
 @dataclass
 class ActQuant:
-    """Per-tensor quantizer of one activation tensor (shared by all its quantized consumers)."""
+    """Per-tensor quantizer of one activation tensor (shared by all its quantized consumers).
+
+    Stored codes q lie in ``int_range(bits, signed)`` and stand for scale * (q - zero_point). The zero
+    point is 0 except on an unsigned grid over a tensor with a small negative part (SiLU, HardSwish,
+    LeakyReLU outputs), where it puts the tensor's minimum on the grid.
+    """
 
     tensor: str
     bits: int
@@ -65,7 +70,9 @@ class ActQuant:
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return int_range(self.bits, self.signed)
+        """The integer range of round(x / scale), i.e. of q - zero_point: what the float simulation clips to."""
+        qmin, qmax = int_range(self.bits, self.signed)
+        return qmin - self.zero_point, qmax - self.zero_point
 
 
 TARGETS = ("ort", "tensorrt")
