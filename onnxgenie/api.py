@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .errors import BadInputError
 from .pipeline import (QuantizationResult, auto_jobs, check_gate, check_output, preset_config, quantize as _run,
                        write_model, write_reports)
 
@@ -37,9 +38,12 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     """
     array = calib_data if isinstance(calib_data, np.ndarray) else None
     path = None if array is not None or calib_data is None else calib_data
+    calib = settings.pop("calib", None)   # "distill" / "noise" without data, as --calib
+    if calib is not None and calib_data is not None and calib != "data":
+        raise BadInputError(f"calib={calib!r} and calib_data both given; pass one of them")
     config = preset_config(preset, wbits=wbits, abits=abits, target=target, seed=seed,
                            workdir=None if workdir is None else str(workdir), progress=progress,
-                           min_agreement=min_agreement, calib="data" if calib_data is not None else None, **settings)
+                           min_agreement=min_agreement, calib="data" if calib_data is not None else calib, **settings)
     if "jobs" not in settings:
         config = replace(config, jobs=auto_jobs(config))
     if isinstance(model_input, (str, os.PathLike)) and model_output is not None:

@@ -109,6 +109,10 @@ def test_python_api_writes_what_it_returns(tmp_path):
         onnxgenie.quantize(model, tmp_path / "gated.onnx", calib_data=calib, progress=False, reconstruct=False,
                            min_agreement=100.01)
     assert err.value.report["gate"]["passed"] is False and not (tmp_path / "gated.onnx").exists()
+    noise = onnxgenie.quantize(model, calib="noise", calib_images=16, progress=False, reconstruct=False)
+    assert noise.report["calibration"]["source"] == "noise"   # like --calib noise (was a TypeError)
+    with pytest.raises(BadInputError, match="calib_data"):
+        onnxgenie.quantize(model, calib="noise", calib_data=calib, progress=False)
 
 
 def test_outputs_get_ordinary_permissions(tmp_path, capsys):
