@@ -61,7 +61,7 @@ class _Builder:
 
 def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW), nhwc: bool = False,
                 head: str = "gemm", depthwise: bool = False, bn_after_add: bool = False,
-                batchnorm: bool = True, pool: str = "global", relu6: bool = False, silu: bool = False, maxpool: bool = False,
+                batchnorm: bool = True, pool: str = "global", relu6: bool = False, silu: bool = False, act: str = "Relu", maxpool: bool = False,
                 seed: int = 0) -> onnx.ModelProto:
     """The base net; keyword arguments select the variant (see the module docstring)."""
     b = _Builder(seed)
@@ -81,6 +81,9 @@ def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW)
         y = b.bn(y, "block.add_bn", WIDTH)
     if silu:  # SiLU as PyTorch exports it: x * Sigmoid(x)
         y = b.node("Mul", [y, b.node("Sigmoid", [y], "block.sigmoid")], "block.relu")
+    elif act in ("HardSwish", "PRelu"):  # MobileNetV3 / PReLU nets
+        slope = [b.const("block.slope", np.full((WIDTH, 1, 1), 0.2, np.float32))] if act == "PRelu" else []
+        y = b.node(act, [y, *slope], "block.relu")
     elif relu6:  # ReLU6 as PyTorch exports it: Clip with min/max inputs
         y = b.node("Clip", [y, b.const("block.min", np.float32(0)), b.const("block.max", np.float32(6))],
                    "block.relu")
@@ -89,6 +92,8 @@ def conv_bn_net(opset: int = 17, *, batch: int | str = "N", hw: tuple = (HW, HW)
     if maxpool:
         y = b.node("MaxPool", [y], "block.maxpool", kernel_shape=[2, 2], strides=[2, 2])
     y = b.node("Relu", [conv_bn(y, "down", WIDTH, 2 * WIDTH, stride=2)], "down.relu")
+    if maxpool:  # after a strided conv too (ResNet-ImageNet stems): swing must keep MaxPool's gradient
+        y = b.node("MaxPool", [y], "down.maxpool", kernel_shape=[2, 2], strides=[2, 2])
     if pool == "global":
         y = b.node("GlobalAveragePool", [y], "pool")
     elif opset >= 18:  # ReduceMean takes its axes as an input from opset 18
@@ -203,6 +208,14 @@ def relu6() -> onnx.ModelProto:
 
 def silu() -> onnx.ModelProto:
     return conv_bn_net(silu=True)
+
+
+def hardswish() -> onnx.ModelProto:
+    return conv_bn_net(act="HardSwish")
+
+
+def prelu() -> onnx.ModelProto:
+    return conv_bn_net(act="PRelu")
 
 
 def maxpool() -> onnx.ModelProto:

@@ -125,3 +125,24 @@ def test_outputs_get_ordinary_permissions(tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert (out.stat().st_mode & 0o777) == (report.stat().st_mode & 0o777) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("name", ["maxpool", "relu6", "silu", "hardswish", "prelu"])
+def test_zero_shot_on_other_architectures_runs_at_every_onnxruntime_level(name, tmp_path):
+    """MaxPool, ReLU6, SiLU, HardSwish, PRelu: GENIE-D and GENIE-M train through them (HardSwish and
+    PRelu have no gradient in onnxruntime-training: rewritten), every block is learned, and the
+    written model loads and matches the simulation at onnxruntime's highest optimisation level."""
+    import onnxruntime as ort
+
+    model = getattr(fixtures, name)()
+    result = onnxgenie.quantize(model, tmp_path / "q.onnx", wbits=4, abits=4, progress=False, jobs=1,
+                                calib_images=16, holdout_images=0, distill_iters=6, distill_batch=16,
+                                recon_iters=6, recon_batch=8)
+    failed = [b["status"] for b in result.report["reconstruction"]["blocks"] if "failed" in b["status"]]
+    assert not failed
+    x = fixtures.random_input(model, 32, seed=4)
+    sim = predict(result.simulation, x)
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        y = predict(written, x, level=level)
+        assert np.isfinite(y).all() and (y.argmax(1) == sim.argmax(1)).mean() >= 0.9
