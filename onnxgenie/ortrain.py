@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 import types
@@ -153,6 +154,15 @@ def trainable_form(model: onnx.ModelProto) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     relu_as_clip(model)
+
+
+def describe_ort_error(err: Exception) -> str:
+    """The useful part of an onnxruntime-training error: "no gradient for Floor (node x)" where it is one."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    missing = re.search(r"gradient builder has not been registered: (\S+) for node (\S+)", text)
+    if missing:
+        return f"no gradient for {missing.group(1)} (node {missing.group(2)})"
+    return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
 
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:

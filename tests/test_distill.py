@@ -243,6 +243,20 @@ def test_model_without_bn_is_refused():
         distill(no_bn(), n_images=4, batch=4, iters=1, progress=False)
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_op_without_gradient_is_refused_in_one_line(tmp_path, capsys, jobs):
+    """A Floor between the image and a BN: no gradient in onnxruntime-training. Exit 2 naming the op and
+    the way out, from one process or from the workers (a failing worker initializer used to be respawned)."""
+    model = conv_bn_net()
+    next(n for n in model.graph.node if n.name == "block.relu").op_type = "Floor"
+    out = tmp_path / "data.npz"
+    assert main(["distill", str(save(model, tmp_path)), "-o", str(out), "--images", "8", "--batch", "4",
+                 "--iters", "2", "--jobs", str(jobs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no gradient for Floor (node block.relu)" in err and "--calib-data" in err
+    assert not out.exists()
+
+
 def test_cli_rounds_up_and_writes_images_loss_history_and_preview(tmp_path, capsys):
     model = save(conv_bn_net(), tmp_path)
     out, grid = tmp_path / "data.npz", tmp_path / "grid.png"

@@ -39,7 +39,7 @@ from ..errors import BadInputError, DivergenceError, ResumeMismatchError, Unsupp
 from ..graph.bn import require_bn
 from ..graph.load import image_io, nhwc_transpose, normalize
 from ..graph.swing import swing_feed, swing_rewrite
-from ..ortrain import Adam, GradientGraph, ParamGroup
+from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error
 from .bns import LOSS, bns_loss_model
 from .generator import LATENT_DIM, build_generator, init_generator, trainable_names
 
@@ -150,7 +150,12 @@ class BatchDistiller:
     def __init__(self, model: onnx.ModelProto, groups: dict[str, list[str]], cfg: DistillConfig, threads: int = 1):
         self.model, self.cfg, self.groups = model, cfg, groups
         self.trainable = [n for names in groups.values() for n in names]
-        self.graph = GradientGraph(model, self.trainable, threads=threads)
+        try:
+            self.graph = GradientGraph(model, self.trainable, threads=threads)
+        except Exception as err:   # an op without a gradient between the image and a BN layer
+            raise UnsupportedModelError(
+                f"distillation cannot train through this model ({describe_ort_error(err)}); quantize it from real "
+                "images with --calib-data, or re-export it without that op") from None
 
     def _step(self, feeds: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
         inputs = [feeds[n] for n in self.graph.input_names]
@@ -245,10 +250,16 @@ def _worker_init(model_bytes: bytes, groups: dict, cfg: DistillConfig, workdir: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
-    _WORKER.update(distiller=BatchDistiller(model, groups, cfg, threads=1), workdir=Path(workdir), steps=steps)
+    _WORKER.update(workdir=Path(workdir), steps=steps)
+    try:
+        _WORKER["distiller"] = BatchDistiller(model, groups, cfg, threads=1)
+    except UnsupportedModelError as err:   # raised from _worker_run: a failing initializer respawns forever
+        _WORKER["error"] = err
 
 
 def _worker_run(index: int) -> tuple[int, float]:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
     steps = _WORKER["steps"]
 
     def on_step(step, loss):

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
-from ..ortrain import Adam, GradientGraph, ParamGroup, inference_session, trainable_form
+from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session, trainable_form
 from .lsq import lsq_quantize, qdrop
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
 from .spec import ActQuant, QuantPlan, WeightQuant
@@ -392,15 +391,6 @@ def _train(gg: GradientGraph, names: TrainNames, plan: QuantPlan, x_fp, x_q, y, 
                     "ort_s": t_ort}
 
 
-def _reason(err: Exception) -> str:
-    """The useful part of an onnxruntime-training error: "no gradient for Floor (node x)" where it is one."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    missing = re.search(r"gradient builder has not been registered: (\S+) for node (\S+)", text)
-    if missing:
-        return f"no gradient for {missing.group(1)} (node {missing.group(2)})"
-    return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
-
-
 def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.ndarray, x_q: np.ndarray,
                       y: np.ndarray, cfg: BlockConfig, rng: np.random.Generator,
                       progress=None) -> tuple[dict, dict]:
@@ -414,7 +404,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
         mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
         gg = GradientGraph(model, list(names.init), threads=cfg.threads)
     except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
-        return {}, {"status": f"rtn (training graph failed: {_reason(err)})"}
+        return {}, {"status": f"rtn (training graph failed: {describe_ort_error(err)})"}
     stats: dict = {}
     for attempt, retry_scale in enumerate((1.0, 0.5)):
         params, stats = _train(gg, names, plan, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
