@@ -238,6 +238,20 @@ def test_divergence_names_batch_and_step_and_writes_nothing(tmp_path):
     assert not list((tmp_path / "nan").glob("batch_*.npz"))
 
 
+@pytest.mark.parametrize("mode", ["genie", "zeroq"])
+def test_nhwc_model_distils_the_nchw_twins_images_transposed(mode):
+    """The NHWC fixture is the NCHW one behind a Transpose (same weights): the same seed must give the
+    same images, in the model's layout, and the same BNS losses."""
+    from fixtures import nhwc_input
+
+    kw = dict(n_images=4, batch=4, iters=3, mode=mode, seed=2, progress=False)
+    nchw, info = distill(conv_bn_net(), **kw)
+    nhwc, info_nhwc = distill(nhwc_input(), **kw)
+    assert nhwc.shape == (4, *nchw.shape[2:], nchw.shape[1])
+    np.testing.assert_allclose(nhwc.transpose(0, 3, 1, 2), nchw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(info_nhwc["loss_history"], info["loss_history"], rtol=1e-4)
+
+
 def test_model_without_bn_is_refused():
     with pytest.raises(NoBatchNormError):
         distill(no_bn(), n_images=4, batch=4, iters=1, progress=False)

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ..graph.bn import BNLayer, bn_layers, fold_bn, require_bn
+from ..graph.load import nhwc_transpose
 from ..ortrain import trainable_form
 
 STD_EPS = 1e-6
@@ -129,9 +130,10 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     affine = fold_bn(teacher, fold_into_producer=fused)
     produced = {o for n in affine.graph.node for o in n.output}
     image = affine.graph.input[0]
-    channels = image.type.tensor_type.shape.dim[1].dim_value
+    to_nchw = nhwc_transpose(affine, image.name)   # the input term is taken on the NCHW image
     b = _LossBuilder()
-    total = _input_term(b, image.name, channels)
+    channels = image.type.tensor_type.shape.dim[1 if to_nchw is None else 3].dim_value
+    total = _input_term(b, image.name if to_nchw is None else to_nchw.output[0], channels)
     for i, bn in enumerate(layers):
         folded = bn.input not in produced and bn.input != image.name
         if folded and np.any(bn.gamma == 0):

@@ -95,14 +95,16 @@ def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.M
     loss_model = bns_loss_model(swing_rewrite(teacher) if cfg.swing else teacher, fused=cfg.fused)
     image = io.input
     shape = [cfg.batch, *io.chw]
+    nhwc = nhwc_transpose(teacher) is not None
+    source = f"{image}/nchw" if nhwc else image   # what the generator (or the pixels) write
     nodes, inits, inputs = [], [], [i for i in loss_model.graph.input if i.name != image]
     groups: dict[str, list[str]] = {}
     if cfg.mode == "zeroq":
         inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), PIXELS))
-        nodes.append(helper.make_node("Identity", [PIXELS], [image], name="pixels_to_image"))
+        nodes.append(helper.make_node("Identity", [PIXELS], [source], name="pixels_to_image"))
         groups["pixels"] = [PIXELS]
     else:
-        gen = build_generator(io.chw, latents=LATENTS, images=image)
+        gen = build_generator(io.chw, latents=LATENTS, images=source)
         nodes.extend(gen.graph.node)
         inits.extend(gen.graph.initializer)
         groups["generator"] = trainable_names(gen)
@@ -115,6 +117,9 @@ def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.M
     if clash:
         raise UnsupportedModelError(f"the model uses tensor names reserved for the generator ({sorted(clash)[:3]}); "
                                     "rename them in the model")
+    if nhwc:   # the model's own Transpose turns them back
+        nodes.append(helper.make_node("Transpose", [source], [image], name="images_to_nhwc", perm=[0, 2, 3, 1]))
+        shape = [shape[0], shape[2], shape[3], shape[1]]
     nodes.append(helper.make_node("Identity", [image], [IMAGES], name=IMAGES))
     graph = helper.make_graph(
         nodes + list(loss_model.graph.node), "genie_d", inputs,
@@ -338,9 +343,6 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
         raise BadInputError("--resume needs the --workdir of the interrupted run")
     teacher = normalize(model)
     require_bn(teacher)
-    if nhwc_transpose(teacher) is not None:
-        raise UnsupportedModelError("the model takes NHWC images, which distillation does not support yet; "
-                                    "export it with an NCHW input, or quantize it from real images (--calib-data)")
     batch = min(batch, n_images)
     n_batches = math.ceil(n_images / batch)
     if n_batches * batch != n_images:

@@ -10,8 +10,11 @@ import numpy as np
 
 def grid_array(images: np.ndarray, columns: int = 8, limit: int = 64) -> np.ndarray:
     """The first ``limit`` NCHW images, each stretched to its own 1st–99th percentile, as one uint8 HWC sheet
-    (C is 1 or 3) with a 1-pixel white border around every image."""
+    (C is 1 or 3) with a 1-pixel white border around every image. NHWC images (those of an NHWC model:
+    1 or 3 channels last, not first) are read as such."""
     x = np.asarray(images[:limit], np.float32)
+    if x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
     lo = np.percentile(x, 1, axis=(1, 2, 3), keepdims=True)
     hi = np.percentile(x, 99, axis=(1, 2, 3), keepdims=True)
     x = np.clip((x - lo) / np.maximum(hi - lo, 1e-6), 0, 1)

@@ -352,9 +352,10 @@ def image_io(model: onnx.ModelProto) -> ImageIO:
     return ImageIO(inp.name, (int(c), int(h), int(w)), out.name, int(classes))
 
 
-def nhwc_transpose(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The Transpose(0,3,1,2) that turns an NHWC input into NCHW, if the graph starts with one."""
-    name = _image_input(model).name
+def nhwc_transpose(model: onnx.ModelProto, image: str | None = None) -> onnx.NodeProto | None:
+    """The Transpose(0,3,1,2) that turns an NHWC input into NCHW, if the graph starts with one.
+    ``image`` names the input where the graph has others (the swing offsets)."""
+    name = image or _image_input(model).name
     users = [n for n in model.graph.node if name in n.input]
     if len(users) == 1 and users[0].op_type == "Transpose":
         perm = next((list(a.ints) for a in users[0].attribute if a.name == "perm"), None)
