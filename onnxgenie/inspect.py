@@ -19,6 +19,25 @@ def strided_convs(model: onnx.ModelProto) -> list[str]:
     return out
 
 
+# Ops that onnxruntime-training 1.19 cannot differentiate and ortrain.trainable_form does not rewrite
+NO_GRADIENT_OPS = ("Floor", "Ceil", "Round", "Sign")
+
+
+def no_gradient_before_bn(model: onnx.ModelProto, layers) -> onnx.NodeProto | None:
+    """The first op without a gradient between the image and a BN layer (distillation cannot pass it)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    todo, seen = [b.input for b in layers], set()
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in NO_GRADIENT_OPS:
+            return node
+        todo.extend(i for i in node.input if i)
+    return None
+
+
 def _no_bn_reason(model: onnx.ModelProto) -> str:
     try:
         require_bn(model)
@@ -55,6 +74,11 @@ def inspect_model(src, input_hw=None) -> dict:
         zero_shot_ready=bool(layers),
         reason=None if layers else _no_bn_reason(model),
     )
+    blocker = no_gradient_before_bn(model, layers) if layers else None
+    if blocker is not None:
+        info.update(zero_shot_ready=False,
+                    reason=f"{blocker.op_type} (node {blocker.name}) has no gradient, so distillation cannot train "
+                           "through it; quantize from real images with --calib-data")
     return info
 
 

@@ -63,6 +63,18 @@ def test_no_bn_is_reported_not_refused(capsys, tmp_path):
         assert words in info["reason"]
 
 
+@pytest.mark.parametrize("node,ready", [("block.relu", False), ("fc1.relu", True)])
+def test_op_without_gradient_before_a_bn_is_reported(capsys, tmp_path, node, ready):
+    """A Floor between the image and a BN stops distillation (exit 2 there); after the last BN it does not."""
+    model = fixtures.conv_bn_net()
+    next(n for n in model.graph.node if n.name == node).op_type = "Floor"
+    code, out, err = _cli(capsys, fixtures.save(model, tmp_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["zero_shot_ready"] is ready
+    if not ready:
+        assert info["reason"].startswith(f"Floor (node {node}) has no gradient") and "--calib-data" in info["reason"]
+
+
 def test_dynamic_hw_with_input_size(capsys, tmp_path):
     code, out, _ = _cli(capsys, fixtures.save(fixtures.dynamic_hw(), tmp_path), "--json", "--input-size", "8", "8")
     assert code == 0 and json.loads(out)["image"]["chw"] == [3, 8, 8]
