@@ -75,8 +75,8 @@ def relu_as_clip(model: onnx.ModelProto) -> None:
         node.input.append("ortrain.relu_floor")
 
 
-# Activations without a gradient in onnxruntime-training 1.19, as ops that have one (same values up to
-# float rounding). Each returns the nodes computing node.output[0] from x (and PRelu's slope).
+# Activations without a gradient in onnxruntime-training 1.19; trainable_form writes them with ops that have
+# one (the same values up to float rounding).
 _NO_GRADIENT = ("HardSigmoid", "HardSwish", "PRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
                 "ThresholdedRelu", "Mish")
 
@@ -87,11 +87,9 @@ class _Rewriter:
         self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
     def const(self, value: float) -> str:
-        from onnx import numpy_helper
-
         self.count += 1
         name = f"{self.prefix}/c{self.count}"
-        self.model.graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
+        self.model.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(value), name))
         return name
 
     def op(self, op_type: str, *inputs: str, out: str | None = None) -> str:
