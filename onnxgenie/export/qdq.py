@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, UnsupportedModelError
+from ..graph.load import _dims
 from ..quant.fakequant import at_opset, bias_scale, insert_before_consumers, quantize_bias, rewire
 from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 
@@ -81,25 +82,20 @@ def _weight_dq(wq: WeightQuant, target: str) -> tuple[list[onnx.NodeProto], list
 SUB_BYTE_TRAPS = {"producer": {"MaxPool", "Clip"}, "consumer": {"MaxPool"}}
 
 
-def sub_byte_trap(model: onnx.ModelProto, act: ActQuant, target: str) -> bool:
-    """Whether onnxruntime's graph optimiser would break ``act``'s per-tensor Q/DQ pair (``SUB_BYTE_TRAPS``)."""
-    if storage_type(act.bits, act.signed, target) not in _SUB_BYTE:
-        return False
-    wanted = set(act.consumers)
-    for node in model.graph.node:
-        if act.tensor in node.output and node.op_type in SUB_BYTE_TRAPS["producer"]:
-            return True
-        if node.name in wanted and node.op_type in SUB_BYTE_TRAPS["consumer"]:
-            return True
-    return False
-
-
-def _channels(model: onnx.ModelProto, tensor: str) -> int | None:
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == tensor:
-            dims = vi.type.tensor_type.shape.dim
-            return dims[1].dim_value if len(dims) >= 2 and dims[1].HasField("dim_value") else None
-    return None
+def sub_byte_traps(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, int]:
+    """{tensor: channels} of the activations whose per-tensor 4-bit Q/DQ pair onnxruntime's graph
+    optimiser would break (``SUB_BYTE_TRAPS``); a tensor without a static channel count is left out."""
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    op_of = {n.name: n.op_type for n in model.graph.node}
+    trapped = [a.tensor for a in plan.acts.values()
+               if storage_type(a.bits, a.signed, plan.target) in _SUB_BYTE
+               and (producer.get(a.tensor) in SUB_BYTE_TRAPS["producer"]
+                    or any(op_of.get(c) in SUB_BYTE_TRAPS["consumer"] for c in a.consumers))]
+    if not trapped:
+        return {}
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    dims = {vi.name: _dims(vi) for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    return {t: dims[t][1] for t in trapped if len(dims.get(t, [])) >= 2 and isinstance(dims[t][1], int)}
 
 
 def _act_qdq(act: ActQuant, target: str, channels: int | None = None
@@ -159,11 +155,9 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     model.graph.initializer.extend(keep + new_inits)
     for i, node in enumerate(dq_nodes):
         model.graph.node.insert(i, node)
-    traps = [a.tensor for a in plan.acts.values() if sub_byte_trap(model, a, plan.target)]
-    shaped = onnx.shape_inference.infer_shapes(model) if traps else model
+    traps = sub_byte_traps(model, plan)
     for act in plan.acts.values():
-        nodes, inits, out = _act_qdq(act, plan.target,
-                                     _channels(shaped, act.tensor) if act.tensor in traps else None)
+        nodes, inits, out = _act_qdq(act, plan.target, traps.get(act.tensor))
         model.graph.initializer.extend(inits)
         insert_before_consumers(model, act.tensor, nodes)
         rewire(model, act.tensor, act.consumers, out)
