@@ -79,7 +79,8 @@ def _cmd_quantize(args) -> int:
         distill_iters=args.distill_iters, distill_batch=args.distill_batch, distill_mode=args.distill_mode,
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
-        recon_lr_scale=args.recon_lr_scale, recon_augment=args.recon_augment,
+        recon_lr_scale=args.recon_lr_scale, recon_act_lr_scale=args.recon_act_lr_scale,
+        recon_augment=args.recon_augment,
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-batch", type=int, default=None, help="reconstruction batch size (default: preset)")
     p.add_argument("--recon-lr-scale", type=float, default=None,
                    help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
+    p.add_argument("--recon-act-lr-scale", type=float, default=None,
+                   help="a further factor on the activation steps' learning rate (default: preset; "
+                        "fast: 4 at 4-bit weights and above, 1 below; paper: 1)")
     p.add_argument("--recon-augment", choices=AUGMENTS, default=None,
                    help="reconstruct on the calibration images plus mirrored (flip) and shifted copies "
                         "(default: preset; fast: auto = flip-shift below 4-bit weights, paper: none)")

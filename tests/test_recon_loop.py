@@ -151,6 +151,35 @@ def test_lr_scale_multiplies_every_step(reconstructed, tmp_path):
             reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, lr_scale=bad)
 
 
+def test_act_lr_scale_moves_only_the_activation_steps(reconstructed):
+    """act_lr_scale multiplies the activation steps' rate and no other; it changes what is learned, is
+    refused when not positive, and a work dir of another act_lr_scale is not resumed."""
+    folded, plan, x, new, _, work = reconstructed
+    all_names = [training_model(extract_block_model(folded, b), plan, "genie")[1]
+                 for b in partition_blocks(folded, list(plan.weights))]
+    names = next(n for n in all_names if n.act_steps)
+    lr = [{p: g.lr for g in _optimizer(names, plan, 2.0, act)[0].groups for p in g.names} for act in (1.0, 4.0)]
+    for param in lr[0]:
+        factor = 4.0 if param in names.act_steps.values() else 1.0
+        assert lr[1][param] == pytest.approx(lr[0][param] * factor), param
+    scaled, report = reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, act_lr_scale=4.0)
+    assert report["act_lr_scale"] == 4.0
+    assert any(not np.array_equal(scaled.acts[t].scale, new.acts[t].scale) for t in new.acts)
+    with pytest.raises(ResumeMismatchError):
+        reconstruct(folded, plan, x, iters=ITERS, batch=16, workdir=work, progress=False, act_lr_scale=4.0)
+    with pytest.raises(BadInputError, match="recon-act-lr-scale"):
+        reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, act_lr_scale=0.0)
+
+
+def test_fast_preset_raises_the_activation_step_rate_at_4_bit_weights_and_above():
+    from onnxgenie.pipeline import FAST_ACT_LR_SCALE, act_lr_scale_for, preset_config
+
+    assert [act_lr_scale_for(preset_config("fast", wbits=b)) for b in (2, 3, 4, 8)] == \
+        [1.0, 1.0, FAST_ACT_LR_SCALE, FAST_ACT_LR_SCALE]
+    assert act_lr_scale_for(preset_config("paper", wbits=4)) == 1.0
+    assert act_lr_scale_for(preset_config("fast", wbits=4, recon_act_lr_scale=2.0)) == 2.0
+
+
 def test_finer_grids_get_proportionally_smaller_step_learning_rates():
     """A step of an 8-bit grid (first/last layer) gets lr × 15/255 next to 4-bit steps, so Adam moves
     each step by the same fraction of itself; soft bits keep one lr; only steps decay."""

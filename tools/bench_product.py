@@ -138,12 +138,18 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
             "config": {**{k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
                                                             "distill_batch", "recon_iters", "recon_batch",
                                                             "recon_lr_scale")},
-                       "recon_augment": report.get("reconstruction", {}).get("augment", "none")}}
+                       "recon_augment": report.get("reconstruction", {}).get("augment", "none"),
+                       "act_lr_scale": report.get("reconstruction", {}).get("act_lr_scale", 1.0)}}
 
 
 def _augment(row: dict) -> str:
     """The run's --recon-augment (rows from before it existed: none)."""
     return row["config"].get("recon_augment") or "none"
+
+
+def _act_lr(row: dict) -> float:
+    """The run's activation-step learning-rate factor (rows from before it existed: 1)."""
+    return row["config"].get("act_lr_scale", 1.0)
 
 
 def _cell(values: list[float]) -> str:
@@ -156,7 +162,8 @@ def _cell(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r)), {})[r["seed"]] = r
+        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r), _act_lr(r))
+        groups.setdefault(key, {})[r["seed"]] = r
     lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
              "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs` and `--threads`; "
              "rows before commit 0fa022b ran one ORT thread per process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
@@ -167,11 +174,12 @@ def table(rows: list[dict]) -> str:
              "| model | bits | variant | budget (calib+held-out imgs × distill steps, recon steps) | top-1 (seeds) "
              "| Δ FP32 | wall s | distill s | recon s | agreement % | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none")):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none", k[4])):
         rs = [groups[key][s] for s in sorted(groups[key])]
         c = rs[0]["config"]
         budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
         budget += f" on ×{COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
+        budget += f", activation-step lr ×{key[4]:g}" if key[4] != 1.0 else ""
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)
@@ -216,7 +224,7 @@ def main() -> int:
     rows = read_rows(RESULTS)
     latest: dict = {}
     for r in rows:  # the latest run of each (model, bits, variant, seed) counts
-        latest[(r["model"], r["wbits"], r["abits"], r["variant"], _augment(r), r["seed"])] = r
+        latest[(r["model"], r["wbits"], r["abits"], r["variant"], _augment(r), _act_lr(r), r["seed"])] = r
     return publish(BEGIN, END, table(list(latest.values())), write=not args.no_write)
 
 

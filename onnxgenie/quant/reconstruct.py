@@ -292,6 +292,7 @@ class BlockConfig:
     threads: int = 1
     name: str = ""      # the block's name, for messages
     lr_scale: float = 1.0  # on all three learning rates (the reference's are for 20k steps)
+    act_lr_scale: float = 1.0  # on the activation steps only, on top of lr_scale
 
 
 def grid_lr_factor(bits: int, coarsest_bits: int) -> float:
@@ -301,24 +302,26 @@ def grid_lr_factor(bits: int, coarsest_bits: int) -> float:
     return (2 ** coarsest_bits - 1) / (2 ** bits - 1)
 
 
-def _optimizer(names: TrainNames, plan: QuantPlan, lr_scale: float = 1.0) -> tuple[Adam, list[bool]]:
+def _optimizer(names: TrainNames, plan: QuantPlan, lr_scale: float = 1.0,
+               act_lr_scale: float = 1.0) -> tuple[Adam, list[bool]]:
     """Adam with one group per (kind, bit width); the second value says which groups decay (steps)."""
     groups, decays = [], []
 
-    def add(params: dict[str, str], bits_of, base_lr: float, coarsest: int | None, decay: bool) -> None:
+    def add(params: dict[str, str], bits_of, base_lr: float, coarsest: int | None, decay: bool,
+            scale: float = 1.0) -> None:
         by_bits: dict[int, list[str]] = {}
         for key, param in params.items():
             by_bits.setdefault(bits_of(key), []).append(param)
         for bits, members in sorted(by_bits.items()):
             factor = grid_lr_factor(bits, coarsest) if coarsest is not None else 1.0
-            groups.append(ParamGroup(members, base_lr * lr_scale * factor))
+            groups.append(ParamGroup(members, base_lr * lr_scale * scale * factor))
             decays.append(decay)
 
     wbits = min(w.bits for w in plan.weights.values())
     abits = min((a.bits for a in plan.acts.values()), default=8)
     add(names.weight_steps, lambda node: plan.weights[node].bits, LR_WEIGHT_STEP, wbits, True)
     add(names.softbits, lambda node: 0, LR_SOFTBITS, None, False)
-    add(names.act_steps, lambda tensor: plan.acts[tensor].bits, LR_ACT_STEP, abits, True)
+    add(names.act_steps, lambda tensor: plan.acts[tensor].bits, LR_ACT_STEP, abits, True, act_lr_scale)
     return Adam(groups=groups), decays
 
 
@@ -352,7 +355,7 @@ def _train(gg: GradientGraph, names: TrainNames, plan: QuantPlan, x_fp, x_q, y, 
     """Adam steps on one block; returns the final parameters (None if the loss diverged) and stats."""
     params = {k: v.copy() for k, v in names.init.items()}
     gg.set_params(params)
-    adam, decays = _optimizer(names, plan, lr_scale)
+    adam, decays = _optimizer(names, plan, lr_scale, cfg.act_lr_scale)
     base_lrs = [g.lr for g in adam.groups]
     n = len(x_fp)
     order, pos = rng.permutation(n), 0
@@ -545,7 +548,8 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
         h.update(np.ascontiguousarray(arrays[k]).tobytes())
     h.update(np.ascontiguousarray(calib[: min(len(calib), 64)]).tobytes())
     h.update(json.dumps([RECON_VERSION, len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]
-                        + ([cfg.lr_scale] if cfg.lr_scale != 1.0 else [])).encode())
+                        + ([cfg.lr_scale] if cfg.lr_scale != 1.0 else [])
+                        + ([["act", cfg.act_lr_scale]] if cfg.act_lr_scale != 1.0 else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -563,9 +567,9 @@ def _log_block(row: dict, bar) -> None:
         print(line, file=sys.stderr)
 
 
-def check_lr_scale(lr_scale: float) -> None:
+def check_lr_scale(lr_scale: float, flag: str = "--recon-lr-scale") -> None:
     if not lr_scale > 0 or not math.isfinite(lr_scale):
-        raise BadInputError(f"--recon-lr-scale must be a positive number (got {lr_scale})")
+        raise BadInputError(f"{flag} must be a positive number (got {lr_scale})")
 
 
 def check_args(iters: int, batch: int, quantizer: str, images: int) -> None:
@@ -583,7 +587,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
                 batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
                 workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
                 mem_budget_mb: int = 2048, verbose: bool = False,
-                lr_scale: float = 1.0) -> tuple[QuantPlan, dict]:
+                lr_scale: float = 1.0, act_lr_scale: float = 1.0) -> tuple[QuantPlan, dict]:
     """GENIE-M over all blocks of ``folded`` (BN folded, normal form); returns a new plan and a report.
 
     ``plan`` must carry initial steps (weights and activations) and round-to-nearest integers;
@@ -597,8 +601,9 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     if missing:
         raise ValueError(f"plan has quantizers without initial steps: {missing[:3]}")
     check_lr_scale(lr_scale)
+    check_lr_scale(act_lr_scale, "--recon-act-lr-scale")
     cfg = BlockConfig(iters, batch, quantizer, DEFAULT_LAMBDA[quantizer] if lam is None else float(lam), threads,
-                      lr_scale=float(lr_scale))
+                      lr_scale=float(lr_scale), act_lr_scale=float(act_lr_scale))
     plan = copy.deepcopy(plan)
     key = _config_key(folded, plan, calib, cfg, seed)
     tmp = None
@@ -614,7 +619,8 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=iters * len(blocks), desc="reconstruct", unit="step", leave=False)
-    report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "lr_scale": cfg.lr_scale, "iters": iters,
+    report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "lr_scale": cfg.lr_scale,
+              "act_lr_scale": cfg.act_lr_scale, "iters": iters,
               "batch": batch,
               "images": len(calib)}
     t_start = time.perf_counter()
