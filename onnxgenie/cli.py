@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
     p.add_argument("--recon-act-lr-scale", type=float, default=None,
                    help="a further factor on the activation steps' learning rate (default: preset; "
-                        "fast: 4 at 4-bit weights and above, 1 below; paper: 1)")
+                        "fast: 4 for 4-bit activations beside weights of 4 bits or more, else 1; paper: 1)")
     p.add_argument("--recon-augment", choices=AUGMENTS, default=None,
                    help="reconstruct on the calibration images plus mirrored (flip) and shifted copies "
                         "(default: preset; fast: auto = flip-shift below 4-bit weights, paper: none)")

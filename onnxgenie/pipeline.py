@@ -106,16 +106,17 @@ def preset_config(preset: str = "fast", **overrides) -> QuantizeConfig:
 
 
 # The fast preset's 500 steps learn 4-bit activation steps better at 4x the rate: ResNet-20 W4A4 +0.25 +- 0.11
-# pt over six paired seeds; at W2A4 (trained on the mirrored/shifted copies) level, so not there (BENCHMARKS.md).
+# pt over six paired seeds; at W2A4 (trained on the mirrored/shifted copies) level, so not there, nor on the
+# unmeasured 8-bit activation grids (BENCHMARKS.md).
 FAST_ACT_LR_SCALE = 4.0
 
 
 def act_lr_scale_for(config: QuantizeConfig) -> float:
     """The activation-step learning-rate factor: the config's, or for ``None`` (the fast preset's auto)
-    ``FAST_ACT_LR_SCALE`` at 4-bit weights and above and 1 below."""
+    ``FAST_ACT_LR_SCALE`` for activations of 4 bits or fewer beside weights of 4 bits or more, else 1."""
     if config.recon_act_lr_scale is not None:
         return config.recon_act_lr_scale
-    return FAST_ACT_LR_SCALE if config.wbits >= 4 else 1.0
+    return FAST_ACT_LR_SCALE if config.wbits >= 4 and config.abits <= 4 else 1.0
 
 
 def auto_jobs(config: QuantizeConfig) -> int:

@@ -171,11 +171,12 @@ def test_act_lr_scale_moves_only_the_activation_steps(reconstructed):
         reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, act_lr_scale=0.0)
 
 
-def test_fast_preset_raises_the_activation_step_rate_at_4_bit_weights_and_above():
+def test_fast_preset_raises_the_4_bit_activation_step_rate_at_4_bit_weights_and_above():
     from onnxgenie.pipeline import FAST_ACT_LR_SCALE, act_lr_scale_for, preset_config
 
-    assert [act_lr_scale_for(preset_config("fast", wbits=b)) for b in (2, 3, 4, 8)] == \
+    assert [act_lr_scale_for(preset_config("fast", wbits=b, abits=4)) for b in (2, 3, 4, 8)] == \
         [1.0, 1.0, FAST_ACT_LR_SCALE, FAST_ACT_LR_SCALE]
+    assert act_lr_scale_for(preset_config("fast", wbits=8, abits=8)) == 1.0
     assert act_lr_scale_for(preset_config("paper", wbits=4)) == 1.0
     assert act_lr_scale_for(preset_config("fast", wbits=4, recon_act_lr_scale=2.0)) == 2.0
 
