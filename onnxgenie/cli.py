@@ -80,7 +80,7 @@ def _cmd_quantize(args) -> int:
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
         recon_lr_scale=args.recon_lr_scale, recon_act_lr_scale=args.recon_act_lr_scale,
-        recon_augment=args.recon_augment,
+        recon_augment=args.recon_augment, recon_qdrop=None if args.qdrop is None else args.qdrop == "on",
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-act-lr-scale", type=float, default=None,
                    help="a further factor on the activation steps' learning rate (default: preset; "
                         "fast: 4 for 4-bit activations beside weights of 4 bits or more, else 1; paper: 1)")
+    p.add_argument("--qdrop", choices=("on", "off"), default=None,
+                   help="QDrop at the activation quantizers inside each block: each element quantized with "
+                        "probability 0.5 (on) or always (off); the block's input is a float/quantized mix "
+                        "either way (default: preset)")
     p.add_argument("--recon-augment", choices=AUGMENTS, default=None,
                    help="reconstruct on the calibration images plus mirrored (flip) and shifted copies "
                         "(default: preset; fast: auto = flip-shift below 4-bit weights, paper: none)")

@@ -69,6 +69,7 @@ class QuantizeConfig:
     recon_lr_scale: float = 1.0         # on GENIE-M's three learning rates (the reference's suit 2k-20k steps)
     recon_augment: str = "none"         # auto | none | flip | flip-shift: mirrored / shifted copies for GENIE-M
     recon_act_lr_scale: float | None = 1.0  # on the activation steps' rate only; None: auto (act_lr_scale_for)
+    recon_qdrop: bool = True            # QDrop at the activation quantizers inside each block (the reference's)
     quantizer: str = "genie"           # GENIE-M (learned weight steps) or "adaround" (fixed steps)
     lam: float | None = None            # rounding-loss weight; None: 1.0 genie / 0.1 adaround
     seed: int = 0
@@ -256,7 +257,7 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
                                quantizer=config.quantizer, lam=config.lam, seed=config.seed,
                                workdir=workdir, progress=config.progress, threads=config.threads,
                                verbose=config.verbose and config.progress, lr_scale=config.recon_lr_scale,
-                               act_lr_scale=act_lr_scale_for(config))
+                               act_lr_scale=act_lr_scale_for(config), qdrop=config.recon_qdrop)
     return plan, {**report, "augment": mode}
 
 

@@ -205,3 +205,24 @@ def test_lsq_forward_is_hard_rounding_and_qdrop_selects():
     hard = lsq_numpy(x, 0.3, (0, 15))
     np.testing.assert_allclose(got, np.where(m > 0, hard, x), atol=1e-6)
     assert (m > 0).any() and (m == 0).any() and not np.allclose(hard, x)
+
+
+def test_without_qdrop_the_graph_is_the_qdrop_graph_with_every_element_quantized(setup):
+    """qdrop=False drops the mask inputs; its loss and gradients are those of the QDrop graph fed
+    all-ones masks (every element takes its quantized value), and differ from random masks'."""
+    model, plan, _, names, gg, data, params = setup
+    tm, plain_names = training_model(model, plan, "genie", qdrop=False)
+    assert plain_names.mask_tensors == [] and plain_names.inputs == names.inputs[:4]
+    assert sorted(plain_names.init) == sorted(names.init)
+    plain = GradientGraph(tm, list(plain_names.init), threads=1)
+    plain.set_params(params)
+    loss, _ = _step(plain, *_feeds(plain_names, data))
+    grads = plain.grads()
+    gg.set_params(params)
+    ones = _feeds(names, {**data, "m0": np.ones_like(data["m0"]), "m1": np.ones_like(data["m1"])})
+    loss_ones, _ = _step(gg, *ones)
+    assert loss == pytest.approx(loss_ones, rel=1e-6)
+    for name, grad in gg.grads().items():
+        np.testing.assert_allclose(grads[name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
+    loss_random, _ = _step(gg, *_feeds(names, data))
+    assert abs(loss_random - loss) > 1e-4 * abs(loss)

@@ -171,6 +171,16 @@ def test_act_lr_scale_moves_only_the_activation_steps(reconstructed):
         reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, act_lr_scale=0.0)
 
 
+def test_qdrop_off_learns_otherwise_and_is_not_resumed_from_a_qdrop_run(reconstructed):
+    folded, plan, x, new, report, work = reconstructed
+    assert report["qdrop"] is True
+    plain, plain_report = reconstruct(folded, plan, x, iters=ITERS, batch=16, progress=False, qdrop=False)
+    assert plain_report["qdrop"] is False
+    assert any(not np.array_equal(plain.acts[t].scale, new.acts[t].scale) for t in new.acts)
+    with pytest.raises(ResumeMismatchError):
+        reconstruct(folded, plan, x, iters=ITERS, batch=16, workdir=work, progress=False, qdrop=False)
+
+
 def test_fast_preset_raises_the_4_bit_activation_step_rate_at_4_bit_weights_and_above():
     from onnxgenie.pipeline import FAST_ACT_LR_SCALE, act_lr_scale_for, preset_config
 

@@ -32,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import BadInputError, ResumeMismatchError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
 from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session, trainable_form
-from .lsq import lsq_quantize, qdrop
+from .lsq import lsq_quantize
+from .lsq import qdrop as qdrop_mix
 from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
 from .spec import ActQuant, QuantPlan, WeightQuant
 
@@ -118,9 +119,11 @@ def _weights_of(block_model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[onn
     return [(n, plan.weights[n.name]) for n in block_model.graph.node if n.name in plan.weights]
 
 
-def training_model(block_model: onnx.ModelProto, plan: QuantPlan,
-                   quantizer: str = "genie") -> tuple[onnx.ModelProto, TrainNames]:
-    """The block with softbit weights, LSQ+QDrop activations and the GENIE-M loss as first output."""
+def training_model(block_model: onnx.ModelProto, plan: QuantPlan, quantizer: str = "genie",
+                   qdrop: bool = True) -> tuple[onnx.ModelProto, TrainNames]:
+    """The block with softbit weights, LSQ activations and the GENIE-M loss as first output. With
+    ``qdrop`` each activation quantizer mixes in its float input through a mask input (QDrop);
+    without, it always quantizes and the graph has no masks."""
     model = copy.deepcopy(block_model)
     trainable_form(model)
     g = model.graph
@@ -158,9 +161,12 @@ def training_model(block_model: onnx.ModelProto, plan: QuantPlan,
         b.const(np.array([aq.scale], np.float32), s_name)
         names.act_steps[aq.tensor] = s_name
         names.init[s_name] = np.array([aq.scale], np.float32)
-        mask = f"qdrop_mask_{k}"
         x_q = lsq_quantize(b, aq.tensor, s_name, aq.qrange)
-        _rewire(users, aq.tensor, qdrop(b, aq.tensor, x_q, mask))
+        if not qdrop:
+            _rewire(users, aq.tensor, x_q)
+            continue
+        mask = f"qdrop_mask_{k}"
+        _rewire(users, aq.tensor, qdrop_mix(b, aq.tensor, x_q, mask))
         names.inputs.append(mask)
         names.mask_tensors.append(aq.tensor)
         mask_inputs.append(_typed_like(block_model, aq.tensor, mask))
@@ -293,6 +299,7 @@ class BlockConfig:
     name: str = ""      # the block's name, for messages
     lr_scale: float = 1.0  # on all three learning rates (the reference's are for 20k steps)
     act_lr_scale: float = 1.0  # on the activation steps only, on top of lr_scale
+    qdrop: bool = True  # QDrop at the block's activation quantizers (the block input is mixed either way)
 
 
 def grid_lr_factor(bits: int, coarsest_bits: int) -> float:
@@ -403,7 +410,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     A block whose training graph cannot be built keeps RTN too; the reason is in the stats.
     """
     try:
-        model, names = training_model(block_model, plan, cfg.quantizer)
+        model, names = training_model(block_model, plan, cfg.quantizer, cfg.qdrop)
         mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
         gg = GradientGraph(model, list(names.init), threads=cfg.threads)
     except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
@@ -549,7 +556,8 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
     h.update(np.ascontiguousarray(calib[: min(len(calib), 64)]).tobytes())
     h.update(json.dumps([RECON_VERSION, len(calib), cfg.iters, cfg.batch, cfg.quantizer, cfg.lam, seed]
                         + ([cfg.lr_scale] if cfg.lr_scale != 1.0 else [])
-                        + ([["act", cfg.act_lr_scale]] if cfg.act_lr_scale != 1.0 else [])).encode())
+                        + ([["act", cfg.act_lr_scale]] if cfg.act_lr_scale != 1.0 else [])
+                        + ([] if cfg.qdrop else ["no-qdrop"])).encode())
     return h.hexdigest()[:16]
 
 
@@ -587,7 +595,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
                 batch: int = 32, quantizer: str = "genie", lam: float | None = None, seed: int = 0,
                 workdir: str | Path | None = None, progress: bool = True, threads: int = 1,
                 mem_budget_mb: int = 2048, verbose: bool = False,
-                lr_scale: float = 1.0, act_lr_scale: float = 1.0) -> tuple[QuantPlan, dict]:
+                lr_scale: float = 1.0, act_lr_scale: float = 1.0, qdrop: bool = True) -> tuple[QuantPlan, dict]:
     """GENIE-M over all blocks of ``folded`` (BN folded, normal form); returns a new plan and a report.
 
     ``plan`` must carry initial steps (weights and activations) and round-to-nearest integers;
@@ -603,7 +611,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     check_lr_scale(lr_scale)
     check_lr_scale(act_lr_scale, "--recon-act-lr-scale")
     cfg = BlockConfig(iters, batch, quantizer, DEFAULT_LAMBDA[quantizer] if lam is None else float(lam), threads,
-                      lr_scale=float(lr_scale), act_lr_scale=float(act_lr_scale))
+                      lr_scale=float(lr_scale), act_lr_scale=float(act_lr_scale), qdrop=bool(qdrop))
     plan = copy.deepcopy(plan)
     key = _config_key(folded, plan, calib, cfg, seed)
     tmp = None
@@ -620,7 +628,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
         from tqdm import tqdm
         bar = tqdm(total=iters * len(blocks), desc="reconstruct", unit="step", leave=False)
     report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "lr_scale": cfg.lr_scale,
-              "act_lr_scale": cfg.act_lr_scale, "iters": iters,
+              "act_lr_scale": cfg.act_lr_scale, "qdrop": cfg.qdrop, "iters": iters,
               "batch": batch,
               "images": len(calib)}
     t_start = time.perf_counter()
