@@ -160,6 +160,11 @@ def describe_ort_error(err: Exception) -> str:
     missing = re.search(r"gradient builder has not been registered: (\S+) for node (\S+)", text)
     if missing:
         return f"no gradient for {missing.group(1)} (node {missing.group(2)})"
+    duplicate = re.search(r"Duplicate definition of name \((\S+)_grad\)", text)
+    if duplicate:  # onnxruntime-training 1.19, a tensor read by several Concats beside trainable ones
+        return f"onnxruntime-training built two gradients for {duplicate.group(1)} (several Concats read it)"
+    if "GradientBuilderBase::O" in text:  # a node whose optional outputs are left out (LayerNormalization)
+        return f"onnxruntime-training's gradient builder needs an output the graph leaves out ({text[-80:]})"
     return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
 

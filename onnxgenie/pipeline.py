@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from .errors import BadInputError, DivergenceError, OnnxGenieError, QualityGateError, ResumeMismatchError
 from .export.qdq import EXPORT_OPSET, buffer_reuse_hazard, export_qdq
-from .graph.bn import fold_bn
+from .graph.bn import fold_bn, require_bn
 from .graph.load import image_io, load_model, normalize
 from .quant.augment import AUGMENTS
 from .quant.fakequant import fakequant_model
@@ -381,6 +381,8 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     stages = _Stages(config.progress)
     original = load_model(model)
     normal, folded = prepare(original)
+    if calib is None and config.calib == "distill":
+        require_bn(normal)  # before the weight steps, which take a minute on a large model
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
                       config.weight_grid, config.high_bits)
     init_weights(folded, plan)

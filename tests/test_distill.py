@@ -297,3 +297,40 @@ def test_resnet20_bns_loss_falls_within_a_few_dozen_steps():
     history = info["loss_history"][0]
     assert images.shape == (16, 3, 32, 32)
     assert history[-5:].mean() < 0.5 * history[0]
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_average_pool_behind_a_swung_conv_distils(tmp_path):
+    """DenseNet's AveragePool transitions sit behind stride-2 convs. onnxruntime-training 1.19's
+    AveragePool gradient dies with SIGFPE on a tensor without a static batch, and the swing crop used
+    to lose it; the distillation graph now has the batch fixed. Run in a child: a crash must fail the test."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "data.npz"
+    done = subprocess.run([sys.executable, "-m", "onnxgenie.cli", "distill", str(DATA / "tiny_densenet_2_2_64.onnx"),
+                           "-o", str(out), "--images", "4", "--batch", "4", "--iters", "2", "--jobs", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert np.isfinite(np.load(out)["images"]).all()
+
+
+def _die(index: int):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_by_a_signal_fails_the_run_in_one_line(tmp_path):
+    """A worker dying inside onnxruntime (SIGFPE, SIGSEGV) used to leave the pool waiting forever."""
+    from onnxgenie.distill.genie_d import _run_parallel
+    from onnxgenie.errors import OnnxGenieError
+
+    teacher = normalize(conv_bn_net())
+    cfg = DistillConfig(n_batches=2, batch=4, iters=2, mode="genie", swing=True, seed=0)
+    model, groups = training_model(teacher, cfg)
+    with pytest.raises(OnnxGenieError, match="worker process died.*--jobs 1"):
+        _run_parallel(model, groups, cfg, [0, 1], tmp_path, False, 2, task=_die)

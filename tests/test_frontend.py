@@ -4,6 +4,8 @@ inspect_model() reports what the models contain."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -221,3 +223,21 @@ def test_digits_npz_evaluates_like_the_json(tmp_path):
     assert write_digits_npz(tmp_path / "digits_test.npz") == 540
     result = evaluate(DEFAULT_MODEL, tmp_path / "digits_test.npz")
     assert result["images"] == 540 and result["top1"] == default_model_info()["fp32_top1_test"]
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_channel_shuffles_fold_to_static_shapes():
+    """A PyTorch channel shuffle computes its Reshape targets from x.size(); one fold pass leaves the
+    second shuffle's chain dynamic (its input shape is known only after the first is folded), and the
+    strided conv after it had no static height/width for swing."""
+    from onnxgenie.graph.swing import swing_rewrite
+
+    original = load_model(DATA / "shuffle_strided.onnx")
+    normal = normalize(original)
+    assert not [n.op_type for n in normal.graph.node if n.op_type in ("Shape", "Gather", "Concat")]
+    swung = swing_rewrite(normal)
+    assert any(n.name.endswith("_crop") for n in swung.graph.node)
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16), dtype=np.float32)
+    np.testing.assert_allclose(fixtures.run(normal, x), _run_original(original, x), rtol=1e-5, atol=1e-5)

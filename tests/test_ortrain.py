@@ -287,3 +287,33 @@ def test_activations_without_gradient_are_rewritten_with_the_same_values_and_gra
         d /= np.linalg.norm(d)
         plus, minus = loss_at([x + h * d, x - h * d])
         assert (plus - minus) / (2 * h) == pytest.approx(float((grad * d).sum()), rel=2e-2, abs=2e-2)
+
+
+def test_densenet_concat_gradient_failure_is_described_in_words():
+    """onnxruntime-training 1.19 builds two gradients for a tensor several Concats read beside trainable
+    tensors (DenseNet's dense blocks) and rejects its own graph; the reason names the tensor."""
+    import onnx
+
+    from onnxgenie.ortrain import describe_ort_error
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, out, inp):
+        return numpy_helper.from_array(rng.standard_normal((out, inp, 1, 1)).astype(np.float32) * 0.1, name)
+
+    nodes = [helper.make_node("Concat", ["x"], ["c1"], axis=1, name="c1"),
+             helper.make_node("Conv", ["c1", "w1"], ["h1"], name="conv1"),
+             helper.make_node("Concat", ["x", "h1"], ["c2"], axis=1, name="c2"),
+             helper.make_node("Conv", ["c2", "w2"], ["h2"], name="conv2"),
+             helper.make_node("Concat", ["x", "h1", "h2"], ["out"], axis=1, name="out"),
+             helper.make_node("Mul", ["out", "out"], ["sq"], name="sq"),
+             helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0, name="loss")]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [weight("w1", 2, 4), weight("w2", 2, 6)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(Exception) as err:
+        GradientGraph(onnx.shape_inference.infer_shapes(model), ["w1", "w2"])
+    assert describe_ort_error(err.value) == ("onnxruntime-training built two gradients for x "
+                                             "(several Concats read it)")

@@ -35,9 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..errors import BadInputError, DivergenceError, ResumeMismatchError, UnsupportedModelError
+from ..errors import BadInputError, DivergenceError, OnnxGenieError, ResumeMismatchError, UnsupportedModelError
 from ..graph.bn import require_bn
-from ..graph.load import image_io, nhwc_transpose, normalize
+from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import swing_feed, swing_rewrite
 from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error
 from .bns import LOSS, bns_loss_model
@@ -92,7 +92,8 @@ def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.M
     (``latents``, ``generator`` or ``pixels``).
     """
     io = image_io(teacher)
-    loss_model = bns_loss_model(swing_rewrite(teacher) if cfg.swing else teacher, fused=cfg.fused)
+    loss_model = bns_loss_model(swing_rewrite(with_batch(teacher, cfg.batch)) if cfg.swing else teacher,
+                                fused=cfg.fused)
     image = io.input
     shape = [cfg.batch, *io.chw]
     nhwc = nhwc_transpose(teacher) is not None
@@ -298,7 +299,12 @@ def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):
             overall.set_postfix(last_loss=f"{history[-1]:.3f}")
 
 
-def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs):
+def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
+    """``task`` (default ``_worker_run``) per batch index in ``jobs`` spawned processes. A worker that
+    dies (a signal inside onnxruntime) fails the run with one line instead of leaving it waiting."""
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = mp.get_context("spawn")
     steps = ctx.Queue()
     with _progress(len(todo) * cfg.iters, progress, desc=f"{len(todo)} batches on {jobs} workers",
@@ -312,11 +318,21 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs):
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
+        pool = ProcessPoolExecutor(jobs, ctx, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps))
         try:
-            with ctx.Pool(jobs, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps)) as pool:
-                for _ in pool.imap_unordered(_worker_run, todo):
-                    pass
+            futures = [pool.submit(task or _worker_run, index) for index in todo]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.result()
+        except BrokenProcessPool:
+            raise OnnxGenieError("a GENIE-D worker process died (a crash inside onnxruntime); finished batches are "
+                                 "kept with --workdir; rerun with --jobs 1 to see the error, or try --no-swing") from None
+        except BaseException:  # Ctrl-C or a worker's error: stop the other batches now
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            raise
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             steps.put(None)
             reader.join(timeout=5)
 

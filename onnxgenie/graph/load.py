@@ -223,14 +223,36 @@ def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+MAX_FOLD_PASSES = 16
+
+
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxruntime  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
 
     onnxruntime.set_default_logger_severity(3)
-    model = shape_inference.infer_shapes(model)
-    graph = gs.import_onnx(model)
-    graph.fold_constants(error_ok=True).cleanup().toposort()
-    return gs.export_onnx(graph)
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its large-tensor warnings went to stdout
+    # A pass folds only the Shape ops whose input shape is known; a Reshape whose target it just folded
+    # (a channel shuffle) gets its static shape from the next inference: repeat until nothing folds.
+    nodes = None
+    for _ in range(MAX_FOLD_PASSES):
+        del model.graph.value_info[:]
+        graph = gs.import_onnx(shape_inference.infer_shapes(model))
+        graph.fold_constants(error_ok=True).cleanup().toposort()
+        model = gs.export_onnx(graph)
+        if len(model.graph.node) == nodes:
+            break
+        nodes = len(model.graph.node)
+    return shape_inference.infer_shapes(model)
+
+
+def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``model`` (normal form) whose image input has the static batch ``batch``, shapes inferred."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    image = next(i for i in fixed.graph.input if i.name == image_io(fixed).input)
+    _set_dims(image, [batch, *_dims(image)[1:]])
+    del fixed.graph.value_info[:]
+    return shape_inference.infer_shapes(fixed)
 
 
 def _unfix_batch(model: onnx.ModelProto, batch: int) -> None:

@@ -51,6 +51,16 @@ def _spatial_shape(model: onnx.ModelProto, tensor: str) -> tuple[int, int]:
     raise ValueError(f"no static spatial shape for {tensor}; run graph.load.normalize first")
 
 
+def _static_nc(model: onnx.ModelProto, tensor: str) -> list[int]:
+    """[N, C] of ``tensor`` where both are static, else [0, 0] (Reshape: copy them from the input)."""
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim[:2]
+            if len(dims) == 2 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+                return [d.dim_value for d in dims]
+    return [0, 0]
+
+
 def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose strided convs read a reflect-padded input cropped at the offsets."""
     out = onnx.ModelProto()
@@ -67,8 +77,10 @@ def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
         padded_h = _reflect_pad(nodes, inits, x, f"{tag}_pad_h", axis=2, size=h)
         padded = _reflect_pad(nodes, inits, padded_h, f"{tag}_pad", axis=3, size=w)
         # the crop's starts are inputs, so its shape is unknown to shape inference; a Reshape to
-        # (N, C, h, w) restores it (MaxPool's gradient downstream came back empty without it)
-        inits.append(numpy_helper.from_array(np.array([0, 0, h, w], np.int64), f"{tag}_shape"))
+        # (N, C, h, w) restores it (MaxPool's gradient downstream came back empty without it), with the
+        # batch and channels too where known: onnxruntime-training 1.19's AveragePool gradient divides
+        # by zero (SIGFPE) on a tensor whose batch is not static
+        inits.append(numpy_helper.from_array(np.array(_static_nc(out, x) + [h, w], np.int64), f"{tag}_shape"))
         nodes += [helper.make_node("Add", ["swing_starts", f"{tag}_hw"], [f"{tag}_ends"], name=f"{tag}_ends"),
                   helper.make_node("Slice", [padded, "swing_starts", f"{tag}_ends", "swing_axes"],
                                    [f"{tag}_crop_any"], name=f"{tag}_crop"),
