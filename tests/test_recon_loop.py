@@ -210,6 +210,20 @@ def test_finer_grids_get_proportionally_smaller_step_learning_rates():
     assert {plan.weights[n].bits for n in names.weight_steps} >= {8}, "the fixture's first block has the 8-bit layer"
 
 
+def test_a_plan_of_8_bit_grids_only_gets_the_8_bit_rates():
+    """The rates are made for 4-bit steps: at W8A8 every step still gets lr × 15/255 (it got the 4-bit
+    rate when the coarsest grid of the plan set the reference, and blocks learned worse than RTN)."""
+    folded, plan, _ = _setup(wbits=8, abits=8)
+    for block in partition_blocks(folded, list(plan.weights)):
+        _, names = training_model(extract_block_model(folded, block), plan, "genie")
+        adam, _ = _optimizer(names, plan)
+        lr_of = {p: g.lr for g in adam.groups for p in g.names}
+        for param in names.weight_steps.values():
+            assert lr_of[param] == pytest.approx(LR_WEIGHT_STEP * 15 / 255)
+        for param in names.act_steps.values():
+            assert lr_of[param] == pytest.approx(LR_ACT_STEP * 15 / 255)
+
+
 def test_mix_inputs_selects_exactly():
     rng = np.random.default_rng(3)
     x_fp, x_q = rng.standard_normal((2, 4, 3, 5, 5), dtype=np.float32) * 1e3

@@ -302,6 +302,9 @@ class BlockConfig:
     qdrop: bool = True  # QDrop at the block's activation quantizers (the block input is mixed either way)
 
 
+GRID_LR_BITS = 4  # the step rates are the reference's for 4-bit (and coarser) grids
+
+
 def grid_lr_factor(bits: int, coarsest_bits: int) -> float:
     """Learning-rate factor for the step of a ``bits`` grid: the finer grid's step is about
     (2^coarsest − 1)/(2^bits − 1) times smaller, so Adam (which moves a parameter by about lr per
@@ -324,8 +327,9 @@ def _optimizer(names: TrainNames, plan: QuantPlan, lr_scale: float = 1.0,
             groups.append(ParamGroup(members, base_lr * lr_scale * scale * factor))
             decays.append(decay)
 
-    wbits = min(w.bits for w in plan.weights.values())
-    abits = min((a.bits for a in plan.acts.values()), default=8)
+    # the rates are made for grids of GRID_LR_BITS or fewer: a plan of 8-bit grids only scales down too
+    wbits = min(GRID_LR_BITS, *(w.bits for w in plan.weights.values()))
+    abits = min(GRID_LR_BITS, *(a.bits for a in plan.acts.values()))
     add(names.weight_steps, lambda node: plan.weights[node].bits, LR_WEIGHT_STEP, wbits, True)
     add(names.softbits, lambda node: 0, LR_SOFTBITS, None, False)
     add(names.act_steps, lambda tensor: plan.acts[tensor].bits, LR_ACT_STEP, abits, True, act_lr_scale)
