@@ -231,14 +231,26 @@ def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.nda
     return plan, report
 
 
+FALLBACK_NAMES_SHOWN = 4
+
+
+def _names(names: list[str]) -> str:
+    more = len(names) - FALLBACK_NAMES_SHOWN
+    return ", ".join(names[:FALLBACK_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
 def _fallbacks(blocks: list[dict]) -> str:
-    """The blocks GENIE-M did not learn whole, with why (status strings of ``reconstruct``)."""
-    rtn = [f"{b['name']} ({b['status'][5:-1]})" for b in blocks if str(b.get("status", "")).startswith("rtn (")]
+    """The blocks GENIE-M did not learn whole, grouped by why (status strings of ``reconstruct``); a few
+    names per reason (the report has them all)."""
+    rtn: dict[str, list[str]] = {}
+    for b in blocks:
+        if str(b.get("status", "")).startswith("rtn ("):
+            rtn.setdefault(b["status"][5:-1], []).append(b["name"])
     by_layer = [b["name"] for b in blocks if "layer by layer" in str(b.get("status", ""))]
-    text = f"; kept at round-to-nearest: {', '.join(rtn)}" if rtn else ""
+    text = "".join(f"; kept at round-to-nearest ({reason}): {_names(names)}" for reason, names in rtn.items())
     if by_layer:
         reason = next(b["status"] for b in blocks if b["name"] == by_layer[0]).split("block rtn (", 1)[-1].rstrip(")")
-        text += f"; learned layer by layer: {', '.join(by_layer)} ({reason})"
+        text += f"; learned layer by layer: {_names(by_layer)} ({reason})"
     return text
 
 

@@ -285,6 +285,16 @@ def test_block_without_gradient_is_learned_layer_by_layer():
     assert f"learned layer by layer: {owner.name} (training graph failed: no gradient for Floor (node" in line
 
 
+def test_the_stage_line_groups_fallbacks_by_reason_and_names_a_few():
+    from onnxgenie.pipeline import _fallbacks
+
+    blocks = [{"name": f"b{i}", "status": "rtn (learning raised the block's error)"} for i in range(6)]
+    blocks += [{"name": "x", "status": "rtn (loss diverged twice)"}, {"name": "y", "status": "ok"}]
+    assert _fallbacks(blocks) == ("; kept at round-to-nearest (learning raised the block's error): b0, b1, b2, b3 "
+                                  "and 2 more; kept at round-to-nearest (loss diverged twice): x")
+    assert _fallbacks(blocks[-1:]) == ""
+
+
 def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
     import onnxgenie.quant.reconstruct as rec
 
