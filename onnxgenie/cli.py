@@ -25,12 +25,17 @@ def _add_layer_choice(p: argparse.ArgumentParser) -> None:
 def _cmd_inspect(args) -> int:
     from .inspect import format_summary, inspect_model
 
-    info = inspect_model(args.model, input_hw=tuple(args.input_size) if args.input_size else None)
-    if args.plan:
+    input_hw = tuple(args.input_size) if args.input_size else None
+    info = inspect_model(args.model, input_hw=input_hw)
+    folded = None
+    if args.plan or args.blocks:  # normalised and folded once for both
         from .pipeline import prepare
+
+        folded = prepare(args.model, input_hw)[1]
+    if args.plan:
         from .quant.plan import build_plan, format_plan
 
-        plan = build_plan(prepare(args.model)[1], args.wbits, args.abits, args.first_last_bits, args.target,
+        plan = build_plan(folded, args.wbits, args.abits, args.first_last_bits, args.target,
                           exclude=args.exclude, weight_grid=args.weight_grid, high_bits=args.high_bits)
         if args.json:
             info["plan"] = plan.to_arrays()[0]
@@ -38,9 +43,7 @@ def _cmd_inspect(args) -> int:
             print(format_plan(plan))
     if args.blocks:
         from .graph.blocks import blocks_json, format_blocks, partition_blocks
-        from .pipeline import prepare
 
-        folded = prepare(args.model)[1]
         blocks = partition_blocks(folded)
         if args.json:
             info["blocks"] = blocks_json(blocks)

@@ -143,9 +143,9 @@ class QuantizationResult:
         return self.report.get("agreement", {}).get("top1_agreement")
 
 
-def prepare(model) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(normal form, BN-folded normal form)."""
-    normal = normalize(load_model(model))
+def prepare(model, input_hw: tuple[int, int] | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(normal form, BN-folded normal form); ``input_hw`` fixes a dynamic height/width."""
+    normal = normalize(load_model(model), input_hw)
     return normal, fold_bn(normal)
 
 

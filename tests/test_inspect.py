@@ -78,6 +78,10 @@ def test_op_without_gradient_before_a_bn_is_reported(capsys, tmp_path, node, rea
 def test_dynamic_hw_with_input_size(capsys, tmp_path):
     code, out, _ = _cli(capsys, fixtures.save(fixtures.dynamic_hw(), tmp_path), "--json", "--input-size", "8", "8")
     assert code == 0 and json.loads(out)["image"]["chw"] == [3, 8, 8]
+    code, out, _ = _cli(capsys, fixtures.save(fixtures.dynamic_hw(), tmp_path), "--json", "--input-size", "8", "8",
+                        "--plan", "--blocks")
+    info = json.loads(out)
+    assert code == 0 and info["plan"] and info["blocks"]
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
