@@ -72,7 +72,10 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "themselves); since commit 7891458 the fast preset's `auto` does so below 4-bit weights only, so the fast "
          "preset is the flip-shift row at W2A4 and the row without at W4A4. Rows before stop 11 were rebuilt from "
          "BENCHMARKS.md (their raw rows lived in the untracked out/; stage times, agreement and RSS there are the "
-         "group's mean / max)."]
+         "group's mean / max). The *activation-step lr ×4* rows (stop 16, commits 81eb5bc–4fd88fe: the fast "
+         "preset since then at 4-bit activations beside 4-bit or wider weights) ran at `--threads 1 --jobs 1` "
+         "beside two or three other experiments: their wall times are those of a crowded machine (distillation "
+         "1,150–1,250 s against ~240 s alone)."]
 ORDER = ["fast", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
