@@ -163,8 +163,8 @@ def describe_ort_error(err: Exception) -> str:
     duplicate = re.search(r"Duplicate definition of name \((\S+)_grad\)", text)
     if duplicate:  # onnxruntime-training 1.19, a tensor read by several Concats beside trainable ones
         return f"onnxruntime-training built two gradients for {duplicate.group(1)} (several Concats read it)"
-    if "GradientBuilderBase::O" in text:  # a node whose optional outputs are left out (LayerNormalization)
-        return f"onnxruntime-training's gradient builder needs an output the graph leaves out ({text[-80:]})"
+    if "GradientBuilderBase::O" in text:  # seen on ConvNeXt's blocks; the node is not pinned down
+        return f"onnxruntime-training's gradient builder asked for an output a node does not have ({text[-80:]})"
     return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
 

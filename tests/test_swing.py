@@ -150,3 +150,15 @@ def test_strided_conv_then_maxpool_has_the_original_gradient_at_the_centre_offse
     want = plain.grads()["x"]
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(swung.grads()["x"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_strided_conv_without_static_size_is_refused_in_one_line():
+    from onnxgenie.errors import UnsupportedModelError
+
+    model = conv_bn_net()
+    strided = next(n for n in model.graph.node if n.op_type == "Conv" and
+                   any(a.name == "strides" and max(a.ints) > 1 for a in n.attribute))
+    image = model.graph.input[0].type.tensor_type.shape
+    image.dim[2].dim_param, image.dim[3].dim_param = "H", "W"
+    with pytest.raises(UnsupportedModelError, match=f"strided conv .*{strided.input[0]}.*--no-swing"):
+        swing_rewrite(model)

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from ..errors import UnsupportedModelError
+
 SWING_INPUTS = ("swing_offset_h", "swing_offset_w")
 
 
@@ -41,24 +43,21 @@ def _reflect_pad(nodes: list, inits: list, x: str, name: str, axis: int, size: i
     return name
 
 
-def _spatial_shape(model: onnx.ModelProto, tensor: str) -> tuple[int, int]:
-    infos = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    for vi in infos:
+def _static_dims(model: onnx.ModelProto, tensor: str) -> list[int] | None:
+    """``tensor``'s 4 dims, 0 where not static; None when its rank is unknown or not 4."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if vi.name == tensor:
             dims = vi.type.tensor_type.shape.dim
-            if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:]):
-                return dims[2].dim_value, dims[3].dim_value
-    raise ValueError(f"no static spatial shape for {tensor}; run graph.load.normalize first")
+            return [d.dim_value if d.HasField("dim_value") else 0 for d in dims] if len(dims) == 4 else None
+    return None
 
 
-def _static_nc(model: onnx.ModelProto, tensor: str) -> list[int]:
-    """[N, C] of ``tensor`` where both are static, else [0, 0] (Reshape: copy them from the input)."""
-    for vi in list(model.graph.value_info) + list(model.graph.input):
-        if vi.name == tensor:
-            dims = vi.type.tensor_type.shape.dim[:2]
-            if len(dims) == 2 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
-                return [d.dim_value for d in dims]
-    return [0, 0]
+def _spatial_shape(model: onnx.ModelProto, tensor: str) -> tuple[int, int]:
+    dims = _static_dims(model, tensor)
+    if dims is None or 0 in dims[2:]:
+        raise UnsupportedModelError(f"the input of a strided conv ({tensor}) has no static height/width, which "
+                                    "swing convolution needs; pass --no-swing or export the model with static shapes")
+    return dims[2], dims[3]
 
 
 def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -80,7 +79,8 @@ def swing_rewrite(model: onnx.ModelProto) -> onnx.ModelProto:
         # (N, C, h, w) restores it (MaxPool's gradient downstream came back empty without it), with the
         # batch and channels too where known: onnxruntime-training 1.19's AveragePool gradient divides
         # by zero (SIGFPE) on a tensor whose batch is not static
-        inits.append(numpy_helper.from_array(np.array(_static_nc(out, x) + [h, w], np.int64), f"{tag}_shape"))
+        n, c = _static_dims(out, x)[:2]  # 0: Reshape copies the input's
+        inits.append(numpy_helper.from_array(np.array([n, c, h, w], np.int64), f"{tag}_shape"))
         nodes += [helper.make_node("Add", ["swing_starts", f"{tag}_hw"], [f"{tag}_ends"], name=f"{tag}_ends"),
                   helper.make_node("Slice", [padded, "swing_starts", f"{tag}_ends", "swing_axes"],
                                    [f"{tag}_crop_any"], name=f"{tag}_crop"),
