@@ -43,6 +43,7 @@ VARIANTS = {
     "fast-b160": ["--distill-batch", "160", "--holdout-images", "64"],  # the fast preset before it had no hold-out
     "fast-r1000": ["--recon-iters", "1000", "--recon-lr-scale", "4"],  # twice the steps at half the lr factor
     "fast-512x100": ["--calib-images", "512", "--distill-iters", "100"],  # twice the images, half the steps
+    "fast-act1": ["--recon-act-lr-scale", "1"],  # the fast preset before its activation-step rate x4 (stop 16)
     "paper": ["--preset", "paper"],
     "fewshot": ["--calib-data", "{train}", "--calib-images", "256", "--mean", "{mean}", "--std", "{std}"],
     "noise": ["--calib", "noise"],
@@ -76,7 +77,7 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "preset since then at 4-bit activations beside 4-bit or wider weights) ran at `--threads 1 --jobs 1` "
          "beside two or three other experiments: their wall times are those of a crowded machine (distillation "
          "1,150–1,250 s against ~240 s alone)."]
-ORDER = ["fast", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
+ORDER = ["fast", "fast-act1", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
              "W2A4 77.60 / 77.30 (−3.42 / −3.72), about 11 minutes a run. onnxruntime `quantize_static` with "
