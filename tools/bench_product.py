@@ -76,7 +76,9 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "group's mean / max). The *activation-step lr ×4* rows (stop 16, commits 81eb5bc–4fd88fe: the fast "
          "preset since then at 4-bit activations beside 4-bit or wider weights) ran at `--threads 1 --jobs 1` "
          "beside two or three other experiments: their wall times are those of a crowded machine (distillation "
-         "1,150–1,250 s against ~240 s alone)."]
+         "1,150–1,250 s against ~240 s alone). fast-act1 (stop 17, commit 5f393c8): the same seeds at "
+         "`--recon-act-lr-scale 1`, one run after another at `--threads 1 --jobs 1` beside one other experiment; "
+         "the same distilled images per seed as the ×4 rows, so the two are paired (×4 − ×1: −0.16 / −0.20 / −0.10)."]
 ORDER = ["fast", "fast-act1", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
