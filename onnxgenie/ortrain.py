@@ -8,6 +8,7 @@ can have its own learning rate and schedule, which ORT's single-lr optimizer mod
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -148,10 +149,19 @@ def trainable_form(model: onnx.ModelProto) -> None:
             rewriter.rewrite(node.op_type, list(node.input), node.output[0])
             nodes += rewriter.nodes
         else:
+            if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+                _with_layer_norm_statistics(node)
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     relu_as_clip(model)
+
+
+def _with_layer_norm_statistics(node: onnx.NodeProto) -> None:
+    """onnxruntime-training's LayerNormalization gradient reads the node's optional Mean and
+    InvStdDev outputs, which exporters leave out (its builder asserts: ConvNeXt's blocks failed)."""
+    while len(node.output) < 3:
+        node.output.append(f"{node.output[0]}/layer_norm_{('mean', 'inv_std_dev')[len(node.output) - 1]}")
 
 
 def describe_ort_error(err: Exception) -> str:
@@ -161,9 +171,9 @@ def describe_ort_error(err: Exception) -> str:
     if missing:
         return f"no gradient for {missing.group(1)} (node {missing.group(2)})"
     duplicate = re.search(r"Duplicate definition of name \((\S+)_grad\)", text)
-    if duplicate:  # onnxruntime-training 1.19, a tensor read by several Concats beside trainable ones
+    if duplicate:  # a tensor several Concats read that anchor_shared_concat_inputs did not see (merged copies)
         return f"onnxruntime-training built two gradients for {duplicate.group(1)} (several Concats read it)"
-    if "GradientBuilderBase::O" in text:  # seen on ConvNeXt's blocks; the node is not pinned down
+    if "GradientBuilderBase::O" in text:  # LayerNormalization without its statistics outputs, before trainable_form
         return f"onnxruntime-training's gradient builder asked for an output a node does not have ({text[-80:]})"
     return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
@@ -171,6 +181,60 @@ def describe_ort_error(err: Exception) -> str:
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                 providers=["CPUExecutionProvider"])
+
+
+GRAD_ANCHOR = "/grad_anchor"
+
+
+def shared_concat_inputs(model: onnx.ModelProto, trainable: list[str]) -> set[str]:
+    """Tensors without a gradient of their own that two or more differentiated Concats read."""
+    needs_grad = set(trainable)
+    for node in model.graph.node:
+        if any(i in needs_grad for i in node.input):
+            needs_grad.update(node.output)
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Concat" and node.output[0] in needs_grad:
+            for t in set(node.input):
+                readers[t] = readers.get(t, 0) + 1
+    return {t for t, n in readers.items() if n > 1 and t not in needs_grad}
+
+
+def anchor_shared_concat_inputs(model: onnx.ModelProto, trainable: list[str]) -> list[str]:
+    """Work around onnxruntime-training 1.19's Concat gradient (DenseNet's dense blocks): for a
+    tensor that several Concats read and whose own gradient is not needed (a graph input, or
+    computed from frozen values only), each Concat's gradient defines ``<tensor>_grad`` and the
+    builder rejects its own graph. Multiplying the tensor by a scalar 1 that is "trainable" gives it
+    a gradient that onnxruntime accumulates like any other. Changes ``model`` in place; returns the
+    scalars' names (to be differentiated, never updated)."""
+    g = model.graph
+    shared = shared_concat_inputs(model, trainable)
+    if not shared:
+        return []
+    anchors, anchored, nodes = [], {}, []
+    produced_at_start = {i.name for i in g.input} | {t.name for t in g.initializer}
+
+    def anchor(t: str) -> None:
+        name = t + GRAD_ANCHOR
+        g.initializer.append(onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [1.0]))
+        nodes.append(onnx.helper.make_node("Mul", [t, name], [name + "ed"], name=name + "/Mul"))
+        anchors.append(name)
+        anchored[t] = name + "ed"
+
+    for t in sorted(shared & produced_at_start):
+        anchor(t)
+    for node in g.node:
+        if node.op_type == "Concat":
+            for i, t in enumerate(node.input):
+                if t in anchored:
+                    node.input[i] = anchored[t]
+        nodes.append(node)
+        for t in node.output:
+            if t in shared:
+                anchor(t)
+    del g.node[:]
+    g.node.extend(nodes)
+    return anchors
 
 
 class GradientGraph:
@@ -188,10 +252,15 @@ class GradientGraph:
         missing = [n for n in trainable if n not in inits]
         if missing:
             raise ValueError(f"trainable names are not initializers: {missing}")
+        anchors = []
+        if shared_concat_inputs(model, list(trainable)):
+            model = copy.deepcopy(model)
+            anchors = anchor_shared_concat_inputs(model, list(trainable))
+        inits.update(anchors)
         self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.output_names = [o.name for o in model.graph.output]
         self.trainable = list(trainable)
-        frozen = [n for n in inits if n not in set(trainable)]
+        frozen = [n for n in inits if n not in set(trainable) | set(anchors)]
         self._tmp = None
         if artifact_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-ort-")
@@ -200,7 +269,7 @@ class GradientGraph:
         artifact_dir.mkdir(parents=True, exist_ok=True)
         extra = self.output_names[1:]
         artifacts.generate_artifacts(
-            model, requires_grad=self.trainable, frozen_params=frozen, loss=None, optimizer=None,
+            model, requires_grad=self.trainable + anchors, frozen_params=frozen, loss=None, optimizer=None,
             artifact_directory=artifact_dir, additional_output_names=extra or None,
             loss_input_names=[self.output_names[0]] if extra else None)
         self.state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))

@@ -289,15 +289,8 @@ def test_activations_without_gradient_are_rewritten_with_the_same_values_and_gra
         assert (plus - minus) / (2 * h) == pytest.approx(float((grad * d).sum()), rel=2e-2, abs=2e-2)
 
 
-def test_densenet_concat_gradient_failure_is_described_in_words():
-    """onnxruntime-training 1.19 builds two gradients for a tensor several Concats read beside trainable
-    tensors (DenseNet's dense blocks) and rejects its own graph; the reason names the tensor."""
-    import onnx
-
-    from onnxgenie.ortrain import describe_ort_error
-
-    rng = np.random.default_rng(0)
-
+def _dense_block(rng):
+    """DenseNet's pattern: the input read by three Concats (one of them alone), 1x1 convs between."""
     def weight(name, out, inp):
         return numpy_helper.from_array(rng.standard_normal((out, inp, 1, 1)).astype(np.float32) * 0.1, name)
 
@@ -313,7 +306,84 @@ def test_densenet_concat_gradient_failure_is_described_in_words():
                               [weight("w1", 2, 4), weight("w2", 2, 6)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    with pytest.raises(Exception) as err:
-        GradientGraph(onnx.shape_inference.infer_shapes(model), ["w1", "w2"])
-    assert describe_ort_error(err.value) == ("onnxruntime-training built two gradients for x "
-                                             "(several Concats read it)")
+    return model
+
+
+def _dense_loss_np(x, w1, w2):
+    conv = lambda a, w: np.einsum("nchw,oc->nohw", a, w[:, :, 0, 0])  # noqa: E731
+    h1 = conv(x, w1)
+    h2 = conv(np.concatenate([x, h1], 1), w2)
+    return float(np.mean(np.concatenate([x, h1, h2], 1) ** 2))
+
+
+def test_tensor_read_by_several_concats_gets_correct_gradients():
+    """onnxruntime-training 1.19 defines two gradients for a tensor that several Concats read when
+    the tensor needs none itself (DenseNet's dense blocks), and rejects its own graph: a scalar 1
+    in front of it (``anchor_shared_concat_inputs``) makes the gradients build, and they are right."""
+    import onnx
+
+    from onnxgenie.ortrain import shared_concat_inputs
+
+    rng = np.random.default_rng(0)
+    model = onnx.shape_inference.infer_shapes(_dense_block(rng))
+    assert shared_concat_inputs(model, ["w1", "w2"]) == {"x"}   # h1, read by two Concats too, has a gradient
+    before = model.SerializeToString()
+    gg = GradientGraph(model, ["w1", "w2"])
+    assert model.SerializeToString() == before          # the caller's model is not changed
+    assert set(gg.grads()) == {"w1", "w2"} and set(gg.params()) == {"w1", "w2"}
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    loss = gg(x)
+    w = {n: v.astype(np.float64) for n, v in gg.params().items()}
+    assert loss == pytest.approx(_dense_loss_np(x.astype(np.float64), w["w1"], w["w2"]), rel=1e-5)
+    h = 1e-4
+    for name, grad in gg.grads().items():
+        for idx in [(0, 0, 0, 0), (1, 3, 0, 0), (0, 5, 0, 0) if name == "w2" else (1, 1, 0, 0)]:
+            plus, minus = dict(w), dict(w)
+            plus[name] = w[name].copy(); plus[name][idx] += h
+            minus[name] = w[name].copy(); minus[name][idx] -= h
+            numeric = (_dense_loss_np(x, plus["w1"], plus["w2"]) - _dense_loss_np(x, minus["w1"], minus["w2"])) / (2 * h)
+            assert grad[idx] == pytest.approx(numeric, rel=1e-3, abs=1e-6)
+
+
+
+def test_layer_normalization_gets_correct_gradients_after_trainable_form():
+    """Exporters write LayerNormalization with its output Y only; onnxruntime-training's gradient
+    reads the optional Mean / InvStdDev outputs and asserted (ConvNeXt's blocks). ``trainable_form``
+    adds them; the gradients match finite differences of a float64 NumPy layer norm."""
+    import copy
+
+    from onnxgenie.ortrain import trainable_form
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 8)).astype(np.float32)
+    gamma = (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5),
+             helper.make_node("Mul", ["y", "y"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0)]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(gamma, "gamma"),
+                               numpy_helper.from_array(beta, "beta")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    rewritten = copy.deepcopy(model)
+    trainable_form(rewritten)
+    gg = GradientGraph(rewritten, ["w", "gamma"])
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+
+    def loss_np(w_, g_):
+        h = x.astype(np.float64) @ w_
+        y = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * g_ + beta
+        return float(np.mean(y ** 2))
+
+    ref = {"w": w.astype(np.float64), "gamma": gamma.astype(np.float64)}
+    assert gg(x) == pytest.approx(loss_np(ref["w"], ref["gamma"]), rel=1e-5)
+    grads, h = gg.grads(), 1e-5
+    for name, idx in [("w", (0, 0)), ("w", (5, 7)), ("w", (2, 3)), ("gamma", (1,)), ("gamma", (6,))]:
+        plus, minus = {k: v.copy() for k, v in ref.items()}, {k: v.copy() for k, v in ref.items()}
+        plus[name][idx] += h
+        minus[name][idx] -= h
+        numeric = (loss_np(plus["w"], plus["gamma"]) - loss_np(minus["w"], minus["gamma"])) / (2 * h)
+        assert grads[name][idx] == pytest.approx(numeric, rel=1e-3, abs=1e-6)
