@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--dev-images", type=int, default=5000)
     parser.add_argument("--high-bits", nargs="+", default=[], metavar="NODE", help="as `quantize --high-bits`")
     parser.add_argument("--auto-high-bits", type=int, default=0, metavar="K", help="as `quantize --auto-high-bits`")
+    parser.add_argument("--recon-act-lr-scale", type=float, default=None, metavar="F",
+                        help="as `quantize --recon-act-lr-scale` (default: the preset's rule)")
     parser.add_argument("--save", type=Path, help="folder for the exported models")
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_recon_fixed.jsonl")
     args = parser.parse_args()
@@ -55,7 +57,8 @@ def main() -> None:
     for seed in args.seeds:
         cfg = pipeline.preset_config("fast", wbits=wbits, abits=abits, seed=seed, calib="distill",
                                      calib_images=len(calib), threads=args.threads, progress=False,
-                                     high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits)
+                                     high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits,
+                                     recon_act_lr_scale=args.recon_act_lr_scale)
         start = time.perf_counter()
         result = pipeline.quantize(str(SHARED / "models" / f"{args.model}.onnx"), cfg, calib=calib)
         top1 = 100 * float((predict(result.model, x).argmax(1) == y).mean())
@@ -64,7 +67,8 @@ def main() -> None:
                "act_quantizers": sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node),
                "high_bits": len(args.high_bits),
                "auto_high_bits": result.report.get("high_bits", {}).get("chosen", []),
-               "size_ratio": result.report["size"]["ratio"]}
+               "size_ratio": result.report["size"]["ratio"],
+               "act_lr_scale": pipeline.act_lr_scale_for(cfg)}
         if args.save:
             import onnx
 
