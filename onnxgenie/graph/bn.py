@@ -95,6 +95,7 @@ def _replace_init(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
 
 
 def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits: dict) -> bool:
+    """Scale ``prod``'s weight and bias by ``bn``; ``inits`` (name -> array) is kept up to date."""
     a, b = _affine(bn)
     w = inits.get(prod.input[1]) if len(prod.input) > 1 else None
     if w is None or sum(1 for n in model.graph.node for i in n.input if i == prod.input[1]) != 1:
@@ -111,9 +112,10 @@ def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits:
     old_bias = inits[bias_name] if bias_name else np.zeros_like(a)
     if old_bias.shape != a.shape:
         return False
-    _replace_init(model, prod.input[1], w_new)
     bias_name = bias_name or f"{prod.input[1]}_bnfold_bias"
-    _replace_init(model, bias_name, old_bias * a + b)
+    for name, value in ((prod.input[1], w_new), (bias_name, old_bias * a + b)):
+        _replace_init(model, name, value)
+        inits[name] = value.astype(np.float32)
     while len(prod.input) < 3:
         prod.input.append("")
     prod.input[2] = bias_name
@@ -159,7 +161,6 @@ def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True) -> onnx.Mod
                 and bn.input not in {o.name for o in out.graph.output}
                 and _fold_into(out, prod, bn, inits)):
             prod.output[0] = bn.output  # the conv now writes the BN's output directly
-            inits = initializers(out)
             continue
         new_nodes.extend(_as_mul_add(out, node, bn))
     del out.graph.node[:]
