@@ -106,9 +106,8 @@ def preset_config(preset: str = "fast", **overrides) -> QuantizeConfig:
                              **{k: v for k, v in overrides.items() if v is not None}})
 
 
-# 4-bit activation steps at 4x the rate in the fast preset's 500 steps: ShuffleNet W4A4 +1.74 pt (cached
-# images, seed 0); ResNet-20 W4A4 level (+0.12 +- 0.10 over nine paired runs); at W2A4 level, so not there,
-# nor on the unmeasured 8-bit activation grids (BENCHMARKS.md).
+# 4-bit activation steps at 4x the rate in the fast preset's 500 steps: ShuffleNet W4A4 +1.67 pt (cached
+# images, three seeds; x16 +2.95, x64 +3.70); ResNet-20/32 level at x4, x16 and x64 (BENCHMARKS.md, stop 18).
 FAST_ACT_LR_SCALE = 4.0
 
 
