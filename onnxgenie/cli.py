@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factor on GENIE-M's learning rates (default: preset; short budgets want larger ones)")
     p.add_argument("--recon-act-lr-scale", type=float, default=None,
                    help="a further factor on the activation steps' learning rate (default: preset; "
-                        "fast: 4 for 4-bit activations beside weights of 4 bits or more, else 1; paper: 1)")
+                        "fast: 64 for 4-bit activations beside weights of 4 bits or more, else 1; paper: 1)")
     p.add_argument("--qdrop", choices=("on", "off"), default=None,
                    help="QDrop at the activation quantizers inside each block: each element quantized with "
                         "probability 0.5 (on) or always (off); the block's input is a float/quantized mix "
