@@ -334,3 +334,53 @@ def test_a_worker_killed_by_a_signal_fails_the_run_in_one_line(tmp_path):
     model, groups = training_model(teacher, cfg)
     with pytest.raises(OnnxGenieError, match="worker process died.*--jobs 1"):
         _run_parallel(model, groups, cfg, [0, 1], tmp_path, False, 2, task=_die)
+
+
+def _hold_progress_queue_lock(index: int):
+    """Stands for a worker terminated inside ``steps.put``: it holds the queue's cross-process write lock."""
+    import time
+
+    from onnxgenie.distill.genie_d import _WORKER
+
+    _WORKER["steps"]._wlock.acquire()
+    (_WORKER["workdir"] / f"locked_{index}").touch()
+    time.sleep(600)
+
+
+def test_ctrl_c_exits_even_when_a_terminated_worker_held_the_progress_queue(tmp_path):
+    """CI once hung after Ctrl-C: the parent's own put() on the progress queue waited for a lock a
+    terminated worker never released, and interpreter exit waited for that put."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from fixtures import conv_bn_net
+from test_distill import _hold_progress_queue_lock
+from onnxgenie.distill.genie_d import DistillConfig, _run_parallel, training_model
+from onnxgenie.graph.load import normalize
+if __name__ == "__main__":
+    cfg = DistillConfig(n_batches=2, batch=4, iters=2, mode="genie", swing=True, seed=0)
+    model, groups = training_model(normalize(conv_bn_net()), cfg)
+    try:
+        _run_parallel(model, groups, cfg, [0, 1], {str(tmp_path)!r}, False, 2, task=_hold_progress_queue_lock)
+    except KeyboardInterrupt:
+        sys.exit(130)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("locked_*")):
+        assert proc.poll() is None, proc.stderr.read()[-500:]
+        assert time.monotonic() < deadline, "no worker started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not exit within 60 s of Ctrl-C")
+    assert proc.returncode == 130, err[-500:]

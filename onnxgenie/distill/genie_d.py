@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import tempfile
@@ -309,12 +310,17 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
     steps = ctx.Queue()
     with _progress(len(todo) * cfg.iters, progress, desc=f"{len(todo)} batches on {jobs} workers",
                    unit="step") as bar:
-        def drain():
+        # The parent only reads the queue: a worker terminated inside put() can leave its cross-process
+        # write lock held, and a parent put() would then block its feeder thread, which exit joins.
+        finished = threading.Event()
+
+        def drain():  # until the queue is empty after the pool has finished
             while True:
-                n = steps.get()
-                if n is None:
-                    return
-                bar.update(n)
+                try:
+                    bar.update(steps.get(timeout=0.1))
+                except queue.Empty:
+                    if finished.is_set():
+                        return
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
@@ -333,8 +339,10 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            steps.put(None)
+            finished.set()
             reader.join(timeout=5)
+            steps.cancel_join_thread()
+            steps.close()
 
 
 # Public entry point -----------------------------------------------------------------------------
