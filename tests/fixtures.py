@@ -9,10 +9,12 @@ BN statistics are non-trivial: random means, positive variances far from 1, some
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 C_IN, HW, WIDTH, CLASSES = 3, 8, 8, 10
@@ -344,3 +346,16 @@ def run(model: onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.ndar
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def wait_for(predicate, proc, timeout=60.0):
+    """Poll ``predicate`` while the subprocess ``proc`` runs; fail the test if it ends first or time runs out."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early ({proc.returncode}): {proc.stderr.read()}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("timed out waiting for the run")

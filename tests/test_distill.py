@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from fixtures import conv_bn_net, no_bn, random_input, save
+from fixtures import conv_bn_net, no_bn, random_input, save, wait_for
 from onnxgenie.cli import main
 from onnxgenie.distill import distill
 from onnxgenie.distill.bns import LOSS, STD_EPS, bns_loss_model, fused_layers
@@ -353,7 +353,6 @@ def test_ctrl_c_exits_even_when_a_terminated_worker_held_the_progress_queue(tmp_
     import signal
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "run.py"
     script.write_text(f"""
@@ -372,11 +371,7 @@ if __name__ == "__main__":
         sys.exit(130)
 """)
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("locked_*")):
-        assert proc.poll() is None, proc.stderr.read()[-500:]
-        assert time.monotonic() < deadline, "no worker started"
-        time.sleep(0.1)
+    wait_for(lambda: any(tmp_path.glob("locked_*")), proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)

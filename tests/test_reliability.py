@@ -479,18 +479,6 @@ def test_memory_estimate_covers_a_real_distillation():
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C
 
-def _wait_for(predicate, proc, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended early ({proc.returncode}): {proc.stderr.read()}")
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail("timed out waiting for the run")
-
-
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     """Ctrl-C as a terminal sends it: SIGINT to the whole process group (workers included)."""
@@ -507,7 +495,7 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
                             start_new_session=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait_for(lambda: any((wd / "distill").glob("batch_*.npz")), proc)
+    fixtures.wait_for(lambda: any((wd / "distill").glob("batch_*.npz")), proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -615,7 +603,7 @@ def test_sigterm_stops_cleanly_and_removes_temporary_folders(tmp_path):
             "--recon-iters", "5", "--recon-batch", "8", "--jobs", "1"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
                             env={**os.environ, "TMPDIR": str(scratch)})
-    _wait_for(lambda: any(scratch.glob("onnxgenie-distill-*/batch_*.npz")), proc)
+    fixtures.wait_for(lambda: any(scratch.glob("onnxgenie-distill-*/batch_*.npz")), proc)
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -341,8 +341,6 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
             pool.shutdown(wait=True, cancel_futures=True)
             finished.set()
             reader.join(timeout=5)
-            steps.cancel_join_thread()
-            steps.close()
 
 
 # Public entry point -----------------------------------------------------------------------------
