@@ -83,6 +83,7 @@ def _cmd_quantize(args) -> int:
         swing=False if args.no_swing else None,
         reconstruct=False if args.no_reconstruct else None, recon_iters=args.recon_iters,
         recon_lr_scale=args.recon_lr_scale, recon_act_lr_scale=args.recon_act_lr_scale,
+        recon_candidates=args.recon_candidates,
         recon_augment=args.recon_augment, recon_qdrop=None if args.qdrop is None else args.qdrop == "on",
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-act-lr-scale", type=float, default=None,
                    help="a further factor on the activation steps' learning rate (default: preset; "
                         "fast: 64 for 4-bit activations beside weights of 4 bits or more, else 1; paper: 1)")
+    p.add_argument("--recon-candidates", type=int, default=None, metavar="N",
+                   help="reconstruct N times with different seeds (in parallel, one process per core) and keep the "
+                        "one whose outputs on the calibration images are closest to FP32 (KL); default: preset "
+                        "(fast: 2 below 4-bit weights, else 1; paper: 1)")
     p.add_argument("--qdrop", choices=("on", "off"), default=None,
                    help="QDrop at the activation quantizers inside each block: each element quantized with "
                         "probability 0.5 (on) or always (off); the block's input is a float/quantized mix "

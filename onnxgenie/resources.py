@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,3 +134,21 @@ def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | No
         print(f"onnxgenie: note: {jobs} distillation jobs need about {need / MIB:.0f} MiB but "
               f"{available / MIB:.0f} MiB are available; using --jobs {fitted}", file=sys.stderr)
     return fitted
+
+
+@contextmanager
+def process_pool(workers: int, initializer=None, initargs: tuple = ()):
+    """A ProcessPoolExecutor of ``workers`` spawned processes. On Ctrl-C or any error inside the block the
+    processes are terminated at once (not left to finish their task), then the pool is shut down."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer, initargs)
+    try:
+        yield pool
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

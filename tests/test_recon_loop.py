@@ -3,6 +3,8 @@ hard-rounded result with the fake-quant simulation, resume, divergence and graph
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -398,3 +400,45 @@ def test_a_block_keeps_learned_values_only_when_they_lower_its_error():
     assert kept and "status" not in errors and errors["recon_last"] < errors["recon_first"]
     np.testing.assert_allclose(errors["recon_last"], err_rtn, rtol=1e-5)
     np.testing.assert_allclose(block_error(bm, plan, x, y, threads=1), err_rtn, rtol=1e-5)
+
+
+def test_fast_preset_runs_two_candidates_below_4_bit_weights_only():
+    from onnxgenie.pipeline import candidates_for, preset_config
+
+    assert [candidates_for(preset_config("fast", wbits=b)) for b in (2, 3, 4, 8)] == [2, 2, 1, 1]
+    assert candidates_for(preset_config("paper", wbits=2)) == 1
+    assert candidates_for(preset_config("fast", wbits=4, recon_candidates=3)) == 3
+
+
+def test_candidates_keep_the_reconstruction_closest_to_fp32_and_resume(tmp_path):
+    """Candidate 0 is the plain run (same seed); the kept one has the lowest calibration KL, and the
+    exported model scores exactly that; a resumed run reuses every candidate's blocks."""
+    from onnxgenie.evaluate import predict
+    from onnxgenie.pipeline import preset_config, quantize
+    from onnxgenie.quant.sensitivity import kl_divergence
+
+    model = fixtures.opset17()
+    x = fixtures.random_input(model, 48, seed=3)
+    reference = predict(model, x)
+    cfg = preset_config("fast", wbits=2, abits=4, recon_iters=ITERS, recon_batch=16, threads=1, progress=False,
+                        recon_candidates=2, workdir=str(tmp_path / "work"))
+    result = quantize(model, cfg, calib=x)
+    cands = result.report["reconstruction"]["candidates"]
+    scores = [c["calibration_kl"] for c in cands]
+    assert [c["seed"] for c in cands] == [0, 1000] and scores[0] != scores[1]
+    best = int(np.argmin(scores))
+    assert [c["chosen"] for c in cands] == [k == best for k in range(2)]
+    assert result.report["reconstruction"]["chosen_seed"] == cands[best]["seed"]
+    assert kl_divergence(reference, predict(result.model, x)) == pytest.approx(scores[best], rel=1e-5)
+
+    single = quantize(model, replace(cfg, recon_candidates=1, workdir=None), calib=x)
+    assert "candidates" not in single.report["reconstruction"]
+    assert kl_divergence(reference, predict(single.model, x)) == pytest.approx(scores[0], rel=1e-5)
+
+    resumed = quantize(model, cfg, calib=x, resume=True)
+    assert all(b["status"] == "resumed" for b in resumed.report["reconstruction"]["blocks"])
+    assert [c["calibration_kl"] for c in resumed.report["reconstruction"]["candidates"]] == scores
+    assert len(list((tmp_path / "work" / "reconstruct" / "candidate_1").glob("block_*.npz"))) == 5
+
+    with pytest.raises(BadInputError, match="--recon-candidates"):
+        quantize(model, replace(cfg, recon_candidates=0, workdir=None), calib=x)

@@ -117,8 +117,9 @@ def dev_top1(model_path: Path, model: str, limit: int) -> float:
 
 
 def _peak_rss_mib(stages: dict) -> int:
-    """The largest process of the run: the main one or a distillation worker (from the run's report)."""
-    return max(max(v.get("peak_rss_mib", 0), v.get("distilling_process_peak_rss_mib", 0)) for v in stages.values())
+    """The largest process of the run: the main one, a distillation worker or a GENIE-M candidate (its report)."""
+    return max(max(v.get("peak_rss_mib", 0), v.get("distilling_process_peak_rss_mib", 0),
+                   v.get("candidate_process_peak_rss_mib", 0)) for v in stages.values())
 
 
 def _commit() -> str:
@@ -149,7 +150,8 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
                                                             "distill_batch", "recon_iters", "recon_batch",
                                                             "recon_lr_scale")},
                        "recon_augment": report.get("reconstruction", {}).get("augment", "none"),
-                       "act_lr_scale": report.get("reconstruction", {}).get("act_lr_scale", 1.0)}}
+                       "act_lr_scale": report.get("reconstruction", {}).get("act_lr_scale", 1.0),
+                       "candidates": len(report.get("reconstruction", {}).get("candidates", [])) or 1}}
 
 
 def _augment(row: dict) -> str:
@@ -172,7 +174,8 @@ def _cell(values: list[float]) -> str:
 def table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
-        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r), _act_lr(r))
+        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r), _act_lr(r),
+               r["config"].get("candidates", 1))
         groups.setdefault(key, {})[r["seed"]] = r
     lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
              "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs` and `--threads`; "
@@ -184,12 +187,13 @@ def table(rows: list[dict]) -> str:
              "| model | bits | variant | budget (calib+held-out imgs × distill steps, recon steps) | top-1 (seeds) "
              "| Δ FP32 | wall s | distill s | recon s | agreement % | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none", k[4])):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none", k[4], k[5])):
         rs = [groups[key][s] for s in sorted(groups[key])]
         c = rs[0]["config"]
         budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
         budget += f" on ×{COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
         budget += f", activation-step lr ×{key[4]:g}" if key[4] != 1.0 else ""
+        budget += f", best of {key[5]} by calibration KL" if key[5] > 1 else ""
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--auto-high-bits", type=int, default=0, metavar="K", help="as `quantize --auto-high-bits`")
     parser.add_argument("--recon-act-lr-scale", type=float, default=None, metavar="F",
                         help="as `quantize --recon-act-lr-scale` (default: the preset's rule)")
+    parser.add_argument("--recon-iters", type=int, default=None, help="as `quantize --recon-iters` (default: the preset's)")
+    parser.add_argument("--recon-lr-scale", type=float, default=None, help="as `quantize --recon-lr-scale`")
     parser.add_argument("--save", type=Path, help="folder for the exported models")
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_recon_fixed.jsonl")
     args = parser.parse_args()
@@ -58,7 +60,8 @@ def main() -> None:
         cfg = pipeline.preset_config("fast", wbits=wbits, abits=abits, seed=seed, calib="distill",
                                      calib_images=len(calib), threads=args.threads, progress=False,
                                      high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits,
-                                     recon_act_lr_scale=args.recon_act_lr_scale)
+                                     recon_act_lr_scale=args.recon_act_lr_scale, recon_iters=args.recon_iters,
+                                     recon_lr_scale=args.recon_lr_scale)
         start = time.perf_counter()
         result = pipeline.quantize(str(SHARED / "models" / f"{args.model}.onnx"), cfg, calib=calib)
         top1 = 100 * float((predict(result.model, x).argmax(1) == y).mean())
@@ -68,7 +71,10 @@ def main() -> None:
                "high_bits": len(args.high_bits),
                "auto_high_bits": result.report.get("high_bits", {}).get("chosen", []),
                "size_ratio": result.report["size"]["ratio"],
-               "act_lr_scale": pipeline.act_lr_scale_for(cfg)}
+               "act_lr_scale": pipeline.act_lr_scale_for(cfg),
+               "recon_iters": cfg.recon_iters, "recon_lr_scale": cfg.recon_lr_scale,
+               "candidates": [(c["seed"], round(c["calibration_kl"], 5), c["chosen"])
+                              for c in result.report.get("reconstruction", {}).get("candidates", [])]}
         if args.save:
             import onnx
 

@@ -303,11 +303,12 @@ def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):
 def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
     """``task`` (default ``_worker_run``) per batch index in ``jobs`` spawned processes. A worker that
     dies (a signal inside onnxruntime) fails the run with one line instead of leaving it waiting."""
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_EXCEPTION, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    ctx = mp.get_context("spawn")
-    steps = ctx.Queue()
+    from ..resources import process_pool
+
+    steps = mp.get_context("spawn").Queue()
     with _progress(len(todo) * cfg.iters, progress, desc=f"{len(todo)} batches on {jobs} workers",
                    unit="step") as bar:
         # The parent only reads the queue: a worker terminated inside put() can leave its cross-process
@@ -324,21 +325,16 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
 
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
-        pool = ProcessPoolExecutor(jobs, ctx, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps))
-        try:
-            futures = [pool.submit(task or _worker_run, index) for index in todo]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                future.result()
+        try:  # on Ctrl-C or a worker's error the pool stops the other batches now
+            with process_pool(jobs, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps)) as pool:
+                futures = [pool.submit(task or _worker_run, index) for index in todo]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                for future in futures:
+                    future.result()
         except BrokenProcessPool:
             raise OnnxGenieError("a GENIE-D worker process died (a crash inside onnxruntime); finished batches are "
                                  "kept with --workdir; rerun with --jobs 1 to see the error, or try --no-swing") from None
-        except BaseException:  # Ctrl-C or a worker's error: stop the other batches now
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
-            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
             finished.set()
             reader.join(timeout=5)
 
