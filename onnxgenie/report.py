@@ -308,6 +308,7 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
     Keys read (those of ``pipeline.quantize``'s report): ``model``, ``output``, ``config``, ``calibration``
     (``loss_history``: per batch, the BNS loss per step), ``agreement``, ``gate``, ``parity``, ``size``,
     ``stages``, ``reconstruction.blocks`` (``name``, ``recon_first``, ``recon_last``; None when skipped),
+    ``reconstruction.candidates`` (``seed``, ``calibration_kl``, ``chosen``),
     ``weight_sqnr_db``, ``versions``. ``images`` (float32 NCHW): the first 64 shown in a grid."""
     title = "onnxgenie quantize report" + (f": {report['model']}" if report.get("model") is not None else "")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
@@ -327,6 +328,11 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
     png = _recon_plot(blocks) if blocks else None
     if png:
         parts += ["<h2>Reconstruction (GENIE-M)</h2>", _png_tag(png, "reconstruction loss per block")]
+    candidates = (report.get("reconstruction") or {}).get("candidates")
+    if candidates:
+        parts += ["<h3>Candidates (the lowest KL kept)</h3>",
+                  _table([(c["seed"], f"{c['calibration_kl']:.5f}", "kept" if c["chosen"] else "")
+                          for c in candidates], ("seed", "KL(FP32 || quantized), calibration images", ""))]
     sqnr = report.get("weight_sqnr_db")
     png = _sqnr_plot(sqnr) if sqnr else None
     if png:

@@ -138,12 +138,13 @@ def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | No
 
 @contextmanager
 def process_pool(workers: int, initializer=None, initargs: tuple = ()):
-    """A ProcessPoolExecutor of ``workers`` spawned processes. On Ctrl-C or any error inside the block the
-    processes are terminated at once (not left to finish their task), then the pool is shut down."""
+    """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT: Ctrl-C is the parent's to
+    handle. On Ctrl-C or any error inside the block the processes are terminated at once (not left to
+    finish their task), then the pool is shut down."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), initializer, initargs)
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _pool_worker_init, (initializer, initargs))
     try:
         yield pool
     except BaseException:
@@ -152,3 +153,11 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool_worker_init(initializer, initargs: tuple) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)

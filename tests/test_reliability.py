@@ -8,6 +8,7 @@ script, minus interpreter start-up); one case also runs as a real subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -479,30 +480,20 @@ def test_memory_estimate_covers_a_real_distillation():
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
-    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (workers included)."""
-    src = tmp_path / "digits.onnx"
-    src.write_bytes(DEFAULT_MODEL.read_bytes())
-    before = stamp(src)
-    wd, out = tmp_path / "wd", tmp_path / "q.onnx"
-    argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(src), "-o", str(out), "--wbits", "4",
-            "--abits", "4", "--calib-images", "24", "--distill-batch", "8", "--distill-iters", "100",
-            "--recon-iters", "5", "--recon-batch", "8", "--jobs", str(jobs), "--workdir", str(wd)]
-    (tmp_path / "scratch").mkdir()
+def _interrupt_when(argv: list[str], ready, tmp_path) -> tuple[str, dict]:
+    """Run ``argv``, send SIGINT to its process group (as a terminal's Ctrl-C does, workers included) once
+    ``ready()``, require exit 130 without a traceback and no process left; its stderr and environment."""
+    (tmp_path / "scratch").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp_path / "scratch")}  # terminated workers' leftovers stay here
     # SIGINT back to its default: a shell's background job (`make test &`) starts with it ignored
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
                             start_new_session=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    fixtures.wait_for(lambda: any((wd / "distill").glob("batch_*.npz")), proc)
+    fixtures.wait_for(ready, proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert f"finished work is kept in {wd}" in err and "--resume" in err
-    assert not out.exists() and any((wd / "distill").glob("batch_*.npz"))
-    assert stamp(src) == before
     end = time.monotonic() + 10   # no worker outlives the run
     while True:
         try:
@@ -511,12 +502,48 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
             break
         assert time.monotonic() < end, "processes of the interrupted run are still alive"
         time.sleep(0.05)
+    return err, env
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    before = stamp(src)
+    wd, out = tmp_path / "wd", tmp_path / "q.onnx"
+    argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(src), "-o", str(out), "--wbits", "4",
+            "--abits", "4", "--calib-images", "24", "--distill-batch", "8", "--distill-iters", "100",
+            "--recon-iters", "5", "--recon-batch", "8", "--jobs", str(jobs), "--workdir", str(wd)]
+    err, env = _interrupt_when(argv, lambda: any((wd / "distill").glob("batch_*.npz")), tmp_path)
+    assert f"finished work is kept in {wd}" in err and "--resume" in err
+    assert not out.exists() and any((wd / "distill").glob("batch_*.npz"))
+    assert stamp(src) == before
     if jobs > 1:
         return
     # the hint works: resuming finishes the run
     proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(str(out))
+
+
+def test_sigint_stops_every_reconstruction_candidate_and_resume_reuses_their_blocks(tmp_path):
+    src = tmp_path / "digits.onnx"
+    src.write_bytes(DEFAULT_MODEL.read_bytes())
+    wd, out = tmp_path / "wd", tmp_path / "q.onnx"
+    argv = [sys.executable, "-m", "onnxgenie.cli", "quantize", str(src), "-o", str(out), "--wbits", "2",
+            "--abits", "4", "--calib", "noise", "--calib-images", "32", "--recon-iters", "300", "--recon-batch", "8",
+            "--recon-candidates", "2", "--workdir", str(wd), "--report", str(tmp_path / "r.json")]
+    candidates = wd / "reconstruct"
+    err, env = _interrupt_when(argv, lambda: any(candidates.glob("candidate_*/block_*.npz")), tmp_path)
+    assert f"finished work is kept in {wd}" in err and not out.exists()
+    kept = {p.relative_to(candidates) for p in candidates.glob("candidate_*/block_*.npz")}
+    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())["reconstruction"]
+    assert len(report["candidates"]) == 2 and sum(c["chosen"] for c in report["candidates"]) == 1
+    chosen = next(k for k, c in enumerate(report["candidates"]) if c["chosen"])
+    resumed = {b["name"] for b in report["blocks"] if b["status"] == "resumed"}
+    assert resumed == {p.stem for p in kept if p.parent.name == f"candidate_{chosen}"}
 
 
 @pytest.mark.parametrize("workdir", [True, False])

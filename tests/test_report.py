@@ -129,7 +129,9 @@ def _full_report(sqnr: dict) -> dict:
             "calibration": {"source": "distill", "images": 128, "holdout_images": 64,
                             "loss_history": np.abs(rng.standard_normal((2, 20))) + 0.1},
             "reconstruction": {"blocks": [{"name": "block0", "recon_first": 0.5, "recon_last": 0.1},
-                                          {"name": "block1", "recon_first": None, "recon_last": None}]},
+                                          {"name": "block1", "recon_first": None, "recon_last": None}],
+                               "candidates": [{"seed": 0, "calibration_kl": 0.569, "chosen": False},
+                                              {"seed": 1000, "calibration_kl": 0.4125, "chosen": True}]},
             "weight_sqnr_db": sqnr, "versions": versions()}
 
 
@@ -149,6 +151,7 @@ def test_html_has_every_section_self_contained(tmp_path):
     assert "W4A4, first/last 8" in text and "93.75" in text and "fast" in text
     assert "reconstruct" in text and "400" in text  # stage table: seconds and peak MiB
     assert "first 64 of 70" in text
+    assert "<td>1000</td><td>0.41250</td><td>kept</td>" in text and "<td>0</td><td>0.56900</td><td></td>" in text
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 

@@ -24,7 +24,6 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import signal
 import sys
 import tempfile
 import threading
@@ -254,7 +253,6 @@ _WORKER: dict = {}
 
 
 def _worker_init(model_bytes: bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
     model = onnx.ModelProto()
     model.ParseFromString(model_bytes)
     _WORKER.update(workdir=Path(workdir), steps=steps)
