@@ -82,7 +82,10 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "The *activation-step lr ×64* rows (stop 19, commit 8267c8d: the fast preset since then at 4-bit activations "
          "beside 4-bit or wider weights) ran at `--threads 1 --jobs 1`, seeds 0 and 1 side by side, seed 2 alone; the "
          "same distilled images per seed as the ×4 and ×1 rows (×64 − ×4: −0.12 / +0.46 / −0.24). The ShuffleNet row "
-         "(stop 19; its commit 8b93d63 has the same code as 8267c8d) had the machine to itself with the CLI's default jobs and threads."]
+         "(stop 19; its commit 8b93d63 has the same code as 8267c8d) had the machine to itself with the CLI's default jobs and threads. The *best of 2 by calibration KL* rows "
+         "(stop 20, commits c5e50ea–c900ee9: the fast preset below 4-bit weights since then) ran one after another at the "
+         "CLI's defaults (the two candidates in two processes at one thread each), seed 0 beside about a minute of tests; "
+         "seed 0's distilled images are the cached `r20_256x200_s0` set of the paired experiment, and it gave the same 77.08."]
 ORDER = ["fast", "fast-act1", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
