@@ -534,9 +534,10 @@ def test_sigint_stops_every_reconstruction_candidate_and_resume_reuses_their_blo
             "--abits", "4", "--calib", "noise", "--calib-images", "32", "--recon-iters", "300", "--recon-batch", "8",
             "--recon-candidates", "2", "--workdir", str(wd), "--report", str(tmp_path / "r.json")]
     candidates = wd / "reconstruct"
-    err, env = _interrupt_when(argv, lambda: any(candidates.glob("candidate_*/block_*.npz")), tmp_path)
+    finished = "candidate_*/block_[0-9][0-9][0-9].npz"   # not a killed save's block_000.tmp.npz
+    err, env = _interrupt_when(argv, lambda: any(candidates.glob(finished)), tmp_path)
     assert f"finished work is kept in {wd}" in err and not out.exists()
-    kept = {p.relative_to(candidates) for p in candidates.glob("candidate_*/block_*.npz")}
+    kept = {p.relative_to(candidates) for p in candidates.glob(finished)}
     proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())["reconstruction"]
