@@ -89,7 +89,8 @@ class QuantizeConfig:
 # distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 PRESETS: dict[str, dict] = {
     "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
-                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="auto", recon_act_lr_scale=None, recon_candidates=None),
+                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="auto", recon_act_lr_scale=None,
+                 recon_candidates=None),
     "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
                   recon_iters=20000, recon_batch=32, recon_lr_scale=1.0),
 }
