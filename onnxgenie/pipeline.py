@@ -223,7 +223,7 @@ def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.nda
     FP32-vs-quantized KL divergence on the calibration images most (``quant.sensitivity``). ``plan``
     is initialised with ``config.high_bits``; returns the new initialised plan and what was chosen."""
     from .evaluate import predict
-    from .quant.sensitivity import choose, high_bits_gains, kl_divergence, with_high_node
+    from .quant.sensitivity import choose, high_bits_gains, plan_kl, with_high_node
 
     high = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
                       config.weight_grid, tuple(plan.weights))
@@ -239,8 +239,7 @@ def auto_high_bits_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.nda
         return plan, report
     for node in chosen:   # each quantizer is initialised on its own: the same as a plan built with them high
         plan = with_high_node(plan, high, node)
-    report["kl_after"] = kl_divergence(reference, predict(fakequant_model(folded, plan), images,
-                                                          threads=config.threads))
+    report["kl_after"] = plan_kl(folded, plan, images, reference, config.threads)
     if config.progress:
         print(f"onnxgenie: high bits: {len(chosen)} of {len(gains)} low-bit layers at {config.first_last_bits} bits "
               f"(KL to FP32 on {len(images)} calibration images {base:.4f} -> {report['kl_after']:.4f} before "

@@ -22,27 +22,19 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
     return [seed + k * SEED_STRIDE for k in range(n)]
 
 
-def calibration_kl(folded: onnx.ModelProto, plan, images: np.ndarray, reference: np.ndarray, threads: int) -> float:
-    """Mean KL(FP32 || quantized) of the softmax outputs on ``images``, the plan as deployed (hard rounding)."""
-    from ..evaluate import predict
-    from .fakequant import fakequant_model
-    from .sensitivity import kl_divergence
-
-    return kl_divergence(reference, predict(fakequant_model(folded, plan), images, threads=threads))
-
-
 def _candidate(folded_bytes: bytes, plan, images: np.ndarray, score_images: np.ndarray, reference: np.ndarray,
-               seed: int, settings: dict) -> tuple[object, dict]:
+               seed: int, settings: dict) -> tuple[object, dict, dict]:
+    """One reconstruction: its plan, its report, and its own entry for the candidates list."""
     from ..resources import peak_rss
     from .reconstruct import reconstruct
+    from .sensitivity import plan_kl
 
     folded = onnx.load_from_string(folded_bytes)
     start = time.perf_counter()
     plan, report = reconstruct(folded, plan, images, seed=seed, **settings)
-    report["calibration_kl"] = calibration_kl(folded, plan, score_images, reference, settings["threads"])
-    report["candidate_wall_s"] = round(time.perf_counter() - start, 3)
-    report["process_peak_rss_mib"] = round(peak_rss() / 2 ** 20)
-    return plan, report
+    entry = {"seed": seed, "calibration_kl": plan_kl(folded, plan, score_images, reference, settings["threads"]),
+             "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mib": round(peak_rss() / 2 ** 20)}
+    return plan, report, entry
 
 
 def reconstruct_candidates(folded: onnx.ModelProto, plan, images: np.ndarray, score_images: np.ndarray, n: int,
@@ -80,12 +72,8 @@ def reconstruct_candidates(folded: onnx.ModelProto, plan, images: np.ndarray, sc
         except BrokenProcessPool:
             raise OnnxGenieError("a GENIE-M candidate process died (a crash inside onnxruntime); finished blocks are "
                                  "kept with --workdir; rerun with --recon-candidates 1 to see the error") from None
-    scores = [r["calibration_kl"] for _, r in results]
-    best = int(np.argmin(scores))
-    chosen_plan, report = results[best]
-    report = {**report, "candidates": [{"seed": s, "calibration_kl": float(v),
-                                        "wall_s": r["candidate_wall_s"], "peak_rss_mib": r["process_peak_rss_mib"],
-                                        "chosen": k == best}
-                                       for k, (s, v, (_, r)) in enumerate(zip(seeds, scores, results))],
-              "chosen_seed": seeds[best]}
-    return chosen_plan, report
+    entries = [entry for _, _, entry in results]
+    best = int(np.argmin([e["calibration_kl"] for e in entries]))
+    chosen_plan, report, _ = results[best]
+    candidates = [{**e, "chosen": k == best} for k, e in enumerate(entries)]
+    return chosen_plan, {**report, "candidates": candidates, "chosen_seed": seeds[best]}

@@ -33,6 +33,14 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
+def plan_kl(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, reference: np.ndarray,
+            threads: int = 1) -> float:
+    """Mean KL(FP32 || quantized) on ``images``: ``reference`` the FP32 logits, the plan as its fake-quant model."""
+    from ..evaluate import predict
+
+    return kl_divergence(reference, predict(fakequant_model(folded, plan), images, threads=threads))
+
+
 def candidates(low: QuantPlan, high: QuantPlan) -> list[str]:
     """Layers whose weights or input quantizer have fewer bits in ``low`` than in ``high``."""
     out = []
@@ -61,11 +69,9 @@ def high_bits_gains(folded: onnx.ModelProto, low: QuantPlan, high: QuantPlan, im
 
     if reference is None:
         reference = predict(folded, images, threads=threads)
-    base = kl_divergence(reference, predict(fakequant_model(folded, low), images, threads=threads))
-    gains = {}
-    for node in candidates(low, high):
-        trial = fakequant_model(folded, with_high_node(low, high, node))
-        gains[node] = base - kl_divergence(reference, predict(trial, images, threads=threads))
+    base = plan_kl(folded, low, images, reference, threads)
+    gains = {node: base - plan_kl(folded, with_high_node(low, high, node), images, reference, threads)
+             for node in candidates(low, high)}
     return gains, base
 
 
