@@ -10,8 +10,11 @@ is above every one of them.
 
 from __future__ import annotations
 
+import multiprocessing.context
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -141,23 +144,58 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
     """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT: Ctrl-C is the parent's to
     handle. On Ctrl-C or any error inside the block the processes are terminated at once (not left to
     finish their task), then the pool is shut down."""
-    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _pool_worker_init, (initializer, initargs))
+    context = _SigintBlockedSpawn()
+    pool = ProcessPoolExecutor(workers, context, _pool_worker_init, (initializer, initargs))
     try:
         yield pool
     except BaseException:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.terminate()
+        # every process started, also one a Ctrl-C caught before the pool had registered it
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool_worker_init(initializer, initargs: tuple) -> None:
-    import signal
+class _SigintBlockedProcess(multiprocessing.context.SpawnProcess):
+    """Starts with SIGINT blocked (the mask survives exec), so a Ctrl-C while the worker is still importing
+    stays pending until ``_pool_worker_init`` ignores it: no KeyboardInterrupt traceback from a worker.
+    In the parent a Ctrl-C during start() (which waits for the child to read its arguments) is held back
+    until the process is fully started, so that the pool can terminate it; then it is raised."""
 
+    def start(self):
+        held = []
+        hold = threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT))
+        if hold:
+            handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if hold:
+                signal.signal(signal.SIGINT, handler)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
+class _SigintBlockedSpawn(multiprocessing.context.SpawnContext):
+    """The spawn context of one pool; it remembers the processes it made."""
+
+    def __init__(self):
+        self.processes: list[_SigintBlockedProcess] = []
+
+    def Process(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+        process = _SigintBlockedProcess(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+
+def _pool_worker_init(initializer, initargs: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # a pending Ctrl-C is dropped here
     if initializer is not None:
         initializer(*initargs)

@@ -505,6 +505,38 @@ def _interrupt_when(argv: list[str], ready, tmp_path) -> tuple[str, dict]:
     return err, env
 
 
+SLOW_STARTING_WORKER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+if __name__ == "__mp_main__":   # a spawned worker still importing when Ctrl-C comes (CI caught this)
+    open({starting!r}, "w").close()
+    time.sleep(3)
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    from onnxgenie.resources import process_pool
+    try:
+        with process_pool(2) as pool:
+            pool.submit(square, 3)
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                time.sleep(1)   # the parent tidies up before the pool stops its workers
+                raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+def test_sigint_while_a_worker_is_still_importing_leaves_no_traceback(tmp_path):
+    starting = tmp_path / "worker_started"
+    script = tmp_path / "pool.py"
+    script.write_text(SLOW_STARTING_WORKER.format(repo=str(REPO), starting=str(starting)))
+    _interrupt_when([sys.executable, str(script)], starting.exists, tmp_path)
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     src = tmp_path / "digits.onnx"
