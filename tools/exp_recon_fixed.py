@@ -47,6 +47,8 @@ def main() -> None:
                         help="as `quantize --recon-act-lr-scale` (default: the preset's rule)")
     parser.add_argument("--recon-iters", type=int, default=None, help="as `quantize --recon-iters` (default: the preset's)")
     parser.add_argument("--recon-lr-scale", type=float, default=None, help="as `quantize --recon-lr-scale`")
+    parser.add_argument("--recon-candidates", type=int, default=None, metavar="N",
+                        help="as `quantize --recon-candidates` (default: the preset's rule)")
     parser.add_argument("--save", type=Path, help="folder for the exported models")
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_recon_fixed.jsonl")
     args = parser.parse_args()
@@ -61,7 +63,7 @@ def main() -> None:
                                      calib_images=len(calib), threads=args.threads, progress=False,
                                      high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits,
                                      recon_act_lr_scale=args.recon_act_lr_scale, recon_iters=args.recon_iters,
-                                     recon_lr_scale=args.recon_lr_scale)
+                                     recon_lr_scale=args.recon_lr_scale, recon_candidates=args.recon_candidates)
         start = time.perf_counter()
         result = pipeline.quantize(str(SHARED / "models" / f"{args.model}.onnx"), cfg, calib=calib)
         top1 = 100 * float((predict(result.model, x).argmax(1) == y).mean())
