@@ -523,7 +523,7 @@ if __name__ == "__main__":
             try:
                 time.sleep(60)
             except KeyboardInterrupt:
-                time.sleep(1)   # the parent tidies up before the pool stops its workers
+                time.sleep(1)   # the parent tidies up; a worker's traceback would be printed meanwhile
                 raise
     except KeyboardInterrupt:
         sys.exit(130)
