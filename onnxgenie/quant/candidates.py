@@ -4,9 +4,10 @@ At 2-bit weights one reconstruction of a fixed image set in 8-16 falls ~4 pt bel
 (ResNet-20 W2A4, 16 seeds, BENCHMARKS.md stops 20-21), and its block losses do not show it. The mean KL
 divergence between the FP32 and the quantized model's outputs on the calibration images does: it was
 highest for that run. Among normal runs it (and every other signal tried) ranks no better than chance
-out of sample, so this is insurance, not a higher mean. Candidates differ only in the reconstruction seed (candidate 0 uses the run's
-own, so N = 1 is the plain run); each runs in its own process, so on a multi-core CPU they cost little
-more wall time than one (onnxruntime's second thread gives GENIE-M only ~1.1x).
+out of sample, so this is insurance, not a higher mean. Candidates differ only in the reconstruction
+seed (candidate 0 uses the run's own, so N = 1 is the plain run); each runs in its own process, so on a
+multi-core CPU they cost little more wall time than one (onnxruntime's second thread gives GENIE-M only
+~1.1x).
 """
 
 from __future__ import annotations
