@@ -47,6 +47,7 @@ def main() -> None:
                         help="as `quantize --recon-act-lr-scale` (default: the preset's rule)")
     parser.add_argument("--recon-iters", type=int, default=None, help="as `quantize --recon-iters` (default: the preset's)")
     parser.add_argument("--recon-lr-scale", type=float, default=None, help="as `quantize --recon-lr-scale`")
+    parser.add_argument("--recon-batch", type=int, default=None, help="as `quantize --recon-batch`")
     parser.add_argument("--recon-candidates", type=int, default=None, metavar="N",
                         help="as `quantize --recon-candidates` (default: the preset's rule)")
     parser.add_argument("--save", type=Path, help="folder for the exported models")
@@ -63,7 +64,8 @@ def main() -> None:
                                      calib_images=len(calib), threads=args.threads, progress=False,
                                      high_bits=tuple(args.high_bits), auto_high_bits=args.auto_high_bits,
                                      recon_act_lr_scale=args.recon_act_lr_scale, recon_iters=args.recon_iters,
-                                     recon_lr_scale=args.recon_lr_scale, recon_candidates=args.recon_candidates)
+                                     recon_lr_scale=args.recon_lr_scale, recon_candidates=args.recon_candidates,
+                                     recon_batch=args.recon_batch)
         start = time.perf_counter()
         result = pipeline.quantize(str(SHARED / "models" / f"{args.model}.onnx"), cfg, calib=calib)
         top1 = 100 * float((predict(result.model, x).argmax(1) == y).mean())
@@ -74,7 +76,7 @@ def main() -> None:
                "auto_high_bits": result.report.get("high_bits", {}).get("chosen", []),
                "size_ratio": result.report["size"]["ratio"],
                "act_lr_scale": pipeline.act_lr_scale_for(cfg),
-               "recon_iters": cfg.recon_iters, "recon_lr_scale": cfg.recon_lr_scale,
+               "recon_iters": cfg.recon_iters, "recon_batch": cfg.recon_batch, "recon_lr_scale": cfg.recon_lr_scale,
                "candidates": [(c["seed"], round(c["calibration_kl"], 5), c["chosen"])
                               for c in result.report.get("reconstruction", {}).get("candidates", [])]}
         if args.save:
