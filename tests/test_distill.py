@@ -350,6 +350,7 @@ def _hold_progress_queue_lock(index: int):
 def test_ctrl_c_exits_even_when_a_terminated_worker_held_the_progress_queue(tmp_path):
     """CI once hung after Ctrl-C: the parent's own put() on the progress queue waited for a lock a
     terminated worker never released, and interpreter exit waited for that put."""
+    import os
     import signal
     import subprocess
     import sys
@@ -370,12 +371,14 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         sys.exit(130)
 """)
-    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default: a shell's background job (`make test &`) starts with it ignored
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: any(tmp_path.glob("locked_*")), proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)   # workers too
         pytest.fail("the run did not exit within 60 s of Ctrl-C")
     assert proc.returncode == 130, err[-500:]
