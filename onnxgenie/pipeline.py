@@ -123,8 +123,9 @@ def act_lr_scale_for(config: QuantizeConfig) -> float:
 
 
 # Two reconstructions below 4-bit weights, the one with the lower calibration KL kept: ResNet-20 W2A4, eight
-# paired seeds on one image set, 76.72 against 76.52 (level), s.d. 0.38 against 1.62: the run one in eight
-# that falls ~4 pt is replaced. W4A4's spread (s.d. ~0.25) leaves nothing to insure (BENCHMARKS.md, stop 20).
+# paired seeds on one image set, 76.72 against 76.52 (level), s.d. 0.38 against 1.62: the run about one in 16
+# that falls ~4 pt is replaced; among normal runs the KL picks no better than chance (held-out seeds). W4A4's
+# spread (s.d. ~0.25) leaves nothing to insure (BENCHMARKS.md, stops 20-21).
 FAST_CANDIDATES_BELOW_4_BIT = 2
 
 
@@ -295,13 +296,13 @@ def reconstruct_stage(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarra
     return plan, {**report, "augment": mode}
 
 
-def _candidates_line(report: dict) -> str:
+def _candidates_line(candidates: list[dict]) -> str:
     """'; best of 2 by calibration KL: seed 1000 (0.40; others 0.57)' for a multi-candidate reconstruction."""
-    if "candidates" not in report:
+    if not candidates:
         return ""
-    chosen = next(c for c in report["candidates"] if c["chosen"])
-    others = ", ".join(f"{c['calibration_kl']:.4g}" for c in report["candidates"] if not c["chosen"])
-    return (f"; best of {len(report['candidates'])} by calibration KL: seed {chosen['seed']} "
+    chosen = next(c for c in candidates if c["chosen"])
+    others = ", ".join(f"{c['calibration_kl']:.4g}" for c in candidates if not c["chosen"])
+    return (f"; best of {len(candidates)} by calibration KL: seed {chosen['seed']} "
             f"({chosen['calibration_kl']:.4g}; others {others})")
 
 
@@ -469,7 +470,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         blocks = report["reconstruction"]["blocks"]
         candidates = report["reconstruction"].get("candidates", [])
         stages.done("reconstruct", f"{len(blocks)} blocks, {config.recon_iters} steps each" + _fallbacks(blocks)
-                    + _candidates_line(report["reconstruction"]),
+                    + _candidates_line(candidates),
                     **({"candidate_process_peak_rss_mib": max(c["peak_rss_mib"] for c in candidates)}
                        if candidates else {}))
     exported = export_qdq(folded, plan)
