@@ -1,8 +1,10 @@
-"""Paired experiment: network-level tuning after GENIE-M, on fixed distilled images (stop 22: no gain).
+"""Paired experiment: corrections after GENIE-M on fixed distilled images (stop 22: none gained).
 
 Each seed runs the fast preset's pipeline once (as ``exp_recon_fixed.py``), scores its QDQ model on the
-dev split, then applies each tuning variant to the same reconstructed plan and scores its simulation
-(the QDQ export reproduces it exactly), so every variant is paired with its own baseline.
+dev split, then applies each variant to the same reconstructed plan and scores its simulation (the QDQ
+export reproduces it exactly), so every variant is paired with its own baseline. Variants: ``acts``,
+``acts+w``, ``acts+w+b`` (network-level tuning on the output KL, below) and ``biascorr`` (empirical
+bias correction, layer by layer).
 
     .venv/bin/python tools/exp_finetune.py resnet20_cifar10 out/exp/r20_256x200_s0.npz --bits 2/4 --seeds 0 1
 """
@@ -154,7 +156,51 @@ def tune_network(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, i
               "wall_s": round(time.perf_counter() - start, 3)}
     return new_plan, new_model, report
 
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    out = copy.deepcopy(model)
+    del out.graph.output[:]
+    out.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
+    return out
+
+
+def bias_correct(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, iters: int = 0, seed: int = 0,
+                 threads: int = 1, **_) -> tuple[QuantPlan, onnx.ModelProto, dict]:
+    """Empirical bias correction (Nagel et al.), layer by layer in graph order: each quantized layer's
+    float bias loses the per-channel mean of (quantized − FP32) output on ``images``, the quantized
+    output taken with every earlier layer already corrected."""
+    start = time.perf_counter()
+    nodes = [n for n in folded.graph.node if n.name in plan.weights and len(n.input) > 2 and n.input[2]]
+    outs = [n.output[0] for n in nodes]
+    fp = dict(zip(outs, predict_many(_with_outputs(folded, outs), images, threads)))
+    model = copy.deepcopy(folded)
+    inits = {t.name: t for t in model.graph.initializer}
+    shifts = []
+    for node in nodes:
+        q = predict_many(_with_outputs(fakequant_model(model, plan), [node.output[0]]), images, threads)[0]
+        axes = tuple(i for i in range(q.ndim) if i != 1)
+        delta = (q.astype(np.float64) - fp[node.output[0]]).mean(axis=axes)
+        t = inits[node.input[2]]
+        t.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(t) - delta).astype(np.float32), t.name))
+        shifts.append(float(np.abs(delta).max()))
+    teacher = predict(folded, images, threads=threads)
+    report = {"kl_before": kl_divergence(teacher, predict(fakequant_model(folded, plan), images, threads=threads)),
+              "kl_after": kl_divergence(teacher, predict(fakequant_model(model, plan), images, threads=threads)),
+              "max_shift": max(shifts), "wall_s": round(time.perf_counter() - start, 3)}
+    return plan, model, report
+
+
+def predict_many(model: onnx.ModelProto, x: np.ndarray, threads: int, batch: int = 256) -> list[np.ndarray]:
+    from onnxgenie.ortrain import inference_session
+
+    sess = inference_session(model, threads)
+    name = sess.get_inputs()[0].name
+    parts = [sess.run(None, {name: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+
+
 VARIANTS = {
+    "biascorr": dict(fn=bias_correct),
     "acts": dict(weights=False, biases=False),
     "acts+w": dict(weights=True, biases=False),
     "acts+w+b": dict(weights=True, biases=True),
@@ -199,9 +245,11 @@ def main() -> None:
         row = {"model": args.model, "bits": args.bits, "seed": seed, "fp32": info["fp32_top1_dev"],
                "base": top1(result.model), "recon_s": round(time.perf_counter() - start)}
         for name in args.variants:
-            plan, model, rep = tune_network(folded, result.plan, result.calibration, iters=args.iters, batch=args.batch,
+            settings = dict(VARIANTS[name])
+            fn = settings.pop("fn", tune_network)
+            plan, model, rep = fn(folded, result.plan, result.calibration, iters=args.iters, batch=args.batch,
                                             lr=args.lr, bias_lr=args.bias_lr, seed=seed, threads=args.threads,
-                                            **VARIANTS[name])
+                                            **settings)
             row[name] = top1(fakequant_model(model, plan, opset=EXPORT_OPSET))
             row[f"{name}_kl"] = [round(rep["kl_before"], 5), round(rep["kl_after"], 5)]
             row[f"{name}_s"] = round(rep["wall_s"])
