@@ -89,7 +89,10 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "seed 0's distilled images are the cached `r20_256x200_s0` set of the paired experiment, and it gave the same 77.08. "
          "fast-b64 (stop 21, commit c867693): `--recon-batch 64 --recon-iters 250`, the same reconstruction compute in "
          "half as many steps of twice the batch, best of two, one run after another at the CLI's defaults; the same "
-         "distilled images per seed as the best-of-2 fast rows, so the two are paired."]
+         "distilled images per seed as the best-of-2 fast rows, so the two are paired. fewshot and noise (stop 22, "
+         "commit b2bef1a, the package as at 36e546e): the fast preset on 256 real training images (`--calib-data`, not "
+         "zero-shot) and on Gaussian noise, one run after another at the CLI's defaults; the W4A4 rows beside a "
+         "one-thread experiment (their wall times are those of a shared machine), the W2A4 rows alone."]
 ORDER = ["fast", "fast-act1", "fast-b64", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
@@ -197,7 +200,9 @@ def table(rows: list[dict]) -> str:
     for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none", k[4], k[5])):
         rs = [groups[key][s] for s in sorted(groups[key])]
         c = rs[0]["config"]
-        budget = f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}, {c['recon_iters']}"
+        images = {"fewshot": f"{c['calib_images']} real", "noise": f"{c['calib_images']} noise"}.get(
+            key[2], f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}")
+        budget = f"{images}, {c['recon_iters']}"
         budget += f" on ×{COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
         budget += f", activation-step lr ×{key[4]:g}" if key[4] != 1.0 else ""
         budget += f", best of {key[5]} by calibration KL" if key[5] > 1 else ""
