@@ -31,6 +31,18 @@ def dev_split(model: str, limit: int):
         return preprocess(d["images"][:limit], (3, 32, 32), info["mean"], info["std"]), d["labels"][:limit]
 
 
+def fixed_images_setup(model: str, calib: str, bits: str, dev_images: int):
+    """What the paired experiments on cached images start from: (wbits, abits, the model's info, the
+    calibration images of the .npz ``calib``, the dev images and labels)."""
+    import numpy as np
+
+    wbits, abits = (int(b) for b in bits.split("/"))
+    with np.load(calib) as f:
+        images = f["images"].astype(np.float32)
+    x, y = dev_split(model, dev_images)
+    return wbits, abits, model_info(model), images, x, y
+
+
 def write_section(begin: str, end: str, section: str, path: Path = BENCHMARKS) -> None:
     """Replace the text from ``begin`` to ``end`` (markers included in ``section``), or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

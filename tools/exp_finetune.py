@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from benchlib import ROOT, SHARED, dev_split, model_info
+from benchlib import ROOT, SHARED, fixed_images_setup
 
 sys.path.insert(0, str(ROOT))
 
@@ -224,11 +224,7 @@ def main() -> None:
     parser.add_argument("--dev-images", type=int, default=5000)
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_finetune.jsonl")
     args = parser.parse_args()
-    wbits, abits = (int(b) for b in args.bits.split("/"))
-    info = model_info(args.model)
-    with np.load(args.calib) as f:
-        calib = f["images"].astype(np.float32)
-    x, y = dev_split(args.model, args.dev_images)
+    wbits, abits, info, calib, x, y = fixed_images_setup(args.model, args.calib, args.bits, args.dev_images)
     path = str(SHARED / "models" / f"{args.model}.onnx")
     _, folded = pipeline.prepare(path)
     args.log.parent.mkdir(parents=True, exist_ok=True)

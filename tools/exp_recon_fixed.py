@@ -22,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from benchlib import ROOT, SHARED, dev_split, model_info
+from benchlib import ROOT, SHARED, fixed_images_setup
 
 sys.path.insert(0, str(ROOT))
 
@@ -53,11 +51,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="folder for the exported models")
     parser.add_argument("--log", type=Path, default=ROOT / "out" / "exp_recon_fixed.jsonl")
     args = parser.parse_args()
-    wbits, abits = (int(b) for b in args.bits.split("/"))
-    info = model_info(args.model)
-    with np.load(args.calib) as f:
-        calib = f["images"].astype(np.float32)
-    x, y = dev_split(args.model, args.dev_images)
+    wbits, abits, info, calib, x, y = fixed_images_setup(args.model, args.calib, args.bits, args.dev_images)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         cfg = pipeline.preset_config("fast", wbits=wbits, abits=abits, seed=seed, calib="distill",
