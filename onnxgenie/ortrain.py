@@ -76,6 +76,50 @@ def relu_as_clip(model: onnx.ModelProto) -> None:
         node.input.append("ortrain.relu_floor")
 
 
+def _channels(model: onnx.ModelProto, tensor: str) -> int | None:
+    """The static channel count (axis 1) of ``tensor``, if shape inference knows it."""
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - an unknown shape only means no rewrite
+        return None
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if vi.name == tensor:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[1].dim_value if len(dims) > 1 and dims[1].dim_value > 0 else None
+    return None
+
+
+def avgpool_as_conv(model: onnx.ModelProto) -> None:
+    """AveragePool -> depthwise Conv with weights 1/(kernel area), in place, where the two are the same
+    function (no ceil mode or dilation; zero pads, or pads counted in the average). onnxruntime-training
+    1.19's AveragePoolGrad fails when the batch axis is symbolic ("Can broadcast 0 by 0 or 1"; distillation
+    fixes its batch, GENIE-M's block graphs do not); ConvGrad does not. Values equal up to float rounding."""
+    from onnx import numpy_helper
+
+    for node in model.graph.node:
+        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        pads = list(a.get("pads", []))
+        if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [])) or a.get("auto_pad", b"NOTSET") not in (
+                b"NOTSET", "NOTSET") or (any(pads) and not a.get("count_include_pad", 0)):
+            continue
+        channels = _channels(model, node.input[0])
+        if channels is None:
+            continue
+        kernel = list(a["kernel_shape"])
+        weight = np.full([channels, 1, *kernel], 1.0 / float(np.prod(kernel)), np.float32)
+        w_name = f"{node.name or node.output[0]}/as_conv_weight"
+        model.graph.initializer.append(numpy_helper.from_array(weight, w_name))
+        attrs = {"kernel_shape": kernel, "group": channels, "strides": list(a.get("strides", [1] * len(kernel)))}
+        if pads:
+            attrs["pads"] = pads
+        node.op_type = "Conv"
+        node.input.append(w_name)
+        del node.attribute[:]
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attrs.items())
+
+
 # Activations without a gradient in onnxruntime-training 1.19; trainable_form writes them with ops that have
 # one (the same values up to float rounding).
 _NO_GRADIENT = ("HardSigmoid", "HardSwish", "PRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
@@ -141,7 +185,8 @@ class _Rewriter:
 
 def trainable_form(model: onnx.ModelProto) -> None:
     """In place: activations without a gradient in onnxruntime-training (``_NO_GRADIENT``) written with
-    ops that have one, then Relu as Clip (``relu_as_clip``). Values are unchanged up to float rounding."""
+    ops that have one, then Relu as Clip (``relu_as_clip``) and AveragePool as Conv (``avgpool_as_conv``).
+    Values are unchanged up to float rounding."""
     nodes = []
     for node in model.graph.node:
         if node.op_type in _NO_GRADIENT and node.domain in ("", "ai.onnx"):
@@ -155,6 +200,7 @@ def trainable_form(model: onnx.ModelProto) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     relu_as_clip(model)
+    avgpool_as_conv(model)
 
 
 def _with_layer_norm_statistics(node: onnx.NodeProto) -> None:

@@ -387,3 +387,53 @@ def test_layer_normalization_gets_correct_gradients_after_trainable_form():
         minus[name][idx] -= h
         numeric = (loss_np(plus["w"], plus["gamma"]) - loss_np(minus["w"], minus["gamma"])) / (2 * h)
         assert grads[name][idx] == pytest.approx(numeric, rel=1e-3, abs=1e-6)
+
+
+def _scaled_avgpool_model(batch, pool_attrs: dict):
+    """loss = sum(AveragePool(x * s) + Conv1x1(x * s)): x * s read by a pool and a conv, as in ShuffleNet's
+    stride-2 units (whose block input GENIE-M quantizes at W8A8)."""
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("AveragePool", ["xs"], ["p"], **pool_attrs),
+             helper.make_node("Conv", ["xs", "w"], ["c"], strides=pool_attrs["strides"]),
+             helper.make_node("Add", ["p", "c"], ["pc"]),
+             helper.make_node("ReduceSum", ["pc"], ["loss"], keepdims=0)]
+    inits = [numpy_helper.from_array(np.array([1.5], np.float32), "s"),
+             numpy_helper.from_array(np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4, 1, 1), "w")]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8, 8])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("pool_attrs", [dict(kernel_shape=[2, 2], strides=[2, 2]),
+                                        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                             count_include_pad=1)])
+def test_average_pool_gets_its_gradient_with_a_symbolic_batch(pool_attrs):
+    """onnxruntime-training 1.19's AveragePoolGrad fails on a symbolic batch axis (ShuffleNet W8A8 crashed
+    in GENIE-M, stop 22); trainable_form writes the pool as a depthwise Conv, same values and gradient."""
+    import onnxruntime as ort
+
+    from onnxgenie.ortrain import trainable_form
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    symbolic = _scaled_avgpool_model("N", pool_attrs)
+    with pytest.raises(Exception, match="broadcast"):
+        GradientGraph(symbolic, ["s"])(x)
+    static = GradientGraph(_scaled_avgpool_model(2, pool_attrs), ["s"])   # the native kernel works here
+    loss_ref = static(x)
+    grad_ref = static.grads()["s"]
+    trainable_form(symbolic)
+    assert "AveragePool" not in {n.op_type for n in symbolic.graph.node}
+    rewritten = GradientGraph(symbolic, ["s"])
+    assert rewritten(x) == pytest.approx(loss_ref, rel=1e-5)
+    np.testing.assert_allclose(rewritten.grads()["s"], grad_ref, rtol=1e-5)
+    plain = ort.InferenceSession(_scaled_avgpool_model("N", pool_attrs).SerializeToString(),
+                                 providers=["CPUExecutionProvider"])
+    assert plain.run(None, {"x": x})[0] == pytest.approx(loss_ref, rel=1e-5)
+
+
+def test_average_pool_that_no_conv_matches_is_left_alone():
+    from onnxgenie.ortrain import trainable_form
+
+    model = _scaled_avgpool_model("N", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    trainable_form(model)   # count_include_pad=0 with pads: the border averages fewer values than a conv
+    assert "AveragePool" in {n.op_type for n in model.graph.node}

@@ -317,6 +317,27 @@ def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
     np.testing.assert_array_equal(new.weights["block.conv2"].scale, plan.weights["block.conv2"].scale)
 
 
+def test_a_training_step_failing_at_run_time_keeps_round_to_nearest(monkeypatch):
+    """A gradient kernel that fails only when it runs (onnxruntime-training 1.19's AveragePoolGrad on a
+    symbolic batch did, stop 22) costs the block its learning, not the run."""
+    import onnxgenie.quant.reconstruct as rec
+
+    folded, plan, x, owner = _block_with_floor_between_two_convs()
+
+    def failing_step(*args):
+        raise RuntimeError("Non-zero status code returned while running Sum node")
+
+    monkeypatch.setattr(rec, "_step", failing_step)
+    new, report = reconstruct(folded, plan, x, iters=10, batch=16, progress=False)
+    for row in report["blocks"]:
+        layers = row.get("per_layer", [row])   # the Floor block goes layer by layer, the others fail whole
+        assert all(layer["status"].startswith("rtn (training step failed: Non-zero status") for layer in layers), row
+    assert len(next(b for b in report["blocks"] if b["name"] == owner.name)["per_layer"]) == 2
+    for node, wq in plan.weights.items():
+        np.testing.assert_array_equal(new.weights[node].wint, wq.wint)
+        np.testing.assert_array_equal(new.weights[node].scale, wq.scale)
+
+
 def test_bad_arguments():
     folded, plan, x = _setup(n=8)
     with pytest.raises(BadInputError):

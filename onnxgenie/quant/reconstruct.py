@@ -43,6 +43,7 @@ LR_WEIGHT_STEP, LR_SOFTBITS, LR_ACT_STEP = 1e-4, 1e-3, 4e-5
 BETA_RANGE, WARMUP = (20.0, 2.0), 0.2
 RECON_VERSION = 2  # part of the resume key: 2 = step learning rates relative to the grid
 INPUT_TARGET, INPUT_BETA, INPUT_LAMBDA = "recon_target", "round_beta", "round_lambda"
+TRAINING_FAILED = ("rtn (training graph failed", "rtn (training step failed")  # statuses learned layer by layer
 
 
 @dataclass
@@ -411,7 +412,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     """Learn one block. Returns (updates: {node: (wint, scale)}, {tensor: scale}) and stats.
 
     Divergence: restart from the block's start with halved learning rates once, then keep RTN.
-    A block whose training graph cannot be built keeps RTN too; the reason is in the stats.
+    A block whose training graph cannot be built or run keeps RTN too; the reason is in the stats.
     """
     try:
         model, names = training_model(block_model, plan, cfg.quantizer, cfg.qdrop)
@@ -421,8 +422,11 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
         return {}, {"status": f"rtn (training graph failed: {describe_ort_error(err)})"}
     stats: dict = {}
     for attempt, retry_scale in enumerate((1.0, 0.5)):
-        params, stats = _train(gg, names, plan, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
-                               progress)
+        try:
+            params, stats = _train(gg, names, plan, x_fp, x_q, y, mask_shapes, cfg, rng, cfg.lr_scale * retry_scale,
+                                   progress)
+        except Exception as err:  # an onnxruntime kernel failing at run time: keep RTN, say why
+            return {}, {"status": f"rtn (training step failed: {describe_ort_error(err)})"}
         if params is None:
             then = "retrying with halved learning rates" if attempt == 0 else "keeping round-to-nearest"
             print(f"onnxgenie: warning: GENIE-M {cfg.name or 'block'}: the loss became NaN/Inf at step "
@@ -490,12 +494,12 @@ def learn_block(folded: onnx.ModelProto, block: Block, fp_model: onnx.ModelProto
                 store: "_Store", progress=None) -> tuple[dict, dict]:
     """Reconstruct one block and apply what it learned to ``plan`` (if it lowers the block's error).
 
-    A block whose training graph cannot be built (an op without a gradient between its layers) is
-    learned layer by layer instead: each quantized layer alone, from its own input to its own output,
+    A block whose training graph cannot be built or run (an op without a gradient between its layers,
+    a gradient kernel failing) is learned layer by layer instead: each quantized layer alone, from its own input to its own output,
     in order, each kept only if it lowers that layer's error; a layer that fails too stays at
     round-to-nearest. Returns the updates kept and the stats."""
     updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, progress)
-    if not stats["status"].startswith("rtn (training graph failed") or len(block.quantized_nodes) < 2:
+    if not stats["status"].startswith(TRAINING_FAILED) or len(block.quantized_nodes) < 2:
         updates, errors = keep_if_better(fp_model, plan, updates, x_q, y, cfg.threads)
         return updates, {**stats, **errors}
     before = block_error(fp_model, plan, x_q, y, cfg.threads)
