@@ -495,9 +495,9 @@ def learn_block(folded: onnx.ModelProto, block: Block, fp_model: onnx.ModelProto
     """Reconstruct one block and apply what it learned to ``plan`` (if it lowers the block's error).
 
     A block whose training graph cannot be built or run (an op without a gradient between its layers,
-    a gradient kernel failing) is learned layer by layer instead: each quantized layer alone, from its own input to its own output,
-    in order, each kept only if it lowers that layer's error; a layer that fails too stays at
-    round-to-nearest. Returns the updates kept and the stats."""
+    a gradient kernel failing) is learned layer by layer instead: each quantized layer alone, from its
+    own input to its own output, in order, each kept only if it lowers that layer's error; a layer that
+    fails too stays at round-to-nearest. Returns the updates kept and the stats."""
     updates, stats = reconstruct_block(fp_model, plan, x_fp, x_q, y, cfg, rng, progress)
     if not stats["status"].startswith(TRAINING_FAILED) or len(block.quantized_nodes) < 2:
         updates, errors = keep_if_better(fp_model, plan, updates, x_q, y, cfg.threads)
