@@ -93,7 +93,8 @@ NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches o
          "commit b2bef1a, the package as at 36e546e): the fast preset on 256 real training images (`--calib-data`, not "
          "zero-shot) and on Gaussian noise, one run after another at the CLI's defaults; the W4A4 rows beside a "
          "one-thread experiment (their wall times are those of a shared machine), the W2A4 rows alone. The ShuffleNet "
-         "W2A4 and W8A8 rows (stop 22, the same package) had the machine to themselves at the CLI's defaults."]
+         "W2A4 row (stop 22, the same package) and W8A8 row (commit a97a78f, after the AveragePool fix that W8A8 needed) "
+         "had the machine to themselves at the CLI's defaults."]
 ORDER = ["fast", "fast-act1", "fast-b64", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
 REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
              "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
