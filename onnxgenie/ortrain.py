@@ -76,17 +76,18 @@ def relu_as_clip(model: onnx.ModelProto) -> None:
         node.input.append("ortrain.relu_floor")
 
 
-def _channels(model: onnx.ModelProto, tensor: str) -> int | None:
-    """The static channel count (axis 1) of ``tensor``, if shape inference knows it."""
+def _channel_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Static channel counts (axis 1) of the tensors shape inference knows ({} if it fails)."""
     try:
         graph = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # noqa: BLE001 - an unknown shape only means no rewrite
-        return None
+        return {}
+    counts = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if vi.name == tensor:
-            dims = vi.type.tensor_type.shape.dim
-            return dims[1].dim_value if len(dims) > 1 and dims[1].dim_value > 0 else None
-    return None
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) > 1 and dims[1].dim_value > 0:
+            counts[vi.name] = dims[1].dim_value
+    return counts
 
 
 def avgpool_as_conv(model: onnx.ModelProto) -> None:
@@ -96,16 +97,16 @@ def avgpool_as_conv(model: onnx.ModelProto) -> None:
     fixes its batch, GENIE-M's block graphs do not); ConvGrad does not. Values equal up to float rounding."""
     from onnx import numpy_helper
 
-    for node in model.graph.node:
-        if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
-            continue
+    pools = [n for n in model.graph.node if n.op_type == "AveragePool" and n.domain in ("", "ai.onnx")]
+    channel_counts = _channel_counts(model) if pools else {}
+    for node in pools:
         a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
         pads = list(a.get("pads", []))
-        if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [])) or a.get("auto_pad", b"NOTSET") not in (
-                b"NOTSET", "NOTSET") or (any(pads) and not a.get("count_include_pad", 0)):
-            continue
-        channels = _channels(model, node.input[0])
-        if channels is None:
+        explicit_pads = a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        pads_averaged = not any(pads) or a.get("count_include_pad", 0)
+        plain = not a.get("ceil_mode", 0) and all(d == 1 for d in a.get("dilations", []))
+        channels = channel_counts.get(node.input[0])
+        if not (explicit_pads and pads_averaged and plain) or channels is None:
             continue
         kernel = list(a["kernel_shape"])
         weight = np.full([channels, 1, *kernel], 1.0 / float(np.prod(kernel)), np.float32)
