@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from fixtures import conv_bn_net, no_bn, random_input, save, wait_for
 from onnxgenie.cli import main
@@ -131,6 +131,38 @@ def test_fused_loss_folds_the_conv_bns():
     teacher = normalize(conv_bn_net(bn_after_add=True))
     # stem, block, down fold into their convs, fc1.bn into its Gemm; block.add_bn follows an Add
     assert fused_layers(teacher) == len(bn_layers(teacher)) - 1
+
+
+def _with_gamma(model, channel_gammas: dict[int, float]):
+    """``model`` with the first BN's gamma set to the given values in the given channels."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    t = next(t for t in model.graph.initializer if t.name == bn.input[1])
+    gamma = numpy_helper.to_array(t).copy()
+    for c, g in channel_gammas.items():
+        gamma[c] = g
+    t.CopyFrom(numpy_helper.from_array(gamma, t.name))
+    return model
+
+
+@pytest.mark.parametrize("gammas", [{0: 0.0}, {0: 0.0, 3: 0.0}, {1: 1e-9}])
+def test_zero_or_tiny_gamma_loss_is_exact_and_finite(gammas):
+    # timm's zero_init_last and pruned models have BN channels with gamma 0: the fused loss keeps such a
+    # BN unfolded (tapped at its input) instead of dividing by a zero scale
+    teacher = normalize(_with_gamma(conv_bn_net(), gammas))
+    assert fused_layers(teacher) == fused_layers(normalize(conv_bn_net())) - 1
+    x = random_input(teacher, 6, seed=3) * 1.7 + 0.3
+    for fused in (True, False):
+        loss_model = bns_loss_model(teacher, fused=fused)
+        got = float(inference_session(loss_model).run(None, {teacher.graph.input[0].name: x})[0])
+        assert np.isfinite(got)
+        assert got == pytest.approx(_numpy_bns(teacher, x), rel=1e-4)
+
+
+def test_zero_gamma_model_distils(tmp_path):
+    teacher = _with_gamma(conv_bn_net(), {0: 0.0, 2: 0.0})
+    images, info = distill(teacher, n_images=4, batch=4, iters=3, seed=0, progress=False)
+    assert np.isfinite(images).all() and np.isfinite(info["final_losses"]).all()
 
 
 # Gradients and learning-rate groups ---------------------------------------------------------------

@@ -17,8 +17,9 @@ The teacher's BN layers become their eval-mode affine form (a training graph mus
 BatchNormalization, see ../shared/notes/ort-training.md). With ``fused=True`` a BN is folded into
 its Conv/Gemm producer and its input statistics are recovered per channel from the folded output
 y = a·x + b: mean_x = (mean_y − b)/a, var_x = var_y/a². That is exact and saves a full-tensor
-Mul+Add (and its backward) per layer; a BN whose producer cannot be folded, or with a zero gamma,
-keeps the Mul+Add form and is tapped at its input directly.
+Mul+Add (and its backward) per layer; a BN whose producer cannot be folded, or with a zero or tiny
+gamma in any channel (timm's zero_init_last, pruned channels: y no longer carries x there, see
+``recoverable``), keeps the Mul+Add form and is tapped at its input directly.
 
 The teacher's Relu nodes become Clip(x, 0): the same values, and onnxruntime-training 1.19's CPU
 ReluGrad (a branch per element) took 15–28 % of a step, 3–5× ClipGrad's time. The two gradients
@@ -119,6 +120,20 @@ def _prune(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(inits)
 
 
+# x = (y − b)/a in float32 keeps about 1e-4 of x's spread where |a|·σ_x = |γ| ≥ 1e-3·|b|
+MIN_GAMMA_RATIO = 1e-3
+MIN_GAMMA = 1e-6
+
+
+def recoverable(bn: BNLayer) -> bool:
+    """Whether the statistics of x can be read from those of the folded output y = a·x + b in float32:
+    not where a channel's gamma is zero (y is constant) or so small beside the shift b that y holds
+    too few bits of x."""
+    a = bn.gamma / bn.std
+    shift = np.abs(bn.beta - bn.mean * a)
+    return bool(np.all(np.abs(bn.gamma) >= np.maximum(MIN_GAMMA_RATIO * shift, MIN_GAMMA)))
+
+
 def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: tuple[str, ...] = ()
                    ) -> onnx.ModelProto:
     """The teacher (normal form) with its BNS loss as first output ``bns_loss`` (a scalar).
@@ -127,7 +142,8 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     further outputs. The image input is unchanged.
     """
     layers = require_bn(teacher)
-    affine = fold_bn(teacher, fold_into_producer=fused)
+    affine = fold_bn(teacher, fold_into_producer=fused,
+                     keep=frozenset(bn.output for bn in layers if not recoverable(bn)))
     produced = {o for n in affine.graph.node for o in n.output}
     image = affine.graph.input[0]
     to_nchw = nhwc_transpose(affine, image.name)   # the input term is taken on the NCHW image
@@ -136,8 +152,6 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     total = _input_term(b, image.name if to_nchw is None else to_nchw.output[0], channels)
     for i, bn in enumerate(layers):
         folded = bn.input not in produced and bn.input != image.name
-        if folded and np.any(bn.gamma == 0):
-            raise ValueError(f"BN {bn.name} has a zero gamma; build the loss with fused=False")
         total = b.op("Add", [total, _bn_term(b, affine, bn, i, folded)])
     b.nodes.append(helper.make_node("Identity", [total], [LOSS], name=LOSS))
     out = onnx.ModelProto()
@@ -158,6 +172,8 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
 
 def fused_layers(teacher: onnx.ModelProto) -> int:
     """How many BN layers ``bns_loss_model(fused=True)`` folds into their producer."""
-    affine = fold_bn(teacher, fold_into_producer=True)
+    layers = bn_layers(teacher)
+    affine = fold_bn(teacher, fold_into_producer=True,
+                     keep=frozenset(bn.output for bn in layers if not recoverable(bn)))
     produced = {o for n in affine.graph.node for o in n.output}
-    return sum(bn.input not in produced for bn in bn_layers(teacher))
+    return sum(bn.input not in produced for bn in layers)
