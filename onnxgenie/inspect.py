@@ -38,9 +38,9 @@ def no_gradient_before_bn(model: onnx.ModelProto, layers) -> onnx.NodeProto | No
     return None
 
 
-def _no_bn_reason(model: onnx.ModelProto) -> str:
+def _no_bn_reason(model: onnx.ModelProto, original: onnx.ModelProto) -> str:
     try:
-        require_bn(model)
+        require_bn(model, original)
     except NoBatchNormError as err:
         return str(err)
     return ""
@@ -72,7 +72,7 @@ def inspect_model(src, input_hw=None) -> dict:
                    for b in layers],
         strided_convs=strided_convs(model),
         zero_shot_ready=bool(layers),
-        reason=None if layers else _no_bn_reason(model),
+        reason=None if layers else _no_bn_reason(model, original),
     )
     blocker = no_gradient_before_bn(model, layers) if layers else None
     if blocker is not None:

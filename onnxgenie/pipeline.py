@@ -429,7 +429,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     original = load_model(model)
     normal, folded = prepare(original)
     if calib is None and config.calib == "distill":
-        require_bn(normal)  # before the weight steps, which take a minute on a large model
+        require_bn(normal, original)  # before the weight steps, which take a minute on a large model
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
                       config.weight_grid, config.high_bits)
     init_weights(folded, plan)

@@ -358,7 +358,7 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     if resume and workdir is None:
         raise BadInputError("--resume needs the --workdir of the interrupted run")
     teacher = normalize(model)
-    require_bn(teacher)
+    require_bn(teacher, model if isinstance(model, onnx.ModelProto) else None)
     batch = min(batch, n_images)
     n_batches = math.ceil(n_images / batch)
     if n_batches * batch != n_images:

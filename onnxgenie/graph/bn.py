@@ -67,14 +67,43 @@ def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
     return layers
 
 
-def require_bn(model: onnx.ModelProto) -> list[BNLayer]:
+def folded_bn(model: onnx.ModelProto) -> str | None:
+    """Which exporter folded the model's BN layers into its convolutions, from the traces it leaves
+    (None when there are none): torch.export's optimiser records its rewrite rule in the node
+    metadata; TensorFlow's constant folding (tf2onnx) keeps the BN's name on the merged tensors."""
+    for node in model.graph.node:
+        if node.op_type not in FOLDABLE_PRODUCERS:
+            continue
+        meta = " ".join(p.value for p in getattr(node, "metadata_props", ()))
+        if "FuseBatchNorm" in meta:
+            return "torch"
+        if len(node.input) > 2 and any("batchnorm" in name.lower().replace("_", "") for name in node.input[1:]):
+            return "tensorflow"
+    return None
+
+
+FOLDED_FIX = {
+    "torch": "re-export with torch.onnx.export(..., dynamo=True, optimize=False)",
+    "tensorflow": "re-export from tf-keras with tf2onnx keeping BN (README, 'Export your model'); Keras 3's "
+                  "TensorFlow graph folds the BN statistics away before tf2onnx sees them",
+}
+
+
+def require_bn(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> list[BNLayer]:
+    """The BN layers of ``model``, or a NoBatchNormError saying why there are none and what to do;
+    ``original`` (the file as exported) is read for the traces of BN folded by the exporter."""
     layers = bn_layers(model)
-    if not layers:
+    if layers:
+        return layers
+    folder = folded_bn(original if original is not None else model)
+    if folder is not None:
         raise NoBatchNormError(
-            "the model has no BatchNormalization layers, and zero-shot quantization needs their statistics; "
-            "re-export from PyTorch with do_constant_folding=False and training=TrainingMode.PRESERVE "
-            "(or dynamo export with optimize=False), or pass real images with --calib-data")
-    return layers
+            "the model has its BN folded into the convolutions by the exporter, so the BN statistics zero-shot "
+            f"quantization needs are gone; pass real images with --calib-data, or {FOLDED_FIX[folder]}")
+    raise NoBatchNormError(
+        "the model has no BatchNormalization layers, and zero-shot quantization needs their statistics; "
+        "re-export from PyTorch with do_constant_folding=False and training=TrainingMode.PRESERVE "
+        "(or dynamo export with optimize=False), or pass real images with --calib-data")
 
 
 def _consumers(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
@@ -139,11 +168,13 @@ def _rank(model: onnx.ModelProto, tensor: str) -> int:
     return 4
 
 
-def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True) -> onnx.ModelProto:
+def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True,
+            keep: frozenset[str] = frozenset()) -> onnx.ModelProto:
     """Fold every BN into the Conv/Gemm producing its input; otherwise write it as Mul+Add.
 
     With ``fold_into_producer=False`` every BN becomes its eval-mode Mul+Add form, which is what a
-    training graph needs (ORT turns any BatchNormalization into training mode).
+    training graph needs (ORT turns any BatchNormalization into training mode); so do the BN layers
+    whose outputs ``keep`` names.
     """
     out = onnx.shape_inference.infer_shapes(model)  # a copy, with the ranks _as_mul_add needs
     layers = {layer.output: layer for layer in bn_layers(out)}
@@ -156,7 +187,7 @@ def fold_bn(model: onnx.ModelProto, fold_into_producer: bool = True) -> onnx.Mod
             new_nodes.append(node)
             continue
         prod = producers.get(bn.input)
-        if (fold_into_producer and prod is not None and prod.op_type in FOLDABLE_PRODUCERS
+        if (fold_into_producer and bn.output not in keep and prod is not None and prod.op_type in FOLDABLE_PRODUCERS
                 and len(_consumers(out, bn.input)) == 1
                 and bn.input not in {o.name for o in out.graph.output}
                 and _fold_into(out, prod, bn, inits)):

@@ -226,6 +226,41 @@ def _convert_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 MAX_FOLD_PASSES = 16
 
 
+def _castlike_as_cast(model: onnx.ModelProto) -> None:
+    """CastLike(constant, x) as Cast(constant, to=x's type): the same value, and one that folding can
+    compute (torch.export writes a bias-free Conv's zero bias as CastLike(0, input) -> Expand)."""
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type == "CastLike" and node.domain in _SUPPORTED_DOMAINS and types.get(node.input[1]):
+            to = types[node.input[1]]
+            node.op_type = "Cast"
+            del node.input[1:]
+            del node.attribute[:]   # saturate (opset 19+) only concerns float8 targets
+            node.attribute.append(helper.make_attribute("to", to))
+
+
+def _shape_range_as_slice(model: onnx.ModelProto) -> None:
+    """Shape(x, start, end) as Slice(Shape(x)): graphsurgeon 0.6 folds a Shape to the whole shape,
+    ignoring start/end (torch.export reads the batch size as Shape(input, end=1))."""
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Shape" or not ({"start", "end"} & set(attrs)):
+            nodes.append(node)
+            continue
+        start, end = attrs.get("start", 0), attrs.get("end", np.iinfo(np.int64).max)
+        full, out = f"{node.output[0]}.full", node.output[0]
+        bounds = [f"{out}.start", f"{out}.end"]
+        model.graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), n)
+                                       for n, v in zip(bounds, (start, end)))
+        nodes += [helper.make_node("Shape", [node.input[0]], [full], name=f"{node.name}.full"),
+                  helper.make_node("Slice", [full, *bounds], [out], name=node.name)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxruntime  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
 
@@ -236,13 +271,48 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = None
     for _ in range(MAX_FOLD_PASSES):
         del model.graph.value_info[:]
-        graph = gs.import_onnx(shape_inference.infer_shapes(model))
+        inferred = shape_inference.infer_shapes(model)
+        _castlike_as_cast(inferred)
+        _shape_range_as_slice(inferred)
+        graph = gs.import_onnx(inferred)
         graph.fold_constants(error_ok=True).cleanup().toposort()
         model = gs.export_onnx(graph)
+        _cancel_transpose_pairs(model)
         if len(model.graph.node) == nodes:
             break
         nodes = len(model.graph.node)
     return shape_inference.infer_shapes(model)
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _cancel_transpose_pairs(model: onnx.ModelProto) -> None:
+    """Drop Transpose -> Transpose pairs that undo each other (tf2onnx leaves one around every
+    layout-sensitive op when its back-to-back optimiser, which also folds BN into Conv, is off)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        first = producers.get(node.input[0]) if node.op_type == "Transpose" else None
+        if first is None or first.op_type != "Transpose" or node.output[0] in outputs:
+            continue
+        p1, p2 = _perm(first), _perm(node)
+        if p1 is not None and p2 is not None and len(p1) == len(p2) and [p1[i] for i in p2] == list(range(len(p1))):
+            rename[node.output[0]] = first.input[0]
+    if not rename:
+        return
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    keep = [n for n in model.graph.node if n.op_type != "Transpose" or n.output[0] not in rename]
+    used = {i for n in keep for i in n.input} | outputs
+    keep = [n for n in keep if n.op_type != "Transpose" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -318,10 +388,9 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     model = load_model(model)
     _check_ops(model)
     inp = _image_input(model)
-    dims = _dims(inp)
-    if model_opset(model) < INTERNAL_OPSET or model_opset(model) > INTERNAL_OPSET:
+    opset = model_opset(model)
+    if opset < INTERNAL_OPSET:
         model = _convert_opset(model)
-    model.ir_version = INTERNAL_IR
     inp = _image_input(model)
     dims = _dims(inp)
     spatial = dims[1:]
@@ -333,20 +402,25 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
-    if fixed_batch is not None:
-        _unfix_batch(model, fixed_batch)
-    _set_dims(inp, [_FOLD_BATCH, *dims[1:]])
-    outputs = [o.name for o in model.graph.output]
-    for out in model.graph.output:
-        odims = _dims(out)
-        if odims and not isinstance(odims[0], int):
-            _set_dims(out, [_FOLD_BATCH, *odims[1:]])
-    del model.graph.value_info[:]
     try:
-        model = _fold(model)
+        if fixed_batch is not None:  # fold at the exported batch first: Reshape targets that carry it become
+            _set_dims(inp, dims)     # constants _unfix_batch can free
+            model = _fold(model)
+            inp = _image_input(model)
+            _unfix_batch(model, fixed_batch)
+        _set_dims(inp, [_FOLD_BATCH, *dims[1:]])
+        outputs = [o.name for o in model.graph.output]
+        for out in model.graph.output:
+            odims = _dims(out)
+            if odims and (not isinstance(odims[0], int) or odims[0] == fixed_batch):
+                _set_dims(out, [_FOLD_BATCH, *odims[1:]])
+        del model.graph.value_info[:]
+        model = _fold(model)  # before any opset logic: inputs such as ReduceMean-18's axes become constants
     except Exception as err:
         raise UnsupportedModelError(f"shape inference / constant folding failed ({str(err).splitlines()[0][:160]}); "
                                     "check the model with onnx.checker and re-export it") from None
+    if opset > INTERNAL_OPSET:
+        model = _downgrade_opset(model, opset)
     model = _restore_dynamic_batch(model, {inp.name, *outputs})
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
