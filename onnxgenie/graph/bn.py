@@ -77,15 +77,20 @@ def folded_bn(model: onnx.ModelProto) -> str | None:
         meta = " ".join(p.value for p in getattr(node, "metadata_props", ()))
         if "FuseBatchNorm" in meta:
             return "torch"
-        if len(node.input) > 2 and any("batchnorm" in name.lower().replace("_", "") for name in node.input[1:]):
-            return "tensorflow"
+        names = " ".join(node.input[1:]).lower()
+        if "fused_bn" in names:
+            return "tf2onnx"
+        if "batchnorm" in names.replace("_", ""):
+            return "keras3"
     return None
 
 
-FOLDED_FIX = {
-    "torch": "re-export with torch.onnx.export(..., dynamo=True, optimize=False)",
-    "tensorflow": "re-export from tf-keras with tf2onnx keeping BN (README, 'Export your model'); Keras 3's "
-                  "TensorFlow graph folds the BN statistics away before tf2onnx sees them",
+FOLDED_FIX = {  # what follows "pass real images with --calib-data"
+    "torch": ", or re-export with torch.onnx.export(..., dynamo=True, optimize=False)",
+    "tf2onnx": ", or re-export with tf2onnx.convert.from_keras(..., optimizers=...) without its "
+               "remove_back_to_back optimiser (README, 'Export your model')",
+    "keras3": " (no tf2onnx option keeps Keras 3's BN: TensorFlow's constant folding merges it into the "
+              "convolutions before tf2onnx runs)",
 }
 
 
@@ -99,7 +104,7 @@ def require_bn(model: onnx.ModelProto, original: onnx.ModelProto | None = None) 
     if folder is not None:
         raise NoBatchNormError(
             "the model has its BN folded into the convolutions by the exporter, so the BN statistics zero-shot "
-            f"quantization needs are gone; pass real images with --calib-data, or {FOLDED_FIX[folder]}")
+            f"quantization needs are gone; pass real images with --calib-data{FOLDED_FIX[folder]}")
     raise NoBatchNormError(
         "the model has no BatchNormalization layers, and zero-shot quantization needs their statistics; "
         "re-export from PyTorch with do_constant_folding=False and training=TrainingMode.PRESERVE "
