@@ -1,10 +1,17 @@
 """onnxgenie: data-free post-training quantization (GENIE) of ONNX image classifiers, on a CPU."""
 
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("onnxgenie")
+except PackageNotFoundError:  # run from a source tree that was not installed
+    __version__ = "0+unknown"
+
 from .api import quantize
 from .distill import distill
 from .export import export_qdq
 from .pipeline import PRESETS, QuantizationResult, QuantizeConfig, preset_config
 from .quant.reconstruct import reconstruct
 
-__all__ = ["PRESETS", "QuantizationResult", "QuantizeConfig", "distill", "export_qdq", "preset_config", "quantize",
+__all__ = ["__version__", "PRESETS", "QuantizationResult", "QuantizeConfig", "distill", "export_qdq", "preset_config", "quantize",
            "reconstruct"]

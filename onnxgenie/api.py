@@ -22,6 +22,31 @@ from .pipeline import (QuantizationResult, auto_jobs, check_gate, check_output, 
                        write_model, write_reports)
 
 
+def calibration_array(data, model_input) -> np.ndarray:
+    """The images of an onnxruntime ``CalibrationDataReader`` (``get_next()`` gives ``{input_name: array}``
+    until None) or of any iterable of such dicts, concatenated: float32 in the model's input layout."""
+    from .graph.load import _image_input, load_model
+
+    if hasattr(data, "get_next"):
+        reader, data = data, iter(lambda: reader.get_next(), None)
+    try:
+        feeds = list(data)
+    except TypeError:
+        raise BadInputError(f"calib_data of type {type(data).__name__}; give an .npz path, an array, an "
+                            "onnxruntime CalibrationDataReader or an iterable of {input_name: array}") from None
+    name = _image_input(load_model(model_input)).name
+    arrays = []
+    for feed in feeds:
+        if not isinstance(feed, dict) or (name not in feed and len(feed) != 1):
+            keys = sorted(feed) if isinstance(feed, dict) else type(feed).__name__
+            raise BadInputError(f"calib_data gave {keys}; each item must be {{{name!r}: array}}, "
+                                "as onnxruntime's CalibrationDataReader gives them")
+        arrays.append(np.asarray(feed[name] if name in feed else next(iter(feed.values())), np.float32))
+    if not arrays:
+        raise BadInputError("calib_data gave no images; give at least one batch")
+    return np.concatenate([a if a.ndim == 4 else a[None] for a in arrays])
+
+
 def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str | os.PathLike | None = None, *,
              wbits: int = 4, abits: int = 4, preset: str = "fast",
              calib_data: str | os.PathLike | np.ndarray | None = None, target: str = "ort", seed: int = 0,
@@ -30,12 +55,16 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     """Quantize ``model_input`` (path or ModelProto; never modified) to a QDQ model.
 
     ``calib_data``: None (zero-shot, GENIE-D), an ``.npz`` path (``images`` uint8 NHWC + ``mean``/``std``
-    settings, or float32 NCHW preprocessed) or a float32 array in the model's input space and layout.
+    settings, or float32 NCHW preprocessed; or an array named as the model's input, as the model takes
+    it), a float32 array in the model's input space and layout, or an onnxruntime
+    ``CalibrationDataReader`` / any iterable of ``{input_name: array}`` (``calibration_array``).
     ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``jobs``, ...);
     ``jobs`` defaults to one distillation process per core, as on the command line.
     Writes ``model_output`` (atomically) when given. Raises ``onnxgenie.errors.BadInputError`` for
     unusable input and ``QualityGateError`` (with ``.report``) when ``min_agreement`` is missed.
     """
+    if calib_data is not None and not isinstance(calib_data, (str, os.PathLike, np.ndarray)):
+        calib_data = calibration_array(calib_data, model_input)
     array = calib_data if isinstance(calib_data, np.ndarray) else None
     path = None if array is not None or calib_data is None else calib_data
     calib = settings.pop("calib", None)   # "distill" / "noise" without data, as --calib

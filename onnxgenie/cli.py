@@ -15,11 +15,50 @@ import traceback
 from .errors import OnnxGenieError
 
 
+class _Names(argparse.Action):
+    """A list flag (``--exclude a b``, ``--exclude a,b``, repeated): values accumulate."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = list(getattr(namespace, self.dest, None) or [])
+        names += [v for value in values for v in value.split(",") if v]
+        setattr(namespace, self.dest, names)
+
+
+LIST_FLAGS = ("exclude", "high_bits", "op_types")
+
+
 def _add_layer_choice(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="nodes kept in float")
-    p.add_argument("--high-bits", nargs="+", default=[], metavar="NODE",
+    p.add_argument("--exclude", nargs="+", action=_Names, default=[], metavar="NODE",
+                   help="nodes kept in float (onnxruntime's nodes_to_exclude); names from `onnxgenie inspect "
+                   "--plan`, space- or comma-separated")
+    p.add_argument("--op-types", nargs="+", action=_Names, default=None, metavar="OP",
+                   help="quantize only nodes of these op types, e.g. Conv (onnxruntime's op_types_to_quantize; "
+                   "default: Conv, Gemm, MatMul and the residual Adds the plan needs)")
+    p.add_argument("--high-bits", nargs="+", action=_Names, default=[], metavar="NODE",
                    help="nodes quantized like the first and last layer: weights and input at --first-last-bits "
                    "(mixed precision for sensitive layers; names from `onnxgenie inspect --plan`)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has a real one and its help does not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _model_from_list_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--exclude a b model.onnx`` gives the model path to --exclude; take it back from there."""
+    if getattr(args, "model", "") is not None:
+        return
+    for dest in LIST_FLAGS:
+        values = getattr(args, dest, None) or []
+        if values and values[-1].lower().endswith(".onnx"):
+            args.model = values.pop()
+            return
+    parser.error("the following arguments are required: model")
 
 
 def _cmd_inspect(args) -> int:
@@ -36,7 +75,8 @@ def _cmd_inspect(args) -> int:
         from .quant.plan import build_plan, format_plan
 
         plan = build_plan(folded, args.wbits, args.abits, args.first_last_bits, args.target,
-                          exclude=args.exclude, weight_grid=args.weight_grid, high_bits=args.high_bits)
+                          exclude=args.exclude, weight_grid=args.weight_grid, high_bits=args.high_bits,
+                          op_types=None if args.op_types is None else tuple(args.op_types))
         if args.json:
             info["plan"] = plan.to_arrays()[0]
         else:
@@ -76,6 +116,7 @@ def _cmd_quantize(args) -> int:
     config = preset_config(
         args.preset, wbits=args.wbits, abits=args.abits, first_last_bits=args.first_last_bits, target=args.target,
         weight_grid=args.weight_grid, exclude=tuple(args.exclude), high_bits=tuple(args.high_bits),
+        op_types=None if args.op_types is None else tuple(args.op_types),
         auto_high_bits=args.auto_high_bits, calib=calib,
         calib_images=args.calib_images,
         holdout_images=args.holdout_images,
@@ -108,8 +149,8 @@ def default_output(model: str, wbits: int, abits: int) -> str:
 
 
 def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) -> None:
-    p.add_argument("--wbits", type=int, default=wbits, required=wbits is None, help="weight bits (2-8)")
-    p.add_argument("--abits", type=int, default=abits, required=abits is None, help="activation bits (4-8)")
+    p.add_argument("--wbits", type=int, default=wbits, required=wbits is None, help="weight bits, 2-8")
+    p.add_argument("--abits", type=int, default=abits, required=abits is None, help="activation bits, 4-8")
     p.add_argument("--first-last-bits", type=int, default=8,
                    help="bits of the first/last layer's weights and of the 2nd/last layer's input (default 8)")
     p.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
@@ -164,10 +205,13 @@ def _cmd_distill(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .quant.augment import AUGMENTS
 
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="onnxgenie", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"onnxgenie {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="show what the tool sees in a model")
-    p.add_argument("model")
+    p = sub.add_parser("inspect", help="show what the tool sees in a model", formatter_class=_HelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the exported float model")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="fix a dynamic input size")
     p.add_argument("--plan", action="store_true", help="also show the quantization plan (see --wbits/--abits)")
@@ -176,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", action="store_true", help="also list the GENIE-M reconstruction blocks")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("eval", help="top-1 accuracy on a labelled .npz, and agreement with a reference model")
+    p = sub.add_parser("eval", help="top-1 accuracy on a labelled .npz, and agreement with a reference model",
+                       formatter_class=_HelpFormatter)
     p.add_argument("model")
     p.add_argument("--data", required=True, help=".npz with images (uint8 NHWC or float32 NCHW) and labels")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel mean for uint8 images (after /255)")
@@ -186,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("quantize", help="quantize a model and export it as QDQ ONNX")
-    p.add_argument("model")
+    p = sub.add_parser("quantize", help="quantize a model and export it as QDQ ONNX", formatter_class=_HelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the exported float model")
     p.add_argument("-o", "--output", help="output .onnx (default: MODEL_w4a4.onnx beside the input; refused if it "
                    "exists, see --overwrite)")
     _add_bits(p, 4, 4)
@@ -243,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-images", type=int, default=None,
                    help="extra distilled images that only measure FP32-vs-quantized agreement (default: preset)")
     p.add_argument("--min-agreement", type=float, metavar="P",
-                   help="quality gate: exit 3 and write no model when top-1 agreement with FP32 on the held-out "
-                   "images is below P %%")
+                   help="quality gate: exit 3 and write no model when top-1 agreement with FP32 is below P %%; "
+                   "use it with --holdout-images N: without them agreement is measured on the calibration "
+                   "images the model was fitted to, which is optimistic")
     p.add_argument("--report", metavar="REPORT.json", help="write the run report (also kept in --workdir)")
     p.add_argument("--report-html", metavar="REPORT.html", help="the report as a self-contained page with plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -254,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="a line per distillation batch and per block")
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("distill", help="GENIE-D: distil synthetic calibration images from the BN statistics")
+    p = sub.add_parser("distill", help="GENIE-D: distil synthetic calibration images from the BN statistics",
+                       formatter_class=_HelpFormatter)
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .npz (images float32 NCHW, loss_history)")
     p.add_argument("--images", type=int, default=1024,
@@ -286,6 +333,7 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _model_from_list_flag(parser, args)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:

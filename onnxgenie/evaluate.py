@@ -2,7 +2,7 @@
 
 Data format (``../shared/data``): ``images`` uint8 [N, H, W, C] (RGB) with ``labels`` int [N];
 preprocessing x / 255, then (x - mean) / std per channel. Float32 NCHW ``images`` are taken as
-already preprocessed.
+already preprocessed. An NHWC model (a leading Transpose) is given the images NHWC.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BadInputError
-from .graph.load import image_io, load_model
+from .graph.load import image_io, load_model, to_input_layout
 from .ortrain import session_options
 
 
@@ -50,7 +50,10 @@ def preprocess(images: np.ndarray, chw: tuple[int, int, int], mean=None, std=Non
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def load_npz(path: str | os.PathLike, need_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def load_npz(path: str | os.PathLike, need_labels: bool = True,
+             input_name: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` (and ``labels``) of an .npz; without ``images``, the array named ``input_name`` (the
+    model's input, as onnxruntime's calibration files key it), returned as stored."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: no such file; give an .npz with 'images' (and 'labels')")
@@ -59,10 +62,12 @@ def load_npz(path: str | os.PathLike, need_labels: bool = True) -> tuple[np.ndar
         keys = set(data.files)
     except Exception:
         raise BadInputError(f"{path} is not a readable .npz file; save it with numpy.savez") from None
-    if "images" not in keys or (need_labels and "labels" not in keys):
+    key = "images" if "images" in keys or input_name not in keys else input_name
+    if key not in keys or (need_labels and "labels" not in keys):
         raise BadInputError(f"{path} has arrays {sorted(keys)}; it needs 'images'"
+                            + (f" (or the model's input name {input_name!r})" if input_name else "")
                             + (" and 'labels'" if need_labels else ""))
-    images = data["images"]
+    images = data[key]
     labels = data["labels"].astype(np.int64).ravel() if "labels" in keys else None
     if labels is not None and len(labels) != len(images):
         raise BadInputError(f"{path}: {len(images)} images but {len(labels)} labels; they must match")
@@ -75,14 +80,18 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, thread
     that onnxruntime 1.19 would overflow a buffer on (``export.qdq.buffer_reuse_hazard``)."""
     from .export.qdq import buffer_reuse_hazard
 
+    n = len(x)
     opts = session_options(threads)
     if level is not None:
         opts.graph_optimization_level = level
     opts.enable_mem_reuse = not buffer_reuse_hazard(model)
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    name, fixed = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed > 0:  # a fixed-batch export runs at its batch, the last one padded
+        batch_size = fixed
+        x = np.concatenate([x, np.repeat(x[-1:], -len(x) % fixed, axis=0)]) if len(x) % fixed else x
     return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]
-                           for i in range(0, len(x), batch_size)])
+                           for i in range(0, len(x), batch_size)])[:n]
 
 
 def evaluate(model, data: str | os.PathLike, mean=None, std=None, reference=None, batch_size: int = 250,
@@ -91,10 +100,11 @@ def evaluate(model, data: str | os.PathLike, mean=None, std=None, reference=None
     model = load_model(model)
     images, labels = load_npz(data)
     x = preprocess(images, _chw(model), mean, std)
-    pred = predict(model, x, batch_size, threads).argmax(axis=1)
+    pred = predict(model, to_input_layout(model, x), batch_size, threads).argmax(axis=1)
     result = {"images": int(len(x)), "top1": round(100.0 * float((pred == labels).mean()), 2)}
     if reference is not None:
-        ref = predict(load_model(reference), x, batch_size, threads).argmax(axis=1)
+        reference = load_model(reference)
+        ref = predict(reference, to_input_layout(reference, x), batch_size, threads).argmax(axis=1)
         result["reference_top1"] = round(100.0 * float((ref == labels).mean()), 2)
         result["agreement"] = round(100.0 * float((ref == pred).mean()), 2)
     return result

@@ -277,9 +277,9 @@ def _worker_run(index: int) -> tuple[int, float]:
 
 
 def _progress(total: int, enabled: bool, **kw):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
+    return progress_bar(total, enabled, **kw)
 
 
 def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):

@@ -453,11 +453,24 @@ def nhwc_transpose(model: onnx.ModelProto, image: str | None = None) -> onnx.Nod
     ``image`` names the input where the graph has others (the swing offsets)."""
     name = image or _image_input(model).name
     users = [n for n in model.graph.node if name in n.input]
-    if len(users) == 1 and users[0].op_type == "Transpose":
-        perm = next((list(a.ints) for a in users[0].attribute if a.name == "perm"), None)
-        if perm == [0, 3, 1, 2]:
-            return users[0]
+    for _ in range(2):  # a QDQ model may quantize the NHWC image before its Transpose
+        if len(users) == 1 and users[0].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            users = [n for n in model.graph.node if users[0].output[0] in n.input]
+    if len(users) == 1 and users[0].op_type == "Transpose" and _perm(users[0]) == [0, 3, 1, 2]:
+        return users[0]
     return None
+
+
+def image_tensors(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The tensors that hold the image: the input and, for an NHWC model, its NCHW transpose."""
+    to_nchw = nhwc_transpose(model)
+    name = _image_input(model).name
+    return (name,) if to_nchw is None else (name, to_nchw.output[0])
+
+
+def to_input_layout(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """NCHW images as ``model`` takes them: an NHWC model (a leading Transpose) gets NHWC."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc_transpose(model) is not None else x
 
 
 def check_dynamic_batch(original: onnx.ModelProto, normal: onnx.ModelProto, batches=(1, 3)) -> float:

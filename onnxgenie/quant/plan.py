@@ -161,14 +161,16 @@ def _check_node_names(folded: onnx.ModelProto, names, flag: str) -> None:
 
 
 def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits: int = 8,
-               target: str = "ort", exclude=(), weight_grid: str = "auto", high_bits=()) -> QuantPlan:
+               target: str = "ort", exclude=(), weight_grid: str = "auto", high_bits=(),
+               op_types=None) -> QuantPlan:
     """The quantizers of a BN-folded normal-form model (no scales yet: see ``quant.init``).
 
     ``target="ort"``: asymmetric per-channel weights (unsigned with zero points, as the reference);
     ``weight_grid`` "sym" / "auto" (depthwise convs only) makes those weights symmetric.
     ``"tensorrt"``: symmetric narrow-range weights, signed activations, Q/DQ on the first layer's
     input too (int8 layers need both inputs quantized) and on both inputs of every residual Add.
-    ``exclude`` names nodes that stay float; ``high_bits`` names nodes quantized like the first and
+    ``exclude`` names nodes that stay float, and ``op_types`` (when given) the only op types quantized,
+    as onnxruntime's ``nodes_to_exclude`` / ``op_types_to_quantize``; ``high_bits`` names nodes quantized like the first and
     last layer (weights and input at ``first_last_bits``: mixed precision). At W8A8 the ``"ort"``
     target quantizes the image and both inputs of every residual Add too, so that onnxruntime's CPU int8 kernels (QLinearConv, QLinearAdd)
     take whole residual blocks instead of running float convolutions between DequantizeLinear nodes.
@@ -180,6 +182,13 @@ def build_plan(folded: onnx.ModelProto, wbits: int, abits: int, first_last_bits:
     excluded, high = set(exclude), set(high_bits)
     graph_inputs = {i.name for i in folded.graph.input}
     layers = [n for n in quantized_layers(folded)]
+    if op_types is not None:
+        candidates = layers + residual_adds(folded)
+        if not any(n.op_type in op_types for n in candidates):
+            kinds = sorted({n.op_type for n in candidates})
+            raise BadInputError(f"--op-types {' '.join(op_types)} matches no quantizable node of the model; "
+                                f"use some of {', '.join(kinds)}")
+        excluded |= {n.name for n in candidates if n.op_type not in op_types}
     plan = QuantPlan(target=target)
     trt = target == "tensorrt"
     int8_kernels = trt or (wbits == abits == first_last_bits == 8)   # every conv input and Add input quantized

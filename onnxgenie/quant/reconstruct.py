@@ -633,8 +633,8 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
     blocks = partition_blocks(folded, quantized=list(plan.weights))
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=iters * len(blocks), desc="reconstruct", unit="step", leave=False)
+        from ..progress import progress_bar
+        bar = progress_bar(iters * len(blocks), desc="reconstruct", unit="step", leave=False)
     report = {"blocks": [], "quantizer": quantizer, "lambda": cfg.lam, "lr_scale": cfg.lr_scale,
               "act_lr_scale": cfg.act_lr_scale, "qdrop": cfg.qdrop, "iters": iters,
               "batch": batch,
