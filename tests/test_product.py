@@ -146,3 +146,77 @@ def test_zero_shot_on_other_architectures_runs_at_every_onnxruntime_level(name, 
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         y = predict(written, x, level=level)
         assert np.isfinite(y).all() and (y.argmax(1) == sim.argmax(1)).mean() >= 0.9
+
+
+# onnxruntime quantize_static conventions ------------------------------------------------------------
+
+class _Reader:
+    """What onnxruntime's CalibrationDataReader gives: {input_name: batch} until None."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int):
+        self.batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def test_calib_data_takes_a_reader_an_iterable_and_an_npz_keyed_by_input_name(tmp_path):
+    model = fixtures.nhwc_input()   # NHWC: each form holds the images as the model takes them
+    x = np.random.default_rng(0).standard_normal((12, fixtures.HW, fixtures.HW, fixtures.C_IN)).astype(np.float32)
+    settings = dict(wbits=4, abits=4, reconstruct=False, progress=False, threads=1)
+    want = onnxgenie.quantize(model, calib_data=x, **settings).model.SerializeToString()
+    np.savez(tmp_path / "calib.npz", input=x)
+    for data in (_Reader("input", x, 5), [{"input": x[i:i + 4]} for i in range(0, 12, 4)],
+                 str(tmp_path / "calib.npz")):
+        result = onnxgenie.quantize(model, calib_data=data, holdout_images=0, **settings)
+        assert result.model.SerializeToString() == want, type(data)
+    with pytest.raises(BadInputError, match="each item must be"):
+        onnxgenie.quantize(model, calib_data=[{"a": x, "b": x}], **settings)
+    np.savez(tmp_path / "other.npz", pixels=x)
+    with pytest.raises(BadInputError, match="it needs 'images' \\(or the model's input name 'input'\\)"):
+        onnxgenie.quantize(model, calib_data=str(tmp_path / "other.npz"), **settings)
+
+
+def _planned_ops(out: str, folded) -> list[str]:
+    """Op types of the weight quantizers `inspect --plan` lists."""
+    ops = {n.name: n.op_type for n in folded.graph.node}
+    return [ops[line.split()[4]] for line in out.splitlines() if line.startswith("  W")]
+
+
+def test_op_types_and_exclude_mean_what_onnxruntime_means(tmp_path, capsys):
+    from onnxgenie.pipeline import prepare
+
+    model = fixtures.gemm_head()
+    src, folded = fixtures.save(model, tmp_path), prepare(model)[1]
+    assert main(["inspect", str(src), "--plan"]) == 0
+    full = _planned_ops(capsys.readouterr().out, folded)
+    assert main(["inspect", "--op-types", "Conv", str(src), "--plan"]) == 0   # the model path is not swallowed
+    only_conv = _planned_ops(capsys.readouterr().out, folded)
+    assert "Gemm" in full and set(only_conv) == {"Conv"} and len(only_conv) == full.count("Conv")
+    assert main(["inspect", "--exclude", "x,y", "--high-bits", "z", str(src), "--plan"]) == 2
+    assert "--exclude names no node of the model: x, y" in capsys.readouterr().err
+    assert main(["inspect", str(src), "--plan", "--op-types", "Relu"]) == 2
+    assert "matches no quantizable node" in capsys.readouterr().err
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"onnxgenie {onnxgenie.__version__}"
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "weight bits, 2-8 (default: 4)" in text and "activation bits, 4-8 (default: 4)" in text
+    assert "--holdout-images" in text.split("--min-agreement P")[-1]   # the gate's help recommends them
+
+
+def test_a_log_gets_stage_lines_not_progress_bars(tmp_path, capsys):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    code = main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib-images", "8", "--distill-iters", "3",
+                 "--recon-iters", "3", "--recon-batch", "4", "--jobs", "1", "--threads", "1",
+                 "--min-agreement", "0"])
+    err = capsys.readouterr().err   # captured: not a terminal
+    assert code == 0 and "\r" not in err and "it/s" not in err and "step/s" not in err
+    lines = err.strip().splitlines()
+    assert [line.split(":")[1].strip() for line in lines[:-1]] == ["distill", "init", "reconstruct", "export"]
+    assert "on 8 calibration images (optimistic" in lines[-2]
