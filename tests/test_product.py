@@ -76,7 +76,7 @@ def test_quality_gate(tmp_path, capsys, threshold, code):
     err = capsys.readouterr().err
     assert got == code, err
     report = json.loads(report_file.read_text())
-    assert report["gate"] == {"min_agreement": threshold, "passed": code == 0}
+    assert report["gate"] == {"min_agreement": threshold, "passed": code == 0, "on": "held-out"}
     if code == 0:
         assert out.exists() and err == ""          # --quiet: nothing but errors on stderr
     else:

@@ -148,8 +148,10 @@ def _same_meaning_at_17(node: onnx.NodeProto, attrs: dict) -> bool:
 def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Relabel a newer-opset model as opset 17 where every op means the same there.
 
-    onnx's version converter has no down-adapters for most ops (it fails on Flatten-21), but the
-    versions after 17 are mostly type additions; the few real changes are rewritten or refused.
+    onnx 1.17's version converter has no down-adapters for most ops (it fails on Flatten-21,
+    AveragePool-19, Reshape-19), but the versions after 17 are mostly type additions; the few real
+    changes are rewritten or refused. Runs on the folded graph, where inputs such as ReduceMean-18's
+    axes (a Constant -> Reshape chain in torch.export files) are initializers.
     """
     from onnx import defs
 
@@ -356,7 +358,8 @@ def _check_batch_is_free(model: onnx.ModelProto, io: ImageIO) -> None:
     if outs != [1, 2]:
         raise UnsupportedModelError(
             f"the model was exported with a fixed batch size that could not be made dynamic ({outs}); "
-            "re-export it with dynamic_axes={'input': {0: 'N'}, 'output': {0: 'N'}}")
+            "re-export it with a dynamic batch (torch.onnx.export's dynamic_axes={'input': {0: 'N'}, "
+            "'output': {0: 'N'}}, or dynamic_shapes with dynamo=True)")
 
 
 def _restore_dynamic_batch(model: onnx.ModelProto, io_names: set[str]) -> onnx.ModelProto:
