@@ -188,6 +188,32 @@ def opset19_pad_wrap() -> onnx.ModelProto:
     return _with_input_pad(19, "wrap")
 
 
+def _with_same_padding(value: float) -> onnx.ModelProto:
+    """TensorFlow-style "same" padding of the stride-2 conv as a separate asymmetric Pad (bottom/right by 1)."""
+    model = conv_bn_net(17)
+    conv = next(n for n in model.graph.node if n.name == "down.conv")
+    for a in conv.attribute:
+        if a.name == "pads":
+            a.ints[:] = [0, 0, 0, 0]
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "same_pads"),
+                                    numpy_helper.from_array(np.array(value, np.float32), "same_value")])
+    pad = helper.make_node("Pad", [conv.input[0], "same_pads", "same_value"], ["same_padded"], name="same_pad")
+    conv.input[0] = "same_padded"
+    model.graph.node.insert(list(model.graph.node).index(conv), pad)
+    onnx.checker.check_model(model)
+    return model
+
+
+def same_padding() -> onnx.ModelProto:
+    """A zero Pad before a conv: folded into the conv's pads by the front end."""
+    return _with_same_padding(0.0)
+
+
+def same_padding_nonzero() -> onnx.ModelProto:
+    """A Pad with a non-zero value is not a conv's padding: kept."""
+    return _with_same_padding(0.5)
+
+
 def nhwc_input() -> onnx.ModelProto:
     return conv_bn_net(nhwc=True)
 
@@ -306,7 +332,8 @@ def int64_input() -> onnx.ModelProto:
 # Models the front end must accept and that keep one float image input.
 VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean, opset19_pad_reflect, opset21,
                                  nhwc_input, gemm_head, matmul_head, depthwise, bn_after_add, no_bn,
-                                 dynamic_batch, fixed_batch, fixed_batch1_reshape)}
+                                 dynamic_batch, fixed_batch, fixed_batch1_reshape, same_padding,
+                                 same_padding_nonzero)}
 # Models with BN statistics (fold_bn has something to fold).
 WITH_BN = {k: f for k, f in VALID.items() if k != "no_bn"}
 # Models the front end must refuse (without --input-size for dynamic_hw).

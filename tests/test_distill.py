@@ -14,7 +14,7 @@ from fixtures import conv_bn_net, no_bn, random_input, save, wait_for
 from onnxgenie.cli import main
 from onnxgenie.distill import distill
 from onnxgenie.distill.bns import LOSS, STD_EPS, bns_loss_model, fused_layers
-from onnxgenie.distill.generator import build_generator, init_generator
+from onnxgenie.distill.generator import build_generator, channels, init_generator, stages
 from onnxgenie.distill.genie_d import (LATENTS, BatchDistiller, DistillConfig, ReduceLROnPlateau,
                                        initial_values, training_model)
 from onnxgenie.errors import BadInputError, DivergenceError, NoBatchNormError, ResumeMismatchError
@@ -92,14 +92,20 @@ def _numpy_generator(values: dict, z: np.ndarray, chw: tuple) -> np.ndarray:
     def up(x):
         return x.repeat(2, axis=2).repeat(2, axis=3)
 
+    k = stages(h, w)
+    chans = channels(k)
     x = z.astype(np.float64) @ v["linear.weight"].T + v["linear.bias"]
-    x = bn(x.reshape(len(z), 128, -(-h // 4), -(-w // 4)), "bn1")
-    x = bn(conv(up(x), "conv1"), "bn2")
-    x = conv(up(np.where(x > 0, x, 0.2 * x)), "conv2")[:, :, :h, :w]
+    x = bn(x.reshape(len(z), chans[0], -(-h // 2 ** k), -(-w // 2 ** k)), "bn1")
+    for i in range(1, k + 1):
+        x = conv(up(x), f"conv{i}")
+        if i < k:
+            x = bn(x, f"bn{i + 1}")
+            x = np.where(x > 0, x, 0.2 * x)
+    x = x[:, :, :h, :w]
     return bn(np.tanh(x))
 
 
-@pytest.mark.parametrize("chw", [(3, 8, 8), (1, 10, 6)])
+@pytest.mark.parametrize("chw", [(3, 8, 8), (1, 10, 6), (2, 40, 24), (1, 70, 50)])
 def test_generator_equals_numpy_reference(chw):
     gen = build_generator(chw)
     rng = np.random.default_rng(0)
@@ -414,3 +420,19 @@ if __name__ == "__main__":
         os.killpg(proc.pid, signal.SIGKILL)   # workers too
         pytest.fail("the run did not exit within 60 s of Ctrl-C")
     assert proc.returncode == 130, err[-500:]
+
+
+def test_generator_is_the_reference_up_to_32_and_stays_small_at_real_resolution():
+    """Up to 32x32 the reference's two stages (128 -> 64 -> C); at 224x224 five stages whose Linear layer
+    maps to 128x7x7 instead of 128x56x56, and whose convolutions cost less than 1/4 of Lite0's forward."""
+    assert (stages(32, 32), channels(stages(32, 32))) == (2, [128, 64])
+    gen = build_generator((3, 224, 224))
+    weights = {t.name: tuple(t.dims) for t in gen.graph.initializer}
+    assert weights["generator.linear.weight"] == (128 * 7 * 7, 256)
+    assert stages(224, 224) == 5 and channels(5) == [128, 64, 32, 16, 8]
+    macs = 0
+    side = 7
+    for cin, cout in zip(channels(5), channels(5)[1:] + [3]):
+        side *= 2
+        macs += side * side * cin * cout * 9
+    assert macs < 0.25 * 400e6   # EfficientNet-Lite0: about 400 M multiply-adds per image

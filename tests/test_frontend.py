@@ -63,6 +63,16 @@ def test_normalize_keeps_bn_statistics(name):
         np.testing.assert_array_equal(got[key].gamma, layer.gamma)
 
 
+@pytest.mark.parametrize("name, pads_left", [("same_padding", 0), ("same_padding_nonzero", 1),
+                                             ("opset19_pad_reflect", 1)])
+def test_zero_pads_are_folded_into_the_conv(name, pads_left):
+    normal = normalize(fixtures.VALID[name]())
+    assert sum(n.op_type == "Pad" for n in normal.graph.node) == pads_left
+    if not pads_left:
+        conv = next(n for n in normal.graph.node if n.name == "down.conv")
+        assert next(list(a.ints) for a in conv.attribute if a.name == "pads") == [0, 0, 1, 1]
+
+
 def test_opset_conversion_really_happens():
     # the opset-11 fixture lists its initializers as inputs and uses opset-11 BN; opset 21 is relabelled
     for make in (fixtures.opset11, fixtures.opset21, fixtures.opset18_reduce_mean):

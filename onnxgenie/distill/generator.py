@@ -1,12 +1,17 @@
-"""The GENIE-D generator as an ONNX graph (the reference's ``Generator``, latent 256, c1 128, c2 64).
+"""The GENIE-D generator as an ONNX graph (the reference's ``Generator``: latent 256, channels 128, 64).
 
-latents [N, 256] → Linear → view [N, c1, h0, w0] → BN → Upsample×2 → Conv3×3 (c1→c2) → BN →
-LeakyReLU 0.2 → Upsample×2 → Conv3×3 (c2→C) → Tanh → BN without affine → images [N, C, H, W].
+latents [N, 256] → Linear → view [N, 128, h0, w0] → BN → k × (Upsample×2 → Conv3×3 → BN → LeakyReLU 0.2),
+the last stage's conv to C channels followed by Tanh → BN without affine → images [N, C, H, W].
 
-h0, w0 = ceil(H/4), ceil(W/4); when H or W is not a multiple of 4 the last conv's output is
-cropped to H×W (top-left) before Tanh. Every BN uses the statistics of the current batch, written
-out with ReduceMean/Sub/Mul/Sqrt/Div (no BatchNormalization node, no running statistics), so a
-training and an inference session of this graph compute the same thing.
+The stages halve the channels (128 → 64 → 32 ...; never below ``MIN_CHANNELS``). k = 2 up to 32×32
+inputs: exactly the reference's generator (h0 = H/4). Larger inputs get one more stage per doubling
+(``stages``), so the Linear layer stays at 128×h0×w0 with h0, w0 ≤ 8 and the costly convolutions run
+with few channels at high resolution: at 224² the reference's shape would map 256 latents to
+128×56×56 (103 M weights) and run a 128→64 conv at 112², more than the teacher itself costs.
+When H or W is not h0·2^k the last conv's output is cropped to H×W (top-left) before Tanh. Every BN
+uses the statistics of the current batch, written out with ReduceMean/Sub/Mul/Sqrt/Div (no
+BatchNormalization node, no running statistics), so a training and an inference session of this graph
+compute the same thing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-LATENT_DIM, C1, C2 = 256, 128, 64
+LATENT_DIM, C1 = 256, 128
+MIN_CHANNELS = 8
+LINEAR_SIDE = 8   # the Linear layer's output side grows to at most this before a stage is added
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default
 PREFIX = "generator."
 
@@ -70,26 +77,39 @@ class _Graph:
         return self.op("Conv", [x, w, b], name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
 
 
+def stages(h: int, w: int) -> int:
+    """Upsampling stages for an H×W image: 2 (the reference's) up to 32², one more per doubling beyond."""
+    return max(2, math.ceil(math.log2(max(h, w) / LINEAR_SIDE)))
+
+
+def channels(k: int, c1: int = C1) -> list[int]:
+    """Channels entering each of the ``k`` stages: c1, c1/2, ... (at least ``MIN_CHANNELS``)."""
+    return [max(c1 >> i, MIN_CHANNELS) for i in range(k)]
+
+
 def build_generator(chw: tuple[int, int, int], latents: str = "latents", images: str = "images",
-                    latent_dim: int = LATENT_DIM, c1: int = C1, c2: int = C2) -> onnx.ModelProto:
+                    latent_dim: int = LATENT_DIM, c1: int = C1) -> onnx.ModelProto:
     """The generator graph (input ``latents``, output ``images``); weights are placeholders: use
     ``init_generator`` for a fresh PyTorch-style initialisation."""
     c, h, w = chw
-    h0, w0 = math.ceil(h / 4), math.ceil(w / 4)
+    k = stages(h, w)
+    h0, w0 = math.ceil(h / 2 ** k), math.ceil(w / 2 ** k)
+    chans = channels(k, c1)
     g = _Graph()
-    weight = g.const("linear.weight", np.zeros((c1 * h0 * w0, latent_dim), np.float32))
-    bias = g.const("linear.bias", np.zeros(c1 * h0 * w0, np.float32))
+    weight = g.const("linear.weight", np.zeros((chans[0] * h0 * w0, latent_dim), np.float32))
+    bias = g.const("linear.bias", np.zeros(chans[0] * h0 * w0, np.float32))
     x = g.op("Gemm", [latents, weight, bias], "linear", transB=1)
-    x = g.op("Reshape", [x, g.const("view_shape", np.array([-1, c1, h0, w0], np.int64))], "view")
-    x = g.batch_norm(x, "bn1", c1)
-    x = g.conv3x3(g.upsample2(x, "up1", h0, w0), "conv1", c1, c2)
-    x = g.op("LeakyRelu", [g.batch_norm(x, "bn2", c2)], "lrelu", alpha=0.2)
-    x = g.conv3x3(g.upsample2(x, "up2", 2 * h0, 2 * w0), "conv2", c2, c)
-    if (4 * h0, 4 * w0) != (h, w):
+    x = g.op("Reshape", [x, g.const("view_shape", np.array([-1, chans[0], h0, w0], np.int64))], "view")
+    x = g.batch_norm(x, "bn1", chans[0])
+    for i, (cin, cout) in enumerate(zip(chans, chans[1:] + [c]), start=1):
+        x = g.conv3x3(g.upsample2(x, f"up{i}", h0 << (i - 1), w0 << (i - 1)), f"conv{i}", cin, cout)
+        if i < k:
+            x = g.op("LeakyRelu", [g.batch_norm(x, f"bn{i + 1}", cout)], "lrelu" if i == 1 else f"lrelu{i}", alpha=0.2)
+    if (h0 << k, w0 << k) != (h, w):
         x = g.op("Slice", [x, g.const("crop_starts", np.array([0, 0], np.int64)),
                            g.const("crop_ends", np.array([h, w], np.int64)),
                            g.const("crop_axes", np.array([2, 3], np.int64))], "crop")
-    x = g.batch_norm(g.op("Tanh", [x], "tanh"), "bn3", c, affine=False)
+    x = g.batch_norm(g.op("Tanh", [x], "tanh"), f"bn{k + 1}", c, affine=False)
     g.nodes.append(helper.make_node("Identity", [x], [images], name=PREFIX + "images"))
     graph = helper.make_graph(
         g.nodes, "genie_generator", [helper.make_tensor_value_info(latents, TensorProto.FLOAT, ["N", latent_dim])],

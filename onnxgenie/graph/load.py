@@ -317,6 +317,46 @@ def _cancel_transpose_pairs(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
+def _pads_into_convs(model: onnx.ModelProto) -> None:
+    """Fold a zero constant Pad of the spatial axes into the Convs that read it (their ``pads``):
+    the same function, and one full-tensor copy (and its gradient) fewer per layer. Exporters write
+    TensorFlow-style "same" padding this way (EfficientNet-Lite: 17 Pads)."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    folded = set()
+    for pad in model.graph.node:
+        if pad.op_type != "Pad" or pad.domain not in _SUPPORTED_DOMAINS or pad.output[0] in outputs:
+            continue
+        mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = consts.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = consts.get(pad.input[2], np.zeros(1)) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        axes_given = len(pad.input) > 3 and pad.input[3]
+        convs = readers.get(pad.output[0], [])
+        if mode not in (b"constant", "constant") or pads is None or axes_given or np.any(value != 0) \
+                or pads.size != 8 or np.any(pads < 0) or np.any(pads[[0, 1, 4, 5]] != 0) or not convs:
+            continue
+        if not all(c.op_type == "Conv" and c.input[0] == pad.output[0] and len(c.input) >= 2 and all(
+                a.name != "auto_pad" or helper.get_attribute_value(a) in (b"NOTSET", "NOTSET") for a in c.attribute)
+                for c in convs):
+            continue
+        extra = [int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])]   # Conv's [h0, w0, h1, w1]
+        for conv in convs:
+            current = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend(kept + [helper.make_attribute("pads", [p + e for p, e in zip(current, extra)])])
+            conv.input[0] = pad.input[0]
+        folded.add(pad.output[0])
+    if folded:
+        keep = [n for n in model.graph.node if not (n.op_type == "Pad" and n.output[0] in folded)]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 def with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     """A copy of ``model`` (normal form) whose image input has the static batch ``batch``, shapes inferred."""
     fixed = onnx.ModelProto()
@@ -424,6 +464,7 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
                                     "check the model with onnx.checker and re-export it") from None
     if opset > INTERNAL_OPSET:
         model = _downgrade_opset(model, opset)
+    _pads_into_convs(model)
     model = _restore_dynamic_batch(model, {inp.name, *outputs})
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
