@@ -291,6 +291,76 @@ def fixed_batch_baked_constant() -> onnx.ModelProto:
     return model
 
 
+# BatchNormalization written out as elementwise ops on its constants, as exporters without a BN op do:
+BN_ARITHMETIC = {
+    "rsqrt_nchw": "(x - mean) * (Reciprocal(Sqrt(var + eps)) * gamma) + beta, constants [1, C, 1, 1]",
+    "div_nchw": "(x - mean) / Sqrt(var + eps) * gamma + beta, constants [C, 1, 1], eps a Constant node",
+    "affine_nhwc": "x * a + (beta - mean * a), a = Pow(var + eps, -0.5) * gamma (tf.nn.batch_normalization), "
+                   "channels last",
+    "commuted_nhwc": "beta + (gamma / Sqrt(eps + var)) * (x - mean), constants first, channels last",
+}
+
+
+def bn_as_arithmetic(variant: str) -> onnx.ModelProto:
+    """``conv_bn_net`` with every BatchNormalization written as ``BN_ARITHMETIC[variant]`` (the same
+    function; its last op has the BN's name). ``*_nhwc``: a rank-4 BN's ops work on channels-last
+    tensors between a Transpose pair, with constants of shape [C]."""
+    model = conv_bn_net()
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
+             for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    b = _Builder(0)
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            b.nodes.append(node)
+            continue
+        x, y, name = node.input[0], node.output[0], node.name
+        gamma, beta, mean, var = (inits[i] for i in node.input[1:])
+        eps = np.float32(next(a.f for a in node.attribute if a.name == "epsilon"))
+        channels_last = variant.endswith("_nhwc") and ranks[x] == 4
+        shape = {4: [1, -1, 1, 1] if variant == "rsqrt_nchw" else [-1, 1, 1], 2: [1, -1]}[ranks[x]]
+        shape = [-1] if channels_last else shape
+
+        def c(role, value):
+            return b.const(f"{name}/{role}", np.asarray(value, np.float32).reshape(shape if value.ndim else []))
+
+        if channels_last:
+            x = b.node("Transpose", [x], f"{name}/to_nhwc", perm=[0, 2, 3, 1])
+        out = f"{name}/nhwc" if channels_last else y
+        op = dict(name=name)
+        if variant == "rsqrt_nchw":
+            inv = b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [c("var", var), c("eps", eps)], f"{name}/ve")],
+                                                 f"{name}/sd")], f"{name}/inv")
+            scaled = b.node("Mul", [b.node("Sub", [x, c("mean", mean)], f"{name}/xm"),
+                                    b.node("Mul", [inv, c("gamma", gamma)], f"{name}/a")], f"{name}/xs")
+            b.nodes.append(helper.make_node("Add", [scaled, c("beta", beta)], [out], **op))
+        elif variant == "div_nchw":
+            eps_node = b.node("Constant", [], f"{name}/eps", value=numpy_helper.from_array(eps))
+            sd = b.node("Sqrt", [b.node("Add", [c("var", var), eps_node], f"{name}/ve")], f"{name}/sd")
+            normed = b.node("Div", [b.node("Sub", [x, c("mean", mean)], f"{name}/xm"), sd], f"{name}/xn")
+            scaled = b.node("Mul", [normed, c("gamma", gamma)], f"{name}/xs")
+            b.nodes.append(helper.make_node("Add", [scaled, c("beta", beta)], [out], **op))
+        elif variant == "affine_nhwc":
+            root = b.node("Pow", [b.node("Add", [c("var", var), c("eps", eps)], f"{name}/ve"),
+                                  b.const(f"{name}/minus_half", np.float32(-0.5))], f"{name}/inv")
+            a = b.node("Mul", [root, c("gamma", gamma)], f"{name}/a")
+            shift = b.node("Sub", [c("beta", beta), b.node("Mul", [c("mean", mean), a], f"{name}/ma")], f"{name}/b")
+            b.nodes.append(helper.make_node("Add", [b.node("Mul", [x, a], f"{name}/xa"), shift], [out], **op))
+        elif variant == "commuted_nhwc":
+            a = b.node("Div", [c("gamma", gamma), b.node("Sqrt", [b.node("Add", [c("eps", eps), c("var", var)],
+                                                                           f"{name}/ve")], f"{name}/sd")], f"{name}/a")
+            scaled = b.node("Mul", [a, b.node("Sub", [x, c("mean", mean)], f"{name}/xm")], f"{name}/xs")
+            b.nodes.append(helper.make_node("Add", [c("beta", beta), scaled], [out], **op))
+        else:
+            raise ValueError(variant)
+        if channels_last:
+            b.nodes.append(helper.make_node("Transpose", [out], [y], name=f"{name}/to_nchw", perm=[0, 3, 1, 2]))
+    used = {i for n in b.nodes for i in n.input}
+    graph = helper.make_graph(b.nodes, "tiny_bn_arithmetic", model.graph.input, model.graph.output,
+                              [t for t in model.graph.initializer if t.name in used] + b.inits)
+    return _model(graph, 17)
+
+
 def dynamic_hw() -> onnx.ModelProto:
     return conv_bn_net(hw=("height", "width"))
 

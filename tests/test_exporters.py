@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import fixtures
 import onnxgenie
@@ -23,17 +24,19 @@ from onnxgenie.quant.init import image_range
 DATA = Path(__file__).parent / "data" / "exporters"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# file -> (BatchNormalization layers the exporter kept, what inspect must say when there are none)
+# file -> (BN layers the front end reads, what inspect must say when there are none)
 ROWS = {
     "torchscript_bn": (15, None),         # TorchScript exporter, opset 17, BN kept (the README's recipe)
     "dynamo_bn_dynamic": (15, None),      # torch.export, optimize=False, opset 20, dynamic batch
     "dynamo_bn_static": (15, None),       # the same at a fixed batch of 2
     "dynamo_folded": (0, "optimize=False"),   # torch.export's default optimiser folds every BN
     "timm_zero_gamma": (15, None),        # timm resnet-d layout, zero_init_last: 4 BN with gamma 0
-    "keras3_tf2onnx": (0, "no tf2onnx option keeps Keras 3's BN"),  # NHWC, BN merged by TF constant folding
+    "keras3_tf2onnx": (0, "KERAS_BACKEND=torch"),  # NHWC, BN merged by TF constant folding
     "tfkeras_bn": (3, None),              # tf-keras, tf2onnx without remove_back_to_back: BN kept, NHWC
     "tfkeras_folded": (0, "remove_back_to_back"),  # tf-keras, tf2onnx defaults: Conv+BN fused
+    "keras3_torch": (3, None),            # Keras 3 on torch, TorchScript without constant folding: NHWC, BN as ops
 }
+WRITTEN_AS_OPS = {"keras3_torch"}         # BN layers the file holds as arithmetic, not BatchNormalization nodes
 TINY = dict(calib_images=8, holdout_images=0, distill_iters=2, distill_batch=8, recon_iters=2, recon_batch=4,
             recon_candidates=1, recon_augment="none", jobs=1, threads=1, progress=False)
 
@@ -71,8 +74,9 @@ def _uint8_data(tmp_path: Path, model: onnx.ModelProto, n: int = 16) -> Path:
 def test_front_end_reads_the_export_exactly(row):
     original = _model(row)
     normal = normalize(original)
-    assert len(bn_layers(normal)) == ROWS[row][0] == sum(n.op_type == "BatchNormalization"
-                                                          for n in original.graph.node)
+    assert len(bn_layers(normal)) == ROWS[row][0]
+    nodes = sum(n.op_type == "BatchNormalization" for n in original.graph.node)
+    assert nodes == (0 if row in WRITTEN_AS_OPS else ROWS[row][0])
     assert not normal.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"), "batch must be dynamic"
     fixed = _batch(original)
     for batch in ((fixed,) if fixed else (1, 3)):
@@ -136,3 +140,71 @@ def test_tiny_quantize_parity_and_eval(row, tmp_path, capsys):
 def test_timm_zero_gammas_are_there_and_distil():
     layers = bn_layers(normalize(_model("timm_zero_gamma")))
     assert sum(bool(np.all(b.gamma == 0)) for b in layers) == 4   # each block's last BN (zero_init_last)
+
+
+def test_keras3_bn_statistics_are_read_from_its_arithmetic():
+    """Each BN layer the front end finds holds one Keras layer's weights exactly, and Keras's epsilon."""
+    original = _model("keras3_torch")
+    weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    keras_layers = sorted({n.rsplit("/", 1)[0] for n in weights if n.endswith("/moving_mean")})
+    layers = bn_layers(normalize(original))
+    assert len(layers) == len(keras_layers) == 3
+    for layer in layers:
+        keras = next(k for k in keras_layers if np.array_equal(weights[f"{k}/moving_mean"], layer.mean))
+        for role, name in (("var", "moving_variance"), ("gamma", "gamma"), ("beta", "beta")):
+            np.testing.assert_array_equal(getattr(layer, role), weights[f"{keras}/{name}"])
+        assert layer.eps == pytest.approx(1e-3, rel=1e-6)   # keras.layers.BatchNormalization's default
+        assert layer.producer_op == "Conv"   # the Casts and the NHWC Transpose pair around it are gone
+
+
+@pytest.mark.parametrize("variant", sorted(fixtures.BN_ARITHMETIC))
+def test_bn_written_as_arithmetic_is_read_as_bn(variant, tmp_path, capsys):
+    reference = fixtures.conv_bn_net()   # the same net with BatchNormalization nodes
+    model = fixtures.bn_as_arithmetic(variant)
+    path = fixtures.save(model, tmp_path)
+    assert main(["inspect", str(path)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "zero-shot ready: yes"
+    want = {b.name: b for b in bn_layers(reference)}
+    got = {b.name: b for b in bn_layers(normalize(model))}
+    assert got.keys() == want.keys()
+    for name, layer in got.items():
+        for role in ("mean", "var", "gamma", "beta"):
+            np.testing.assert_array_equal(getattr(layer, role), getattr(want[name], role))
+        assert layer.eps == want[name].eps and layer.producer_op == want[name].producer_op
+    x = fixtures.random_input(model, 3)
+    np.testing.assert_allclose(fixtures.run(normalize(model), x), fixtures.run(model, x), rtol=0, atol=1e-5)
+    result = onnxgenie.quantize(str(path), tmp_path / "q.onnx", **TINY)
+    assert result.report["calibration"]["source"] == "distill"
+    sim, qdq = (predict(m, result.calibration[:4], level=PARITY_LEVEL) for m in (result.simulation, result.model))
+    assert np.abs(sim - qdq).max() <= 1e-4 * max(float(np.ptp(sim)), 1e-12)
+
+
+def test_arithmetic_that_is_not_bn_stays_as_it_is():
+    """(x - mean) * Sqrt(var + eps) * gamma + beta (a multiplication where BN divides) is no BN."""
+    model = fixtures.bn_as_arithmetic("div_nchw")
+    for node in model.graph.node:
+        if node.op_type == "Div":
+            node.op_type = "Mul"
+    normal = normalize(model)
+    assert not bn_layers(normal) and not any(n.op_type == "BatchNormalization" for n in normal.graph.node)
+    x = fixtures.random_input(model, 2)
+    np.testing.assert_allclose(fixtures.run(normal, x), fixtures.run(model, x), rtol=1e-6, atol=1e-5)
+
+
+def test_bn_constants_the_exporter_stored_once_are_read_per_role():
+    """A fresh layer's zero mean and beta (and unit var and gamma) saved as one tensor each, read
+    through Identity nodes, as the TorchScript exporter deduplicates them."""
+    model = fixtures.bn_as_arithmetic("rsqrt_nchw")
+    shared = {"mean": "zeros", "beta": "zeros", "var": "ones", "gamma": "ones"}
+    inits = {t.name: t for t in model.graph.initializer}
+    for role, name in shared.items():
+        model.graph.initializer.remove(inits[f"stem.bn/{role}"])
+        model.graph.node.insert(0, onnx.helper.make_node("Identity", [name], [f"stem.bn/{role}"]))
+    model.graph.initializer.extend([numpy_helper.from_array(np.zeros((1, 8, 1, 1), np.float32), "zeros"),
+                                    numpy_helper.from_array(np.ones((1, 8, 1, 1), np.float32), "ones")])
+    normal = normalize(model)
+    stem = next(b for b in bn_layers(normal) if b.name == "stem.bn")
+    assert [float(np.abs(getattr(stem, r) - v).max()) for r, v in (("mean", 0), ("beta", 0), ("var", 1), ("gamma", 1))] \
+        == [0, 0, 0, 0] and len(bn_layers(normal)) == 4
+    x = fixtures.random_input(model, 2)
+    np.testing.assert_allclose(fixtures.run(normal, x), fixtures.run(model, x), rtol=0, atol=1e-5)

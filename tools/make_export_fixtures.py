@@ -4,7 +4,7 @@ Run it once in a PyTorch environment and once in a TensorFlow one; each run writ
 libraries can make and says which it skipped. Neither library is a dependency of onnxgenie; the tests
 read only the committed .onnx files.
 
-    python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch torchvision timm onnxscript
+    python -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch torchvision timm onnxscript keras
     /tmp/venv-torch/bin/python tools/make_export_fixtures.py
     python -m venv /tmp/venv-tf && /tmp/venv-tf/bin/pip install tensorflow-cpu tf2onnx tf-keras
     /tmp/venv-tf/bin/python tools/make_export_fixtures.py
@@ -137,6 +137,18 @@ def keras3_fixture() -> None:
                         "--output", str(OUT / "keras3_tf2onnx.onnx")], check=True, capture_output=True)
 
 
+def keras3_torch_fixture() -> None:
+    """Keras 3 on its torch backend (KERAS_BACKEND=torch) -> the TorchScript exporter without constant
+    folding: BN stays the arithmetic Keras writes, on its constants; NHWC."""
+    import keras
+    import torch
+
+    assert keras.backend.backend() == "torch"
+    torch.onnx.export(_keras_net(keras), (torch.randn(2, HW, HW, 3),), str(OUT / "keras3_torch.onnx"), dynamo=False,
+                      opset_version=17, do_constant_folding=False, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+
+
 def tf_keras_fixtures() -> None:
     """tf-keras (Keras 2) -> tf2onnx.convert.from_keras, with its default optimisers (BN folded) and
     without remove_back_to_back, the one that folds BN into Conv (BN kept)."""
@@ -158,11 +170,21 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] == ["keras3-torch"]:   # Keras picks its backend once, at import: a process of its own
+        keras3_torch_fixture()
+        sys.exit()
     have = {m: importlib.util.find_spec(m) is not None for m in ("torch", "timm", "keras", "tf2onnx", "tf_keras")}
     if have["torch"] and have["timm"]:
         torch_fixtures()
     else:
         print("skipped the PyTorch fixtures (needs torch, torchvision, timm, onnxscript)")
+    if have["torch"] and have["keras"]:
+        import subprocess
+
+        subprocess.run([sys.executable, __file__, "keras3-torch"], env={**os.environ, "KERAS_BACKEND": "torch"},
+                       check=True)
+    else:
+        print("skipped the Keras 3 torch-backend fixture (needs torch, keras 3)")
     if have["tf2onnx"] and have["keras"]:
         keras3_fixture()
     else:

@@ -89,8 +89,8 @@ FOLDED_FIX = {  # what follows "pass real images with --calib-data"
     "torch": ", or re-export with torch.onnx.export(..., dynamo=True, optimize=False)",
     "tf2onnx": ", or re-export with tf2onnx.convert.from_keras(..., optimizers=...) without its "
                "remove_back_to_back optimiser (README, 'Export your model')",
-    "keras3": " (no tf2onnx option keeps Keras 3's BN: TensorFlow's constant folding merges it into the "
-              "convolutions before tf2onnx runs)",
+    "keras3": ", or re-export it on Keras's torch backend (KERAS_BACKEND=torch) with torch.onnx.export(..., "
+              "dynamo=False, do_constant_folding=False): no tf2onnx option keeps Keras 3's BN",
 }
 
 

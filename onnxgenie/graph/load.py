@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from ..errors import BadInputError, UnsupportedModelError
+from .bn_arith import restore_batchnorm
 
 INTERNAL_OPSET = 17
 INTERNAL_IR = 8
@@ -243,6 +244,27 @@ def _castlike_as_cast(model: onnx.ModelProto) -> None:
             node.attribute.append(helper.make_attribute("to", to))
 
 
+def _drop_identity_casts(model: onnx.ModelProto) -> None:
+    """Remove Casts to the type their input already has (Keras 3's torch backend writes one around
+    nearly every op; they hide an NHWC input's Transpose and the Conv before a BN)."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    rename = {n.output[0]: n.input[0] for n in model.graph.node
+              if n.op_type == "Cast" and n.domain in _SUPPORTED_DOMAINS and n.output[0] not in outputs
+              and types.get(n.input[0]) and types[n.input[0]] == next(a.i for a in n.attribute if a.name == "to")}
+    if not rename:
+        return
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    keep = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in rename)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def _shape_range_as_slice(model: onnx.ModelProto) -> None:
     """Shape(x, start, end) as Slice(Shape(x)): graphsurgeon 0.6 folds a Shape to the whole shape,
     ignoring start/end (torch.export reads the batch size as Shape(input, end=1))."""
@@ -275,6 +297,7 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
         del model.graph.value_info[:]
         inferred = shape_inference.infer_shapes(model)
         _castlike_as_cast(inferred)
+        _drop_identity_casts(inferred)
         _shape_range_as_slice(inferred)
         graph = gs.import_onnx(inferred)
         graph.fold_constants(error_ok=True).cleanup().toposort()
@@ -445,6 +468,7 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    restore_batchnorm(model)  # before folding merges a BN's constants written as arithmetic
     try:
         if fixed_batch is not None:  # fold at the exported batch first: Reshape targets that carry it become
             _set_dims(inp, dims)     # constants _unfix_batch can free
@@ -492,13 +516,17 @@ def image_io(model: onnx.ModelProto) -> ImageIO:
     return ImageIO(inp.name, (int(c), int(h), int(w)), out.name, int(classes))
 
 
+LAYOUT_KEEPING = ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity")
+LAYOUT_KEEPING_STEPS = 4
+
+
 def nhwc_transpose(model: onnx.ModelProto, image: str | None = None) -> onnx.NodeProto | None:
     """The Transpose(0,3,1,2) that turns an NHWC input into NCHW, if the graph starts with one.
     ``image`` names the input where the graph has others (the swing offsets)."""
     name = image or _image_input(model).name
     users = [n for n in model.graph.node if name in n.input]
-    for _ in range(2):  # a QDQ model may quantize the NHWC image before its Transpose
-        if len(users) == 1 and users[0].op_type in ("QuantizeLinear", "DequantizeLinear"):
+    for _ in range(LAYOUT_KEEPING_STEPS):  # a QDQ model quantizes the NHWC image before its Transpose;
+        if len(users) == 1 and users[0].op_type in LAYOUT_KEEPING:  # Keras's torch backend casts it
             users = [n for n in model.graph.node if users[0].output[0] in n.input]
     if len(users) == 1 and users[0].op_type == "Transpose" and _perm(users[0]) == [0, 3, 1, 2]:
         return users[0]
