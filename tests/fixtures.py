@@ -361,6 +361,25 @@ def bn_as_arithmetic(variant: str) -> onnx.ModelProto:
     return _model(graph, 17)
 
 
+def dynamic_batch_as_number() -> onnx.ModelProto:
+    """A dynamic batch whose size scales the features (``x * x.shape[0]``): folded at a fixed batch it
+    would become a constant factor."""
+    model = conv_bn_net()
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    out = flatten.output[0]
+    flatten.output[0] = "flatten.raw"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "batch.axis"))
+    index = list(model.graph.node).index(flatten)
+    for k, node in enumerate([
+            helper.make_node("Shape", ["input"], ["batch.shape"], name="batch.shape"),
+            helper.make_node("Gather", ["batch.shape", "batch.axis"], ["batch.size"], name="batch.size"),
+            helper.make_node("Cast", ["batch.size"], ["batch.float"], name="batch.float", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["flatten.raw", "batch.float"], [out], name="batch_mul")]):
+        model.graph.node.insert(index + 1 + k, node)
+    onnx.checker.check_model(model)
+    return model
+
+
 def dynamic_hw() -> onnx.ModelProto:
     return conv_bn_net(hw=("height", "width"))
 
@@ -408,7 +427,7 @@ VALID = {f.__name__: f for f in (opset11, opset13, opset17, opset18_reduce_mean,
 WITH_BN = {k: f for k, f in VALID.items() if k != "no_bn"}
 # Models the front end must refuse (without --input-size for dynamic_hw).
 REFUSED = {f.__name__: f for f in (custom_op, two_inputs, int64_input, dynamic_hw, opset20_gelu,
-                                   fixed_batch_baked_constant, opset19_pad_wrap)}
+                                   fixed_batch_baked_constant, opset19_pad_wrap, dynamic_batch_as_number)}
 
 
 def save(model: onnx.ModelProto, tmp_path: Path, name: str = "model") -> Path:

@@ -35,7 +35,11 @@ ROWS = {
     "tfkeras_bn": (3, None),              # tf-keras, tf2onnx without remove_back_to_back: BN kept, NHWC
     "tfkeras_folded": (0, "remove_back_to_back"),  # tf-keras, tf2onnx defaults: Conv+BN fused
     "keras3_torch": (3, None),            # Keras 3 on torch, TorchScript without constant folding: NHWC, BN as ops
+    "torchscript_batch_arith": (1, None),  # dynamic batch taking part in a Reshape target: x.reshape(n * c, -1)
+    "dynamo_batch_arith_dynamic": (1, None),  # the same net by torch.export, dynamic_shapes=({0: Dim("N")},)
 }
+# a fixed batch that cannot be made dynamic: the same net by torch.export at batch 2 (reshape to [16, -1])
+FIXED_BATCH_IN_ARITHMETIC = "dynamo_batch_arith_static"
 WRITTEN_AS_OPS = {"keras3_torch"}         # BN layers the file holds as arithmetic, not BatchNormalization nodes
 TINY = dict(calib_images=8, holdout_images=0, distill_iters=2, distill_batch=8, recon_iters=2, recon_batch=4,
             recon_candidates=1, recon_augment="none", jobs=1, threads=1, progress=False)
@@ -208,3 +212,18 @@ def test_bn_constants_the_exporter_stored_once_are_read_per_role():
         == [0, 0, 0, 0] and len(bn_layers(normal)) == 4
     x = fixtures.random_input(model, 2)
     np.testing.assert_allclose(fixtures.run(normal, x), fixtures.run(model, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_fixed_batch_in_arithmetic_is_refused_with_the_exporters_fix(command, tmp_path, capsys):
+    """At another batch its Reshape splits the images differently: the normal form would compute other
+    logits than the file, so it is refused, with the re-export calls that give the dynamic rows above."""
+    path = DATA / f"{FIXED_BATCH_IN_ARITHMETIC}.onnx"
+    out = ["-o", str(tmp_path / "q.onnx"), "-q"] if command == "quantize" else []
+    assert main([command, str(path), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "fixed batch size of 2 that cannot be made dynamic" in err
+    assert "at batch 1 it computes other outputs than the file does 2 at a time" in err
+    assert "dynamic_shapes=({0: torch.export.Dim('N')},)" in err   # the call that made dynamo_batch_arith_dynamic
+    assert "dynamic_axes={'input': {0: 'N'}, 'logits': {0: 'N'}}" in err   # and torchscript_batch_arith
+    assert not (tmp_path / "q.onnx").exists()

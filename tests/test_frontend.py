@@ -111,6 +111,8 @@ def test_dynamic_hw_needs_input_size_and_works_with_it():
                                          ("int64_input", "INT64"), ("dynamic_hw", "--input-size"),
                                          ("opset20_gelu", "Gelu"),
                                          ("fixed_batch_baked_constant", "dynamic_axes"),
+                                         ("dynamic_batch_as_number", "batch size takes part in the computation "
+                                                                     "at node batch_mul (Mul)"),
                                          ("opset19_pad_wrap", "Pad-19")])
 def test_refused_models_raise_one_line_typed_errors(name, words):
     with pytest.raises(UnsupportedModelError) as err:

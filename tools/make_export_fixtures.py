@@ -9,7 +9,7 @@ read only the committed .onnx files.
     python -m venv /tmp/venv-tf && /tmp/venv-tf/bin/pip install tensorflow-cpu tf2onnx tf-keras
     /tmp/venv-tf/bin/python tools/make_export_fixtures.py
 
-Weights are random; BN statistics come from a few train-mode passes on N(0, 1) images (PyTorch) or
+Weights are random (seeded); BN statistics come from a few train-mode passes on N(0, 1) images (PyTorch) or
 are drawn at random (Keras), so that every statistic differs from its default.
 """
 
@@ -62,6 +62,31 @@ def _tiny_resnet(avg_down: bool, zero_init_last: bool):
     return model.eval()
 
 
+def _spatial_softmax_net():
+    """conv-BN-ReLU, then each channel pooled with softmax weights over its positions, computed on
+    ``x.reshape(n * c, -1)``: the batch size takes part in a Reshape target; linear head."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, CLASSES)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(x)))
+            n, c, h, w = x.shape
+            weights = x.reshape(n * c, -1).softmax(-1).reshape(n, c, h, w)
+            return self.fc((weights * x).sum((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(16, 3, HW, HW))
+    return model.eval()
+
+
 def torch_fixtures() -> None:
     import torch
 
@@ -80,6 +105,15 @@ def torch_fixtures() -> None:
     torch.onnx.export(plain, (x,), str(OUT / "dynamo_folded.onnx"), dynamic_shapes=batch, **common)
     for name in ("dynamo_bn_dynamic", "dynamo_bn_static", "dynamo_folded"):
         _strip_node_metadata(OUT / f"{name}.onnx")
+    softmax = _spatial_softmax_net()
+    torch.onnx.export(softmax, (x,), str(OUT / "dynamo_batch_arith_static.onnx"), optimize=False, **common)
+    torch.onnx.export(softmax, (x,), str(OUT / "dynamo_batch_arith_dynamic.onnx"), optimize=False,  # as the
+                      dynamic_shapes=({0: torch.export.Dim("N")},), **common)  # refusal of the static one advises
+    for name in ("dynamo_batch_arith_static", "dynamo_batch_arith_dynamic"):
+        _strip_node_metadata(OUT / f"{name}.onnx")
+    torch.onnx.export(softmax, x, str(OUT / "torchscript_batch_arith.onnx"), dynamo=False, opset_version=17,
+                      do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **names)
     timm_d = _tiny_resnet(avg_down=True, zero_init_last=True)   # timm's default init: last BN of each block gamma 0
     torch.onnx.export(timm_d, x, str(OUT / "timm_zero_gamma.onnx"), dynamo=False, opset_version=17,
                       do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
@@ -107,6 +141,7 @@ def _strip_node_metadata(path: Path) -> None:
 def _keras_net(keras):
     """conv-BN-ReLU, a residual conv-BN, a strided conv-BN-ReLU, global pool, dense; NHWC."""
     layers = keras.layers
+    keras.utils.set_random_seed(0)
     inp = keras.Input((HW, HW, 3), name="input")
     x = layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", use_bias=False)(inp)))
     y = layers.BatchNormalization()(layers.Conv2D(8, 3, padding="same", use_bias=False)(x))

@@ -10,6 +10,7 @@ sorted, one NCHW float image input with a symbolic batch axis and one logits out
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ INTERNAL_IR = 8
 MAX_IR = 10  # the newest IR onnxruntime(-training) 1.19 reads
 MIN_OPSET = 7
 _FOLD_BATCH = 7  # an unusual batch size: folded Reshape targets that carry it get it back as -1
+_OTHER_BATCH = 5  # a second fold shows which constants the batch size went into
 _SUPPORTED_DOMAINS = {"", "ai.onnx"}
 
 
@@ -407,22 +409,116 @@ def _unfix_batch(model: onnx.ModelProto, batch: int) -> None:
             tensor.CopyFrom(numpy_helper.from_array(target, tensor.name))
 
 
-def _check_batch_is_free(model: onnx.ModelProto, io: ImageIO) -> None:
+def dynamic_batch_fix(model: onnx.ModelProto, chw_dims: list) -> str:
+    """How to re-export ``model`` with a dynamic batch, for the exporter that wrote it (``chw_dims``:
+    its input's dimensions after the batch)."""
+    inp, out = _image_input(model).name, model.graph.output[0].name
+    torch_fix = (f"torch.onnx.export(..., dynamo=True, dynamic_shapes=({{0: torch.export.Dim('N')}},)), or with "
+                 f"dynamo=False: input_names=['{inp}'], output_names=['{out}'], "
+                 f"dynamic_axes={{'{inp}': {{0: 'N'}}, '{out}': {{0: 'N'}}}}")
+    tf_fix = (f"tf2onnx: input_signature=(tf.TensorSpec((None, {', '.join(map(str, chw_dims))}), tf.float32, "
+              f"name='{inp}'),)")
+    return {"pytorch": torch_fix, "tf2onnx": tf_fix}.get(model.producer_name, f"{torch_fix}; {tf_fix}")
+
+
+def _failure(err: Exception) -> str:
+    found = re.search(r"running (\w+) node\. Name:'([^']*)'", str(err))
+    return f"{found[1]} node {found[2]}" if found else (str(err).splitlines() or [type(err).__name__])[0][:100]
+
+
+def _check_batch_is_free(exported: onnx.ModelProto, model: onnx.ModelProto, batch: int) -> None:
+    """Refuse a fixed-batch export whose normal form (batch freed) does not compute, one image or
+    ``batch + 1`` images at a time, what the file computes ``batch`` images at a time: the batch took
+    part in the computation (a Reshape to [batch * channels, -1], a constant with a batch axis)."""
     from ..ortrain import inference_session, ort
 
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # the failure is reported below, in one line
+    shape = _dims(_image_input(model))[1:]
+    x = np.random.default_rng(0).standard_normal((2 * batch, *shape)).astype(np.float32)
     try:
-        sess = inference_session(model)
-        shape = _dims(_image_input(model))[1:]
-        outs = [sess.run(None, {io.input: np.zeros((b, *shape), np.float32)}, quiet)[0].shape[0] for b in (1, 2)]
-    except Exception as err:
-        outs = [str(err).splitlines()[0][:100]]
-    if outs != [1, 2]:
+        file = inference_session(exported)
+        name = file.get_inputs()[0].name
+        want = np.concatenate([file.run(None, {name: x[i:i + batch]}, quiet)[0] for i in (0, batch)])
+    except Exception:  # not runnable as written: only the shapes are checked
+        want = None
+    problem, sess = None, inference_session(model)
+    for n in (1, batch + 1):
+        try:
+            got = sess.run(None, {image_io(model).input: x[:n]}, quiet)[0]
+        except Exception as err:
+            problem = f"at batch {n} it fails in {_failure(err)}"
+            break
+        if got.shape[0] != n:
+            problem = f"at batch {n} it gives {got.shape[0]} outputs"
+            break
+        if want is not None and not np.abs(got - want[:n]).max() <= 1e-4 * max(1.0, float(np.abs(want).max())):
+            problem = f"at batch {n} it computes other outputs than the file does {batch} at a time"
+            break
+    if problem is not None:
         raise UnsupportedModelError(
-            f"the model was exported with a fixed batch size that could not be made dynamic ({outs}); "
-            "re-export it with a dynamic batch (torch.onnx.export's dynamic_axes={'input': {0: 'N'}, "
-            "'output': {0: 'N'}}, or dynamic_shapes with dynamo=True)")
+            f"the model was exported with a fixed batch size of {batch} that cannot be made dynamic ({problem}); "
+            f"re-export it with a dynamic batch: {dynamic_batch_fix(exported, shape)}")
+
+
+WEIGHT_ELEMENTS = 1024  # float initializers this large are weights, not shape arithmetic
+
+
+def _at_batch(model: onnx.ModelProto, batch: int, dims: list, fixed_batch: int | None,
+              weights: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with the image input (``dims``) and the outputs at batch ``batch``; without
+    ``weights``, the large float initializers become inputs of their shape (a fold then computes the
+    same shape arithmetic in a fraction of the time)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _set_dims(_image_input(out), [batch, *dims[1:]])
+    for vi in out.graph.output:
+        odims = _dims(vi)
+        if odims and (not isinstance(odims[0], int) or odims[0] == fixed_batch):
+            _set_dims(vi, [batch, *odims[1:]])
+    del out.graph.value_info[:]
+    if not weights:
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        large = [t for t in out.graph.initializer if t.data_type in floats and np.prod(t.dims) >= WEIGHT_ELEMENTS]
+        for t in large:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            out.graph.initializer.remove(t)
+    return out
+
+
+def _free_batch_dependent_targets(model: onnx.ModelProto, other: onnx.ModelProto) -> None:
+    """Constants that differ between the folds at ``_FOLD_BATCH`` (``model``) and ``_OTHER_BATCH``
+    (``other``, folded without its weights: constants computed from weights are absent there) were
+    computed from the batch size. A Reshape target with one such entry, the batch times a constant
+    (``x.view(n * c, -1)``, a channel shuffle's ``n``), gets -1 there and its other dimensions as
+    inferred; the batch in any other constant cannot be kept dynamic."""
+    theirs = {t.name: numpy_helper.to_array(t) for t in other.graph.initializer}
+    shapes = {vi.name: _dims(vi) for vi in model.graph.value_info}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    for tensor in model.graph.initializer:
+        other_value = theirs.get(tensor.name)
+        if tensor.name not in users or other_value is None:
+            continue
+        mine = numpy_helper.to_array(tensor)
+        if mine.shape == other_value.shape and np.array_equal(mine, other_value):
+            continue
+        outs = {tuple(shapes.get(u.output[0], ())) for u in users[tensor.name]}
+        differs = np.flatnonzero(mine != other_value) if mine.shape == other_value.shape else []
+        target = list(outs.pop()) if len(outs) == 1 else []
+        if not (all(u.op_type == "Reshape" and list(u.input).index(tensor.name) == 1 for u in users[tensor.name])
+                and mine.ndim == 1 and len(differs) == 1 and len(target) == mine.size
+                and all(isinstance(d, int) for d in target)
+                and mine[differs[0]] * _OTHER_BATCH == other_value[differs[0]] * _FOLD_BATCH):
+            node = users[tensor.name][0]
+            raise UnsupportedModelError(
+                f"the batch size takes part in the computation at node {node.name or node.output[0]} ({node.op_type}), "
+                "where this tool cannot keep it dynamic; compute that step without the batch size (x.shape[0]) "
+                "and re-export the model")
+        target[differs[0]] = -1
+        tensor.CopyFrom(numpy_helper.from_array(np.array(target, mine.dtype), tensor.name))
 
 
 def _restore_dynamic_batch(model: onnx.ModelProto, io_names: set[str]) -> onnx.ModelProto:
@@ -449,7 +545,9 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     """Return the normal form of ``model`` (a new ModelProto; the argument is not changed).
 
     ``input_hw`` fixes a dynamic height/width. The batch axis stays dynamic: folding runs at a fixed
-    batch and Reshape targets are given their -1 back; ``check_dynamic_batch`` proves the result.
+    batch and Reshape targets are given their -1 back (where the graph reads the batch, a second fold
+    at another batch shows which entries it went into); a fixed-batch export is checked against the
+    file, and refused where the batch cannot be freed. ``check_dynamic_batch`` proves the result.
     """
     model = load_model(model)
     _check_ops(model)
@@ -468,24 +566,25 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    exported = load_model(model) if fixed_batch is not None else None  # the file as written, to compare with
     restore_batchnorm(model)  # before folding merges a BN's constants written as arithmetic
+    # a dynamic batch that the graph reads (Shape) is folded at two sizes to see where it went
+    reads_batch = fixed_batch is None and any(n.op_type in ("Shape", "Size") for n in model.graph.node)
     try:
         if fixed_batch is not None:  # fold at the exported batch first: Reshape targets that carry it become
             _set_dims(inp, dims)     # constants _unfix_batch can free
             model = _fold(model)
             inp = _image_input(model)
             _unfix_batch(model, fixed_batch)
-        _set_dims(inp, [_FOLD_BATCH, *dims[1:]])
         outputs = [o.name for o in model.graph.output]
-        for out in model.graph.output:
-            odims = _dims(out)
-            if odims and (not isinstance(odims[0], int) or odims[0] == fixed_batch):
-                _set_dims(out, [_FOLD_BATCH, *odims[1:]])
-        del model.graph.value_info[:]
-        model = _fold(model)  # before any opset logic: inputs such as ReduceMean-18's axes become constants
+        other = _fold(_at_batch(model, _OTHER_BATCH, dims, fixed_batch, weights=False)) if reads_batch else None
+        model = _fold(_at_batch(model, _FOLD_BATCH, dims, fixed_batch))  # before any opset logic: inputs such as
+                                                                         # ReduceMean-18's axes become constants
     except Exception as err:
         raise UnsupportedModelError(f"shape inference / constant folding failed ({str(err).splitlines()[0][:160]}); "
                                     "check the model with onnx.checker and re-export it") from None
+    if reads_batch:
+        _free_batch_dependent_targets(model, other)
     if opset > INTERNAL_OPSET:
         model = _downgrade_opset(model, opset)
     _pads_into_convs(model)
@@ -494,7 +593,7 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
     model.ir_version = INTERNAL_IR
     if fixed_batch is not None:
-        _check_batch_is_free(model, image_io(model))
+        _check_batch_is_free(exported, model, fixed_batch)
     return model
 
 
