@@ -190,7 +190,8 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
             by_input_name = "images" not in f.files  # stored as the model takes it (onnxruntime's convention)
         if by_input_name and images.dtype != np.uint8 and images.ndim == 4:
             images = _nchw(normal, images)
-        x = preprocess(images, chw, config.mean, config.std)
+        # float images are already preprocessed: --mean/--std then only give the image quantizer's range
+        x = preprocess(images, chw, *((config.mean, config.std) if images.dtype == np.uint8 else (None, None)))
         order = rng.permutation(len(x)) if len(x) > n else np.arange(len(x))
         calib, held = x[np.sort(order[:n])], x[np.sort(order[n:n + m])]
         with np.load(calib_data) as f:  # a file written by `onnxgenie distill` holds synthetic images

@@ -220,3 +220,21 @@ def test_a_log_gets_stage_lines_not_progress_bars(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert [line.split(":")[1].strip() for line in lines[:-1]] == ["distill", "init", "reconstruct", "export"]
     assert "on 8 calibration images (optimistic" in lines[-2]
+
+
+def test_distilled_images_from_a_file_take_their_image_range_from_mean_and_std(tmp_path, capsys):
+    """A file written by `onnxgenie distill` holds preprocessed float images; --mean/--std then give the
+    8-bit image quantizer its exact range instead of being refused."""
+    model = fixtures.conv_bn_net()
+    src = fixtures.save(model, tmp_path)
+    images = np.tanh(np.random.default_rng(0).standard_normal((16, *image_io(normalize(model)).chw)))
+    data = tmp_path / "distilled.npz"
+    np.savez(data, images=images.astype(np.float32), loss_history=np.zeros((1, 3), np.float32))
+    report = tmp_path / "r.json"
+    code = main(["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--wbits", "8", "--abits", "8",
+                 "--no-reconstruct", "--calib-data", str(data), "--mean", "0.5", "0.5", "0.5", "--std", "0.25",
+                 "0.25", "0.25", "--quiet", "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    calibration = json.loads(report.read_text())["calibration"]
+    assert calibration["image_range_from"] == "--mean/--std"
+    assert calibration["image_range"] == [-2.0, 2.0]   # (0 - 0.5) / 0.25 and (1 - 0.5) / 0.25
