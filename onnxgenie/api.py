@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import BadInputError
-from .pipeline import (QuantizationResult, auto_jobs, check_gate, check_output, preset_config, quantize as _run,
-                       write_model, write_reports)
+from .errors import BadInputError, BadSettingError
+from .pipeline import (QuantizationResult, auto_jobs, check_config, check_gate, check_outputs, preset_config,
+                       quantize as _run, write_model, write_reports)
 
 
 def calibration_array(data, model_input) -> np.ndarray:
@@ -41,7 +41,11 @@ def calibration_array(data, model_input) -> np.ndarray:
             keys = sorted(feed) if isinstance(feed, dict) else type(feed).__name__
             raise BadInputError(f"calib_data gave {keys}; each item must be {{{name!r}: array}}, "
                                 "as onnxruntime's CalibrationDataReader gives them")
-        arrays.append(np.asarray(feed[name] if name in feed else next(iter(feed.values())), np.float32))
+        try:
+            arrays.append(np.asarray(feed[name] if name in feed else next(iter(feed.values())), np.float32))
+        except (TypeError, ValueError) as err:
+            raise BadInputError(f"calib_data gave an array that is not numbers ({err}); give float32 images") \
+                from None
     if not arrays:
         raise BadInputError("calib_data gave no images; give at least one batch")
     return np.concatenate([a if a.ndim == 4 else a[None] for a in arrays])
@@ -58,11 +62,21 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     settings, or float32 NCHW preprocessed; or an array named as the model's input, as the model takes
     it), a float32 array in the model's input space and layout, or an onnxruntime
     ``CalibrationDataReader`` / any iterable of ``{input_name: array}`` (``calibration_array``).
-    ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``jobs``, ...);
-    ``jobs`` defaults to one distillation process per core, as on the command line.
-    Writes ``model_output`` (atomically) when given. Raises ``onnxgenie.errors.BadInputError`` for
-    unusable input and ``QualityGateError`` (with ``.report``) when ``min_agreement`` is missed.
+    ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``input_size``,
+    ``jobs``, ...); ``jobs`` defaults to one distillation process per core, as on the command line.
+    Writes ``model_output`` (atomically) when given; it may not exist unless ``overwrite``, nor be an
+    input. Every refusal of the input is an ``onnxgenie.errors.BadInputError`` (``BadSettingError`` for
+    a setting of the wrong type or range, also a ``TypeError``; ``OutputExistsError``;
+    ``UnsupportedModelError``), raised before any work; ``QualityGateError`` (with ``.report``) when
+    ``min_agreement`` is missed.
     """
+    if not isinstance(model_input, (str, os.PathLike, onnx.ModelProto)):
+        raise BadSettingError(f"model_input is a {type(model_input).__name__}; give a path or an onnx.ModelProto")
+    if not isinstance(model_output, (str, os.PathLike, type(None))):
+        raise BadSettingError(f"model_output is a {type(model_output).__name__}; give a path or None")
+    for name, value in (("progress", progress), ("resume", resume), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise BadSettingError(f"{name} must be True or False (got {value!r}); pass a bool")
     if calib_data is not None and not isinstance(calib_data, (str, os.PathLike, np.ndarray)):
         calib_data = calibration_array(calib_data, model_input)
     array = calib_data if isinstance(calib_data, np.ndarray) else None
@@ -70,22 +84,23 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     calib = settings.pop("calib", None)   # "distill" / "noise" without data, as --calib
     if calib is not None and calib_data is not None and calib != "data":
         raise BadInputError(f"calib={calib!r} and calib_data both given; pass one of them")
+    if not isinstance(preset, str):
+        raise BadSettingError(f"preset must be a string (got {preset!r}); use 'fast' or 'paper'")
     config = preset_config(preset, wbits=wbits, abits=abits, target=target, seed=seed,
                            workdir=None if workdir is None else str(workdir), progress=progress,
                            min_agreement=min_agreement, calib="data" if calib_data is not None else calib, **settings)
     if "jobs" not in settings:
         config = replace(config, jobs=auto_jobs(config))
-    if isinstance(model_input, (str, os.PathLike)) and model_output is not None:
-        check_output(model_input, model_output, overwrite)
     if array is not None:
         config = replace(config, holdout_images=0)
-    result = _run(model_input, config, path, calib=None if array is None else np.asarray(array, np.float32),
-                  resume=resume)
+    check_config(config)
+    check_outputs(model_input, model_output, config, overwrite, path)
+    result = _run(model_input, config, path, calib=array, resume=resume)
     gate = check_gate(result.report, min_agreement)
     write_reports(result, config, None if model_output is None else Path(model_output), None, None)
     if gate is not None:
         gate.report = result.report
         raise gate
     if model_output is not None:
-        write_model(result.model, model_output)
+        write_model(result.model, model_output, overwrite)
     return result

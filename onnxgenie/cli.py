@@ -94,9 +94,14 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .errors import BadSettingError
     from .evaluate import evaluate
+    from .resources import default_threads
 
-    result = evaluate(args.model, args.data, args.mean, args.std, args.reference, threads=args.threads)
+    if args.threads < 0:
+        raise BadSettingError(f"--threads must be 0 (one per core) or more (got {args.threads}); pass one")
+    result = evaluate(args.model, args.data, args.mean, args.std, args.reference,
+                      threads=default_threads(args.threads))
     if args.json:
         print(json.dumps(result))
     else:
@@ -129,6 +134,7 @@ def _cmd_quantize(args) -> int:
         recon_batch=args.recon_batch, quantizer=args.quantizer, lam=args.lam, seed=args.seed, threads=args.threads,
         workdir=args.workdir, mean=tuple(args.mean) if args.mean else None,
         std=tuple(args.std) if args.std else None, min_agreement=args.min_agreement,
+        input_size=tuple(args.input_size) if args.input_size else None,
         progress=not args.quiet, verbose=args.verbose)
     jobs = args.jobs or auto_jobs(config)
     output = args.output or default_output(args.model, config.wbits, config.abits)
@@ -165,36 +171,38 @@ def _cmd_distill(args) -> int:
 
     import numpy as np
 
+    import io
+
     from .distill import distill
     from .distill.preview import save_grid
-    from .resources import default_jobs
     from .errors import BadInputError
-    from .graph.load import load_model
+    from .files import atomic_write, check_writes
+    from .graph.load import external_data_files, load_model
+    from .resources import cap_to_cores, default_jobs
 
     out = Path(args.output)
-    for path in (out, Path(args.preview) if args.preview else None):
-        if path is not None and path.exists() and Path(args.model).exists() and os.path.samefile(path, args.model):
-            raise BadInputError(f"{path} is the input model; write the images to another path")
-    for path, what in ((out, "-o"), (Path(args.preview) if args.preview else None, "--preview")):
-        if path is not None and not path.parent.is_dir():
-            raise BadInputError(f"{what} {path}: folder {path.parent} does not exist; create it or pick another path")
+    inputs = [("the input model", args.model)] + [("the model's external data file", f)
+                                                  for f in external_data_files(args.model)]
+    check_writes([("-o", out), ("--preview", args.preview)], inputs, args.overwrite)
     if args.preview and Path(args.preview).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise BadInputError(f"--preview {args.preview}: give a .png (or .jpg) file name")
     model = load_model(args.model)
+    input_hw = tuple(args.input_size) if args.input_size else None
     batch = min(args.batch, args.images) if args.images > 0 else args.batch
-    jobs = args.jobs or default_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
+    jobs = cap_to_cores(args.jobs, "--jobs") if args.jobs > 0 else \
+        default_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
     if jobs > 1 and batch > 0:
         from .graph.load import normalize
         from .resources import fit_jobs
 
-        jobs = fit_jobs(normalize(model), batch, jobs)
+        jobs = fit_jobs(normalize(model, input_hw), batch, jobs)
     images, info = distill(model, n_images=args.images, batch=args.batch, iters=args.iters, mode=args.mode,
                            swing=not args.no_swing, seed=args.seed, jobs=jobs, workdir=args.workdir,
-                           resume=args.resume, lr_latent=args.lr_latent, lr_generator=args.lr_generator)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as fh:  # written in full, then renamed: never a half-written dataset
-        np.savez(fh, images=images, loss_history=info["loss_history"])
-    os.replace(tmp, out)
+                           resume=args.resume, lr_latent=args.lr_latent, lr_generator=args.lr_generator,
+                           input_hw=input_hw)
+    data = io.BytesIO()   # written in full, then renamed: never a half-written dataset
+    np.savez(data, images=images, loss_history=info["loss_history"])
+    atomic_write(out, data.getvalue(), overwrite=args.overwrite)
     if args.preview:
         save_grid(images, args.preview)
     print(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} to {out}; final BNS loss per batch: "
@@ -202,18 +210,31 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line with a pointer to --help (not argparse's usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"onnxgenie: error: {message}; see `{self.prog} --help`\n")
+
+
+def _add_input_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                   help="fix a dynamic (or invalid) input height and width")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quant.augment import AUGMENTS
 
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="onnxgenie", description=__doc__)
+    parser = _Parser(prog="onnxgenie", description=__doc__)
     parser.add_argument("--version", action="version", version=f"onnxgenie {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices   # name -> its parser, for errors in the command's own words
     p = sub.add_parser("inspect", help="show what the tool sees in a model", formatter_class=_HelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="the exported float model")
     p.add_argument("--json", action="store_true", help="print a JSON object")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="fix a dynamic input size")
+    _add_input_size(p)
     p.add_argument("--plan", action="store_true", help="also show the quantization plan (see --wbits/--abits)")
     _add_bits(p, 4, 4)
     _add_layer_choice(p)
@@ -269,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", choices=("distill", "noise"), default="distill",
                    help="calibration images without --calib-data: GENIE-D (default) or Gaussian noise")
     p.add_argument("--calib-data", metavar="X.npz", help="real (or previously distilled) calibration images")
+    _add_input_size(p)
     p.add_argument("--calib-images", type=int, default=None, help="number of calibration images (default: preset)")
     p.add_argument("--distill-iters", type=int, default=None, help="GENIE-D steps per batch (default: preset)")
     p.add_argument("--distill-batch", type=int, default=None, help="images distilled together (default: preset)")
@@ -318,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", metavar="GRID.png", help="also write a grid of the first 64 images")
     p.add_argument("--lr-latent", type=float, default=0.1, help="Adam lr of the latents (default 0.1)")
     p.add_argument("--lr-generator", type=float, default=0.01, help="Adam lr of the generator (default 0.01)")
+    _add_input_size(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_distill)
     return parser
 
@@ -327,13 +351,20 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, _exit_now)   # a second SIGTERM does not wait for the cleanup
     raise _Terminated
+
+
+def _exit_now(signum, frame):
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _model_from_list_flag(parser, args)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    _model_from_list_flag(parser.commands[args.command], args)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
@@ -350,15 +381,28 @@ def main(argv: list[str] | None = None) -> int:
             print("onnxgenie: interrupted; nothing was kept (no --workdir): pass --workdir DIR to make a run "
                   "resumable", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, _Terminated) else 130
+    except OSError as err:
+        from .files import storage_error
+
+        full = storage_error(err, err.filename or "a file")
+        if full is None:
+            return _crash()
+        print(f"onnxgenie: error: {full}", file=sys.stderr)
+        return full.exit_code
     except Exception:  # a bug: keep the traceback in a log, not on the terminal
-        fd, log = tempfile.mkstemp(prefix="onnxgenie-crash-", suffix=".log")
-        with os.fdopen(fd, "w") as fh:
-            traceback.print_exc(file=fh)
-        print(f"onnxgenie: internal error ({sys.exc_info()[1]!r}); traceback in {log}", file=sys.stderr)
-        return 1
+        return _crash()
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _crash() -> int:
+    """A bug: the traceback goes to a log file, one line to stderr, exit 1."""
+    fd, log = tempfile.mkstemp(prefix="onnxgenie-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        traceback.print_exc(file=fh)
+    print(f"onnxgenie: internal error ({sys.exc_info()[1]!r}); traceback in {log}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ class ResumeMismatchError(BadInputError):
     """``--resume`` on a work directory made for another model, config or seed."""
 
 
+class BadSettingError(BadInputError, TypeError):
+    """A setting or argument of the wrong type, or out of range (NaN, negative, unknown name). Also a
+    ``TypeError``, so that code catching Python's own error for a wrong argument still does."""
+
+
+class OutputExistsError(BadInputError):
+    """A path the run would write exists (without ``overwrite``), or is an input or another output."""
+
+
+class StorageError(BadInputError):
+    """A file could not be written: disk full, file size limit, read-only folder (exit 2)."""
+
+
 class QualityGateError(OnnxGenieError):
     """The quantized model missed a quality threshold the user asked for (exit 3)."""
 

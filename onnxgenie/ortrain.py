@@ -9,6 +9,7 @@ can have its own learning rate and schedule, which ORT's single-lr optimizer mod
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import logging
 import os
@@ -284,6 +285,22 @@ def anchor_shared_concat_inputs(model: onnx.ModelProto, trainable: list[str]) ->
     return anchors
 
 
+_NO_ROOM = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG,
+            "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS}
+
+
+def _storage_error(err: Exception, folder: Path):
+    """A StorageError when writing the training graph's files failed for want of room (the OSError, or
+    onnxruntime's text of it); else None."""
+    from .files import storage_error
+
+    if isinstance(err, OSError):
+        return storage_error(err, f"the training graph's files in the folder {folder}")
+    code = next((code for text, code in _NO_ROOM.items() if text in str(err)), None)
+    return None if code is None else storage_error(OSError(code, os.strerror(code)),
+                                                         f"the training graph's files in the folder {folder}")
+
+
 class GradientGraph:
     """Forward+backward of ``model`` w.r.t. the initializers named in ``trainable``.
 
@@ -313,16 +330,24 @@ class GradientGraph:
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-ort-")
             artifact_dir = self._tmp.name
         artifact_dir = Path(artifact_dir)
-        artifact_dir.mkdir(parents=True, exist_ok=True)
         extra = self.output_names[1:]
-        artifacts.generate_artifacts(
-            model, requires_grad=self.trainable + anchors, frozen_params=frozen, loss=None, optimizer=None,
-            artifact_directory=artifact_dir, additional_output_names=extra or None,
-            loss_input_names=[self.output_names[0]] if extra else None)
-        self.state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-        self.module = api.Module(str(artifact_dir / "training_model.onnx"), self.state,
-                                 str(artifact_dir / "eval_model.onnx"),
-                                 session_options=session_options(threads))
+        try:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            artifacts.generate_artifacts(
+                model, requires_grad=self.trainable + anchors, frozen_params=frozen, loss=None, optimizer=None,
+                artifact_directory=artifact_dir, additional_output_names=extra or None,
+                loss_input_names=[self.output_names[0]] if extra else None)
+            self.state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
+            self.module = api.Module(str(artifact_dir / "training_model.onnx"), self.state,
+                                     str(artifact_dir / "eval_model.onnx"),
+                                     session_options=session_options(threads))
+        except Exception as err:
+            full = _storage_error(err, Path(tempfile.gettempdir()) if self._tmp is not None else artifact_dir)
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            if full is not None:
+                raise full from None
+            raise
         self.module.train()
         if self._tmp is not None:  # the sessions hold everything now; a killed process leaves no files
             self._tmp.cleanup()

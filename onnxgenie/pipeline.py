@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BadInputError, DivergenceError, OnnxGenieError, QualityGateError, ResumeMismatchError
+from .errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenieError, OutputExistsError,
+                     QualityGateError, ResumeMismatchError)
 from .export.qdq import EXPORT_OPSET, buffer_reuse_hazard, export_qdq
 from .graph.bn import fold_bn, require_bn
 from .graph.load import image_io, image_tensors, load_model, normalize
@@ -31,7 +32,7 @@ from .quant.fakequant import fakequant_model
 from .quant.init import IMAGE_SIGMAS, P_NORM, image_range, init_activations, init_weights, set_image_step
 from .quant.plan import build_plan, check_bits, check_weight_grid
 from .quant.spec import QuantPlan
-from .resources import default_threads
+from .resources import cap_to_cores, default_threads
 
 CALIB_SOURCES = ("distill", "data", "noise")
 PARITY_TOLERANCE = 1e-4  # of the logit range
@@ -81,6 +82,7 @@ class QuantizeConfig:
     mean: tuple[float, ...] | None = None  # the input's preprocessing: uint8 calibration files, image range
     std: tuple[float, ...] | None = None
     preset: str | None = None           # the preset the values came from (for the report)
+    input_size: tuple[int, int] | None = None   # fixes a dynamic image height/width (--input-size H W)
     min_agreement: float | None = None  # quality gate: FP32 vs quantized top-1 agreement, %, on held-out images
     verbose: bool = False               # per-batch / per-block lines and reconstruction losses
 
@@ -104,9 +106,79 @@ def preset_config(preset: str = "fast", **overrides) -> QuantizeConfig:
     fields = {k for k in QuantizeConfig.__dataclass_fields__}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"unknown settings {unknown}; QuantizeConfig has {sorted(fields)}")
-    return QuantizeConfig(**{**PRESETS[preset], "preset": preset,
-                             **{k: v for k, v in overrides.items() if v is not None}})
+        raise BadSettingError(f"unknown settings {unknown}; use QuantizeConfig's fields: {', '.join(sorted(fields))}")
+    config = QuantizeConfig(**{**PRESETS[preset], "preset": preset,
+                               **{k: v for k, v in overrides.items() if v is not None}})
+    check_config(config)
+    return config
+
+
+_FLAGS = {"lam": "--lambda", "recon_qdrop": "--qdrop", "swing": "--no-swing", "reconstruct": "--no-reconstruct"}
+# field: (smallest value (None: check_bits says), whether None is allowed)
+_WHOLE = {"wbits": (None, False), "abits": (None, False), "first_last_bits": (None, False), "auto_high_bits": (0, False),
+          "calib_images": (1, False), "holdout_images": (0, False), "distill_iters": (1, False),
+          "distill_batch": (1, False), "jobs": (1, False), "act_batch": (1, False), "recon_iters": (1, False),
+          "recon_batch": (1, False), "recon_candidates": (1, True), "seed": (0, False), "threads": (0, False)}
+# field: (lowest, highest, lowest excluded, whether None is allowed)
+_REAL = {"recon_lr_scale": (0.0, math.inf, True, False), "recon_act_lr_scale": (0.0, math.inf, True, True),
+         "lam": (0.0, math.inf, False, True), "min_agreement": (0.0, 100.0, False, True)}
+_FLAGS_ON_OFF = ("swing", "reconstruct", "recon_qdrop", "progress", "verbose")
+_TEXT = ("target", "weight_grid", "calib", "distill_mode", "recon_augment", "quantizer")
+SEED_LIMIT = 2 ** 63
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _is_whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_config(config: QuantizeConfig) -> None:
+    """Refuse, before any work, a setting of the wrong type or out of range: counts that are not whole
+    numbers >= their minimum, NaN/Inf or negative rates and weights, a gate outside 0-100 %, a
+    non-finite --mean or a --std <= 0 (BadSettingError, one line naming the flag)."""
+    for name, (low, optional) in _WHOLE.items():
+        v = getattr(config, name)
+        if (v is None and not optional) or (v is not None and (not _is_whole(v) or (low is not None and v < low)
+                                                                   or (name == "seed" and v >= SEED_LIMIT))):
+            rule = "a whole number" + ("" if low is None else f" >= {low}")
+            raise BadSettingError(f"{_flag(name)} must be {rule} (got {v!r}); pass one, or leave it out for the "
+                                  "preset's value")
+    for name, (low, high, open_low, optional) in _REAL.items():
+        v = getattr(config, name)
+        if v is None and optional:
+            continue
+        if not _is_real(v) or not math.isfinite(v) or v < low or (open_low and v == low) or v > high:
+            bound = f"> {low:g}" if open_low else f">= {low:g}"
+            rule = f"{bound}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+            raise BadSettingError(f"{_flag(name)} must be a finite number {rule} (got {v!r}); pass one, or leave "
+                                  "it out for the default")
+    for name in _FLAGS_ON_OFF:
+        if not isinstance(getattr(config, name), (bool, np.bool_)):
+            raise BadSettingError(f"{name} must be True or False (got {getattr(config, name)!r}); pass a bool")
+    for name in _TEXT:
+        if not isinstance(getattr(config, name), str):
+            raise BadSettingError(f"{_flag(name)} must be a string (got {getattr(config, name)!r}); see "
+                                  "`onnxgenie quantize --help` for its values")
+    for name in ("exclude", "high_bits"):
+        v = getattr(config, name)
+        if isinstance(v, str) or not isinstance(v, (tuple, list)) or not all(isinstance(n, str) for n in v):
+            raise BadSettingError(f"{_flag(name)} must be a list of node names (got {v!r}); names are in "
+                                  "`onnxgenie inspect --plan`")
+    if config.workdir is not None and not isinstance(config.workdir, (str, os.PathLike)):
+        raise BadSettingError(f"--workdir must be a folder path (got {config.workdir!r}); pass a str or a Path")
+    if config.input_size is not None and (not isinstance(config.input_size, (tuple, list))
+                                          or len(config.input_size) != 2
+                                          or not all(_is_whole(v) and v > 0 for v in config.input_size)):
+        raise BadSettingError(f"--input-size needs two positive whole numbers H W (got {config.input_size!r}); "
+                              "pass the height and width the model was trained at")
+    check_preprocessing(config.mean, config.std)
 
 
 # 4-bit activation steps at 64x the rate in the fast preset's 500 steps (beside 4-bit weights or more):
@@ -211,7 +283,7 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
                           mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress,
                           threads=1,  # as in every worker: --jobs and --threads do not change the images
                           workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
-                          resume=resume and (Path(config.workdir) / "distill").exists())
+                          resume=resume and (Path(config.workdir) / "distill").exists(), input_hw=config.input_size)
         x = np.asarray(x, dtype=np.float32)
         info = {"source": "distill", "jobs": jobs, **info}
         return x[:n], x[n:], info   # a batch rounded up leaves more held-out images
@@ -355,7 +427,14 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
     if started and not resume:
         raise BadInputError(f"{work} holds an earlier run; add --resume to continue it, or choose an empty --workdir")
     if started:
-        saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+        try:
+            saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+            if not isinstance(saved, dict):
+                raise ValueError(type(saved).__name__)
+        except (ValueError, UnicodeDecodeError, OSError):
+            raise ResumeMismatchError(f"{saved_file} is damaged (not the JSON this tool writes), so the finished "
+                                      f"work cannot be checked; remove {work} to start again, or choose a new "
+                                      "--workdir") from None
         differ = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
         if differ:
             what = ", ".join(d.replace("model_sha256", "model").replace("calib_sha256", "calibration images")
@@ -375,11 +454,19 @@ def check_workdir(model: onnx.ModelProto, config: QuantizeConfig, resume: bool,
 
 
 def check_preprocessing(mean, std) -> None:
-    """--mean and --std come together, one value per channel each (the count is checked on use), std > 0."""
+    """--mean and --std come together, one finite value per channel each (the count is checked on use),
+    std > 0."""
     if (mean is None) != (std is None):
         raise BadInputError("--mean and --std go together; give both (per channel, after /255) or neither")
-    if std is not None and (len(std) != len(mean) or any(not v > 0 for v in std)):
-        raise BadInputError(f"--mean/--std need the same number of values and std > 0; got {list(mean)} / {list(std)}")
+    if mean is None:
+        return
+    if not all(isinstance(v, (tuple, list, np.ndarray)) for v in (mean, std)) \
+            or not all(_is_real(v) for v in (*mean, *std)):
+        raise BadSettingError(f"--mean/--std must be lists of numbers (got {mean!r} / {std!r}); give one per "
+                              "channel, after /255")
+    if len(std) != len(mean) or not all(math.isfinite(v) for v in (*mean, *std)) or any(not v > 0 for v in std):
+        raise BadSettingError(f"--mean/--std need the same number of finite values, std > 0 (got {list(mean)} / "
+                              f"{list(std)}); give the model's per-channel normalisation, after /255")
 
 
 def check_finite(model: onnx.ModelProto) -> None:
@@ -419,8 +506,14 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     what ``report.py`` describes; the quality gate (``min_agreement``) is the caller's to apply."""
     from . import report as rep
 
+    check_config(config)
     check_bits(config.wbits, config.abits, config.first_last_bits, config.target)
     check_weight_grid(config.weight_grid, config.target)
+    stages = _Stages(config.progress)
+    original = load_model(model)
+    normal, folded = prepare(original, config.input_size)
+    if calib is not None:
+        calib = check_calib_array(normal, calib)
     if config.reconstruct:
         from .quant.reconstruct import check_args, check_lr_scale
 
@@ -432,15 +525,9 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
             raise BadInputError(f"--recon-candidates must be at least 1 (got {config.recon_candidates})")
         if config.recon_augment not in AUGMENTS:
             raise BadInputError(f"unknown --recon-augment {config.recon_augment!r}; use one of {', '.join(AUGMENTS)}")
-    check_preprocessing(config.mean, config.std)
-    if config.auto_high_bits < 0:
-        raise BadInputError(f"--auto-high-bits must be 0 or more layers (got {config.auto_high_bits})")
-    if config.threads < 0:
-        raise BadInputError(f"--threads must be 0 (one per core) or more (got {config.threads})")
-    config = replace(config, threads=default_threads(config.threads))
-    stages = _Stages(config.progress)
-    original = load_model(model)
-    normal, folded = prepare(original)
+    config = replace(config, threads=default_threads(config.threads, notify=config.progress))
+    if config.calib == "distill" and calib is None:
+        config = replace(config, jobs=cap_to_cores(config.jobs, "--jobs", notify=config.progress))
     if calib is None and config.calib == "distill":
         require_bn(normal, original)  # before the weight steps, which take a minute on a large model
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
@@ -449,10 +536,13 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     holdout, calib_info = None, {"source": "given"}
     if calib is None and config.calib != "distill":  # bad data is refused before the work dir is written
         calib, holdout, calib_info = calibration_images(original, normal, config, calib_data)
+    if calib is not None:
+        check_fp32_outputs(normal, calib, config.threads, "calibration")
     check_workdir(original, config, resume, calib)
     stages.done("prepare")  # silent: a refusal of the input may still come, and it must be the only line
     if calib is None:
         calib, holdout, calib_info = calibration_images(original, normal, config, calib_data, resume)
+        check_fp32_outputs(normal, calib, config.threads, "distilled")
         losses = calib_info["final_losses"]
         if config.verbose and config.progress:
             for b, loss in enumerate(losses):
@@ -536,45 +626,76 @@ def _agreement(normal: onnx.ModelProto, exported: onnx.ModelProto, calib: np.nda
 
     held = holdout is not None and len(holdout) > 0
     x = holdout if held else calib
-    return {"top1_agreement": round(top1_agreement(normal, exported, x, threads), 2), "images": int(len(x)),
-            "on": "held-out" if held else "calibration"}
+    on = "held-out" if held else "calibration"
+    return {"top1_agreement": round(top1_agreement(normal, exported, x, threads, on), 2), "images": int(len(x)),
+            "on": on}
 
 
-def check_output(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse, before any work, an output that would clobber the input or an existing file."""
-    out = Path(out)
-    if Path(src).exists() and out.exists() and os.path.samefile(src, out):
-        raise BadInputError(f"the output {out} is the input model; write the quantized model to another path")
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; give the output .onnx file path")
-    if out.exists() and not overwrite:
-        raise BadInputError(f"{out} exists; pass --overwrite to replace it, or choose another path")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise BadInputError(f"{out.parent} is a file, not a folder; give an output path inside a folder")
-    if not out.parent.is_dir():
-        raise BadInputError(f"the folder {out.parent} does not exist; create it first")
-    try:  # the same kind of file write_model makes, so that a read-only folder is refused before the work
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise BadInputError(f"cannot write in the folder {out.parent} ({err.strerror}); "
-                            "choose a writable output folder") from None
-    return out
+def check_fp32_outputs(normal: onnx.ModelProto, x: np.ndarray, threads: int, what: str) -> None:
+    """Refuse images on which the FP32 model itself outputs NaN/Inf: no agreement can be measured there."""
+    from .evaluate import predict
+    from .report import check_finite_logits
+
+    check_finite_logits(predict(normal, x, threads=threads), what)
 
 
-def write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
+def check_calib_array(normal: onnx.ModelProto, calib) -> np.ndarray:
+    """Calibration images given as an array: float32, [N, *the model's input shape], N >= 1, finite."""
+    from .graph.load import _dims, _image_input
+
+    shape = _dims(_image_input(normal))[1:]
+    try:
+        x = np.asarray(calib)
+    except Exception:
+        x = None
+    if x is None or x.dtype.kind not in "fiu" or x.ndim != 4 or list(x.shape[1:]) != shape or len(x) == 0:
+        got = (f"{type(calib).__name__} {list(x.shape)} of {x.dtype}" if x is not None and x.dtype.kind != "O"
+               else type(calib).__name__)
+        raise BadInputError(f"calib_data is {got}; give a float32 array [N, {', '.join(map(str, shape))}] "
+                            "(N >= 1) in the model's input space and layout")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise BadInputError("calib_data contains NaN/Inf values; give finite images")
+    return x
+
+
+def check_outputs(src, out: str | os.PathLike | None, config: QuantizeConfig, overwrite: bool,
+                  calib_data: str | os.PathLike | None = None, report_json: str | os.PathLike | None = None,
+                  report_html: str | os.PathLike | None = None) -> None:
+    """Every file the run will write (``files.check_writes``), before any work: none may exist without
+    ``overwrite``, be an input (the model, its external data, ``calib_data``) or another output. The
+    work dir's report.json may be replaced when it belongs to the run there (its run.json exists)."""
+    from .files import check_distinct, check_writes
+    from .graph.load import external_data_files
+
+    inputs = []
+    if isinstance(src, (str, os.PathLike)):
+        inputs.append(("the input model", src))
+        inputs += [("the model's external data file", f) for f in external_data_files(src)]
+    if isinstance(calib_data, (str, os.PathLike)):
+        inputs.append(("the --calib-data file", calib_data))
+    outputs = [("-o", out), ("--report", report_json), ("--report-html", report_html)]
+    check_writes(outputs, inputs, overwrite)
+    if config.workdir is not None:
+        report = Path(config.workdir) / "report.json"
+        check_distinct([*outputs, ("the work dir's report.json", report)], inputs)
+        if (report.exists() or report.is_symlink()) and not overwrite and not (Path(config.workdir) / RUN_FILE).exists():
+            raise OutputExistsError(f"{report} exists and the run would write its report there; pass --overwrite to "
+                                    "replace it, or choose another --workdir")
+
+
+def write_model(model: onnx.ModelProto, out: str | os.PathLike, overwrite: bool = True) -> None:
     """Write atomically: a temporary file in the same folder, checked (onnx.checker, no NaN/Inf) and
     renamed over ``out`` only then; nothing is left behind on failure."""
-    from .files import atomic_write
+    from .files import atomic_write, storage_error
 
     out = Path(out)
     check_finite(model)
     try:
-        atomic_write(out, model.SerializeToString(), check=onnx.checker.check_model)
+        atomic_write(out, model.SerializeToString(), check=onnx.checker.check_model, overwrite=overwrite)
     except OSError as err:  # disk full, folder removed meanwhile: not a bug
-        raise BadInputError(f"cannot write {out} ({err.strerror or err}); free some space or choose "
-                            "another output folder") from None
+        raise storage_error(err, str(out)) or BadInputError(
+            f"cannot write {out} ({err.strerror or err}); free some space or choose another output folder") from None
 
 
 def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: QuantizeConfig,
@@ -583,16 +704,15 @@ def run_quantize(src: str | os.PathLike, out: str | os.PathLike, config: Quantiz
                  report_html: str | os.PathLike | None = None) -> QuantizationResult:
     """CLI entry: checks the output paths first, quantizes, writes the report (and a copy in the work
     dir), applies the quality gate, then writes the model atomically. A missed gate writes no model."""
-    out = check_output(src, out, overwrite)
-    for path in (report_json, report_html):
-        if path is not None:
-            check_output(src, path, overwrite=True)
+    check_config(config)
+    check_outputs(src, out, config, overwrite, calib_data, report_json, report_html)
+    out = Path(out)
     result = quantize(src, config, calib_data, resume=resume)
     gate = check_gate(result.report, config.min_agreement)
-    write_reports(result, config, out, report_json, report_html)
+    write_reports(result, config, out, report_json, report_html, overwrite)
     if gate is not None:
         raise gate
-    write_model(result.model, out)
+    write_model(result.model, out, overwrite)
     if config.progress:
         print(f"onnxgenie: wrote {out} (W{config.wbits}A{config.abits}, target {config.target}, "
               f"parity {result.report['parity']:.1e}, {result.report['size']['quantized_bytes'] / 1024:.0f} KiB)",
@@ -621,14 +741,21 @@ OPTIMISTIC = "optimistic: the quantized model was fitted to these images; --hold
 
 
 def write_reports(result: QuantizationResult, config: QuantizeConfig, out: Path | None,
-                  report_json: str | os.PathLike | None, report_html: str | os.PathLike | None) -> None:
+                  report_json: str | os.PathLike | None, report_html: str | os.PathLike | None,
+                  overwrite: bool = True) -> None:
+    """The reports ``check_outputs`` cleared: --report, --report-html, and report.json in the work dir
+    (the run's own folder, replaced on resume)."""
     from . import report as rep
+    from .files import storage_error
 
     result.report["output"] = None if out is None else str(out)
-    paths = [Path(report_json)] if report_json else []
-    if config.workdir is not None:
-        paths.append(Path(config.workdir) / "report.json")
-    for path in paths:
-        rep.write_json(result.report, path)
-    if report_html:
-        rep.write_html(result.report, report_html, result.calibration if config.calib == "distill" else None)
+    try:
+        if report_json:
+            rep.write_json(result.report, report_json, overwrite)
+        if config.workdir is not None:
+            rep.write_json(result.report, Path(config.workdir) / "report.json")
+        if report_html:
+            rep.write_html(result.report, report_html, result.calibration if config.calib == "distill" else None,
+                           overwrite)
+    except OSError as err:
+        raise storage_error(err, "the report") or err from None

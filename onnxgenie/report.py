@@ -55,15 +55,33 @@ def weight_sqnr(folded: onnx.ModelProto, plan) -> dict[str, float]:
     return out
 
 
-def top1_agreement(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, x: np.ndarray, threads: int = 1) -> float:
-    """Percent of the images ``x`` (float32 NCHW, preprocessed) on which both models pick the same class."""
+def check_finite_logits(logits: np.ndarray, what: str = "calibration") -> None:
+    """Refuse FP32 logits with NaN/Inf: the model itself is broken on these images (UnsupportedModelError)."""
+    from .errors import UnsupportedModelError
+
+    bad = int((~np.isfinite(logits.reshape(len(logits), -1))).any(axis=1).sum())
+    if bad:
+        raise UnsupportedModelError(
+            f"the FP32 model outputs NaN/Inf on {bad} of {len(logits)} {what} images, so its predictions (and any "
+            "agreement with them) mean nothing; fix the model's weights or the images' range, and check it with "
+            "onnxgenie eval")
+
+
+def top1_agreement(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, x: np.ndarray, threads: int = 1,
+                   what: str = "calibration") -> float:
+    """Percent of the images ``x`` (float32 NCHW, preprocessed) on which both models pick the same class.
+    FP32 logits with NaN/Inf are refused (``check_finite_logits``); an image on which the quantized model
+    outputs NaN/Inf counts as a disagreement."""
     from .evaluate import predict
 
     if len(x) == 0:
         raise ValueError("top1_agreement needs at least one image")
-    fp = predict(fp_model, x, threads=threads).argmax(axis=1)
-    q = predict(q_model, x, threads=threads).argmax(axis=1)
-    return round(100.0 * float((fp == q).mean()), 2)
+    fp_logits = predict(fp_model, x, threads=threads)
+    check_finite_logits(fp_logits, what)
+    q_logits = predict(q_model, x, threads=threads)
+    same = fp_logits.argmax(axis=1) == q_logits.argmax(axis=1)
+    same &= np.isfinite(q_logits.reshape(len(x), -1)).all(axis=1)
+    return round(100.0 * float(same.mean()), 2)
 
 
 def versions() -> dict:
@@ -122,10 +140,10 @@ def to_jsonable(obj):
     raise TypeError(f"the report holds a {type(obj).__name__}, which has no JSON form")
 
 
-def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """``report`` as strict JSON (indent 1), written atomically."""
+def write_json(report: dict, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """``report`` as strict JSON (indent 1), written atomically (``files.atomic_write``)."""
     text = json.dumps(to_jsonable(report), indent=1, allow_nan=False)
-    return atomic_write(path, (text + "\n").encode("utf-8"))
+    return atomic_write(path, (text + "\n").encode("utf-8"), overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- HTML
@@ -302,7 +320,8 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f0f0f0}img{max-width:100%;display:block;margin:.5em 0 1.5em}h2{border-bottom:1px solid #ddd}"""
 
 
-def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None = None) -> Path:
+def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None = None,
+               overwrite: bool = True) -> Path:
     """A self-contained HTML page of ``report``, written atomically. Every section is optional.
 
     Keys read (those of ``pipeline.quantize``'s report): ``model``, ``output``, ``config``, ``calibration``
@@ -346,4 +365,4 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
     if versions_:
         parts += ["<h2>Versions</h2>", _table([(k, v) for k, v in versions_.items()])]
     parts.append("</body></html>\n")
-    return atomic_write(path, "\n".join(parts).encode("utf-8"))
+    return atomic_write(path, "\n".join(parts).encode("utf-8"), overwrite=overwrite)

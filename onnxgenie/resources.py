@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -107,9 +108,21 @@ def cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads(threads: int = 0) -> int:
-    """``threads``, or one onnxruntime thread per core when it is 0."""
-    return threads if threads > 0 else cores()
+def default_threads(threads: int = 0, notify: bool = True) -> int:
+    """``threads`` (at most one per core, ``cap_to_cores``), or one onnxruntime thread per core when 0."""
+    return cap_to_cores(threads, "--threads", notify) if threads > 0 else cores()
+
+
+def cap_to_cores(value: int, flag: str, notify: bool = True) -> int:
+    """``value`` processes or threads, at most one per core (one line on stderr when lowered): more only
+    share the cores, each with its own memory."""
+    n = cores()
+    if value <= n:
+        return value
+    if notify:
+        print(f"onnxgenie: note: {flag} {value} is more than the {n} core(s) this process may use; using {flag} {n}",
+              file=sys.stderr)
+    return n
 
 
 def default_jobs(n_batches: int) -> int:
@@ -141,17 +154,18 @@ def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | No
 
 @contextmanager
 def process_pool(workers: int, initializer=None, initargs: tuple = ()):
-    """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT: Ctrl-C is the parent's to
-    handle. On Ctrl-C or any error inside the block the processes are terminated at once (not left to
+    """A ProcessPoolExecutor of ``workers`` spawned processes that ignore SIGINT (Ctrl-C is the parent's to
+    handle) and die with the parent, even when it is killed with SIGKILL (``die_with_parent``). On
+    Ctrl-C, SIGTERM or any error inside the block the processes are terminated at once (not left to
     finish their task), then the pool is shut down."""
     from concurrent.futures import ProcessPoolExecutor
 
-    context = _SigintBlockedSpawn()
-    pool = ProcessPoolExecutor(workers, context, _pool_worker_init, (initializer, initargs))
+    context = _SignalSafeSpawn()
+    pool = ProcessPoolExecutor(workers, context, _pool_worker_init, (initializer, initargs, os.getpid()))
     try:
         yield pool
     except BaseException:
-        # every process started, also one a Ctrl-C caught before the pool had registered it
+        # every process started, also one a signal caught before the pool had registered it
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
@@ -160,42 +174,77 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _SigintBlockedProcess(multiprocessing.context.SpawnProcess):
-    """Starts with SIGINT blocked (the mask survives exec), so a Ctrl-C while the worker is still importing
-    stays pending until ``_pool_worker_init`` ignores it: no KeyboardInterrupt traceback from a worker.
-    In the parent a Ctrl-C during start() (which waits for the child to read its arguments) is held back
-    until the process is fully started, so that the pool can terminate it; then it is raised."""
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _SignalSafeProcess(multiprocessing.context.SpawnProcess):
+    """Starts with SIGINT and SIGTERM blocked (the mask survives exec), so that a signal while the worker is
+    still importing stays pending until ``_pool_worker_init``: a Ctrl-C is dropped there, a SIGTERM ends the
+    worker there; no traceback from a half-started worker. In the parent a SIGINT/SIGTERM during start()
+    (which writes the worker's arguments into a pipe while the worker imports, so it can take seconds) is
+    held back until the process is fully started, so that the pool can terminate it; then it is raised.
+    Raised in the middle of that write, it would leave the worker reading a truncated pickle."""
 
     def start(self):
         held = []
-        hold = threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT))
+        hold = threading.current_thread() is threading.main_thread()
+        handlers = {}
         if hold:
-            handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            for sig in _HELD_SIGNALS:
+                if callable(signal.getsignal(sig)):
+                    handlers[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_HELD_SIGNALS))
         try:
             super().start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            if hold:
-                signal.signal(signal.SIGINT, handler)
-        if held:
-            signal.raise_signal(signal.SIGINT)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        for sig in dict.fromkeys(held):
+            signal.raise_signal(sig)
 
 
-class _SigintBlockedSpawn(multiprocessing.context.SpawnContext):
+class _SignalSafeSpawn(multiprocessing.context.SpawnContext):
     """The spawn context of one pool; it remembers the processes it made."""
 
     def __init__(self):
-        self.processes: list[_SigintBlockedProcess] = []
+        self.processes: list[_SignalSafeProcess] = []
 
     def Process(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
-        process = _SigintBlockedProcess(*args, **kwargs)
+        process = _SignalSafeProcess(*args, **kwargs)
         self.processes.append(process)
         return process
 
 
-def _pool_worker_init(initializer, initargs: tuple) -> None:
+def _pool_worker_init(initializer, initargs: tuple, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # a pending Ctrl-C is dropped here
+    die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(_HELD_SIGNALS))   # a pending Ctrl-C is dropped, a SIGTERM ends it
     if initializer is not None:
         initializer(*initargs)
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+WATCHDOG_S = 0.5
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends (the OOM killer's SIGKILL included): Linux's
+    parent-death signal (prctl PR_SET_PDEATHSIG, SIGKILL), and a watchdog thread that polls the parent's
+    pid where that is missing. A parent already gone ends this process now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="onnxgenie-parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCHDOG_S)
+    os._exit(1)

@@ -1,6 +1,7 @@
-"""Issue 4: bad input is refused in one line (exit 2) with nothing written, the input model is never
-touched, the output appears only complete and checked, divergence never reaches the output,
-memory estimates lower --jobs, and Ctrl-C stops cleanly with a hint to resume.
+"""Bad input is refused in one line (exit 2) with nothing written, the input model is never touched,
+no file is clobbered, the output appears only complete and checked, a model that is broken or whose
+FP32 outputs are not finite is refused instead of quantized silently, divergence never reaches the
+output, memory estimates lower --jobs, and Ctrl-C stops cleanly with a hint to resume.
 
 The bad-input matrix runs ``onnxgenie.cli.main`` in-process (the same code path as the console
 script, minus interpreter start-up); one case also runs as a real subprocess.
@@ -176,6 +177,123 @@ def _calib_without_images(tmp: Path):
     np.savez(tmp / "calib.npz", pixels=_UINT8_NHWC)
     return _quantize(src, tmp / "out.onnx", "--calib-data", tmp / "calib.npz"), src, tmp / "out.onnx"
 
+def _clobber(kind: str):
+    """An output path that is an existing file, an input or another output; ``out`` is what must survive."""
+    def build(tmp: Path):
+        src = fixtures.save(fixtures.conv_bn_net(), tmp)
+        q = tmp / "out.onnx"
+        if kind in ("report", "report_html"):
+            out = tmp / ("r.json" if kind == "report" else "r.html")
+            out.write_text("the user's own file")
+            flag = "--report" if kind == "report" else "--report-html"
+            return _quantize(src, q, flag, out), src, out
+        if kind == "report_is_calib_data":
+            out = tmp / "calib.npz"
+            np.savez(out, images=_UINT8_NHWC)
+            return _quantize(src, q, "--calib-data", out, "--report", out, "--overwrite"), src, out
+        if kind == "report_is_output":
+            return _quantize(src, q, "--report", q, "--overwrite"), src, q
+        if kind == "html_is_report":
+            return _quantize(src, q, "--report", tmp / "r", "--report-html", tmp / "r", "--overwrite"), src, tmp / "r"
+        if kind == "workdir_report":
+            (tmp / "wd").mkdir()
+            out = tmp / "wd" / "report.json"
+            out.write_text("the user's own report")
+            return _quantize(src, q, "--workdir", tmp / "wd"), src, out
+        if kind == "report_links_to_model":
+            os.symlink(src, tmp / "link.json")
+            return _quantize(src, q, "--report", tmp / "link.json", "--overwrite"), src, src
+        if kind == "output_is_external_data":
+            onnx.save(fixtures.conv_bn_net(), str(src), save_as_external_data=True, location="w.bin",
+                      size_threshold=0)
+            return _quantize(src, tmp / "w.bin", "--overwrite"), src, tmp / "w.bin"
+        raise ValueError(kind)
+    return build
+
+
+def _with_tensor(name: str, value: float, index: int = 0, *extra):
+    """conv_bn_net with one element of initializer ``name`` set to ``value``."""
+    def build(tmp: Path):
+        model = fixtures.conv_bn_net()
+        t = next(t for t in model.graph.initializer if t.name == name)
+        array = numpy_helper.to_array(t).copy()
+        array.flat[index] = value
+        t.CopyFrom(numpy_helper.from_array(array, name))
+        return _model_file(model)(tmp, *extra)
+    return build
+
+
+def _float16_input() -> onnx.ModelProto:
+    model = fixtures.conv_bn_net()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    cast = helper.make_node("Cast", ["input"], ["input_float"], name="cast", to=TensorProto.FLOAT)
+    for node in model.graph.node:
+        node.input[:] = ["input_float" if i == "input" else i for i in node.input]
+    model.graph.node.insert(0, cast)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _argmax_output() -> onnx.ModelProto:
+    """The class index (int64) as the only output, after an ArgMax."""
+    model = fixtures.conv_bn_net()
+    model.graph.node[-1].output[0] = "logits_float"
+    model.graph.node.append(helper.make_node("ArgMax", ["logits_float"], ["logits"], name="argmax", axis=1,
+                                             keepdims=0))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.INT64, ["N"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _zero_classes() -> onnx.ModelProto:
+    model = fixtures.conv_bn_net()
+    for t in model.graph.initializer:
+        if t.name in ("fc.weight", "fc.bias"):
+            t.CopyFrom(numpy_helper.from_array(np.zeros((0, *t.dims[1:]), np.float32), t.name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 0
+    return model
+
+
+def _negative_dims() -> onnx.ModelProto:
+    model = fixtures.conv_bn_net()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -fixtures.HW
+    return model
+
+
+def _calib_file(write):
+    """--calib-data pointing at what ``write(path)`` makes."""
+    def build(tmp: Path):
+        src = fixtures.save(fixtures.conv_bn_net(), tmp)
+        write(tmp / "calib.npz")
+        return _quantize(src, tmp / "out.onnx", "--calib-data", tmp / "calib.npz"), src, tmp / "out.onnx"
+    return build
+
+
+def _eval_file(write):
+    def build(tmp: Path):
+        src = fixtures.save(fixtures.conv_bn_net(), tmp)
+        write(tmp / "data.npz")
+        return ["eval", src, "--data", tmp / "data.npz"], src, tmp / "nothing"
+    return build
+
+
+def _damaged_npz(path: Path) -> None:
+    np.savez(path, images=_UINT8_NHWC, labels=np.zeros(8, np.int64))
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF   # inside the images array: the zip's CRC check fails on reading
+    path.write_bytes(bytes(data))
+
+
+def _object_npz(path: Path) -> None:
+    np.savez(path, images=np.array([np.zeros(3), "a"], dtype=object), labels=np.zeros(2, np.int64))
+
+
+def _calib_dir(tmp: Path):
+    src = fixtures.save(fixtures.conv_bn_net(), tmp)
+    (tmp / "images").mkdir()
+    return _quantize(src, tmp / "out.onnx", "--calib-data", tmp / "images"), src, tmp / "out.onnx"
+
+
 MATRIX = [
     Case("missing_file", _raw_file(None), ("no such file",)),
     Case("directory_as_model", _raw_file(b"", directory=True), ("is a directory",)),
@@ -214,6 +332,51 @@ MATRIX = [
     Case("recon_batch_too_big", _flags("--recon-batch", "64"), ("fewer than the reconstruction batch",)),
     Case("mean_without_std", _flags("--mean", "0.5", "0.5", "0.5"), ("--mean and --std go together",)),
     Case("std_not_positive", _flags("--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"), ("std > 0",)),
+    # nothing the run writes may exist without --overwrite, be an input, or be another output
+    Case("report_exists", _clobber("report"), ("r.json exists", "--overwrite")),
+    Case("report_html_exists", _clobber("report_html"), ("r.html exists", "--overwrite")),
+    Case("report_is_calib_data", _clobber("report_is_calib_data"), ("--report", "is the --calib-data file")),
+    Case("report_is_output", _clobber("report_is_output"), ("--report", "is also -o")),
+    Case("report_html_is_report", _clobber("html_is_report"), ("--report-html", "is also --report")),
+    Case("workdir_report_is_a_user_file", _clobber("workdir_report"), ("report.json exists", "--overwrite")),
+    Case("report_links_to_the_model", _clobber("report_links_to_model"), ("--report", "is the input model")),
+    Case("output_is_external_data", _clobber("output_is_external_data"), ("is the model's external data file",)),
+    # numbers that would give a silent bad model
+    Case("mean_nan", _flags("--mean", "nan", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"), ("--mean/--std", "finite")),
+    Case("std_inf", _flags("--mean", "0.5", "0.5", "0.5", "--std", "inf", "0.2", "0.2"), ("--mean/--std", "finite")),
+    Case("lambda_nan", _flags("--lambda", "nan"), ("--lambda", "finite", "nan")),
+    Case("lambda_negative", _flags("--lambda", "-1"), ("--lambda", ">= 0")),
+    Case("min_agreement_above_100", _flags("--min-agreement", "101"), ("--min-agreement", "<= 100")),
+    Case("min_agreement_nan", _flags("--min-agreement", "nan"), ("--min-agreement", "finite")),
+    Case("holdout_negative", _flags("--holdout-images", "-1"), ("--holdout-images", ">= 0")),
+    Case("seed_negative", _flags("--seed", "-1"), ("--seed", ">= 0")),
+    Case("weight_nan", _with_tensor("block.conv.weight", np.nan), ("block.conv.weight", "nan/inf")),
+    Case("weight_inf_noise_calibration", _with_tensor("fc.weight", np.inf, 3, "--calib", "noise"),
+         ("fc.weight", "nan/inf")),
+    Case("bn_mean_nan", _with_tensor("stem.bn.running_mean", np.nan), ("stem.bn.running_mean", "nan/inf")),
+    Case("bn_variance_negative", _with_tensor("block.bn.running_var", -0.5, 2),
+         ("block.bn.running_var", "negative running variance")),
+    # valid-looking input that crashed: refused before any work
+    Case("float16_input", _model_file(_float16_input()), ("float16", "float32")),
+    Case("int64_output", _model_file(_argmax_output()), ("int64", "logits", "argmax")),
+    Case("zero_output_channels", _model_file(_zero_classes()), ("fc.weight", "empty layer")),
+    Case("negative_input_dims", _model_file(_negative_dims()), ("non-positive height/width", "--input-size")),
+    Case("distill_batch_0", _flags("--distill-batch", "0"), ("--distill-batch", ">= 1")),
+    Case("calib_images_0", _flags("--calib-images", "0", "--no-reconstruct"), ("--calib-images", ">= 1")),
+    Case("distill_iters_0", _flags("--distill-iters", "0"), ("--distill-iters", ">= 1")),
+    Case("calib_npz_object_array", _calib_file(_object_npz), ("object arrays", "numpy.savez")),
+    Case("calib_npz_crc_error", _calib_file(_damaged_npz), ("not a readable .npz", "crc")),
+    Case("calib_npz_no_images", _calib_file(lambda p: np.savez(p, images=_UINT8_NHWC[:0])), ("non-empty",)),
+    Case("calib_npz_scalar_images", _calib_file(lambda p: np.savez(p, images=np.float32(3))), ("shape []",)),
+    Case("calib_data_is_a_directory", _calib_dir, ("is a directory", ".npz")),
+    Case("eval_string_labels", _eval_file(lambda p: np.savez(p, images=_UINT8_NHWC, labels=np.array(["cat"] * 8))),
+         ("labels", "class indices")),
+    Case("eval_object_array", _eval_file(_object_npz), ("object arrays",)),
+    Case("eval_crc_error", _eval_file(_damaged_npz), ("not a readable .npz",)),
+    Case("eval_no_images", _eval_file(lambda p: np.savez(p, images=_UINT8_NHWC[:0], labels=np.zeros(0))),
+         ("non-empty",)),
+    Case("eval_scalar_images", _eval_file(lambda p: np.savez(p, images=np.uint8(3), labels=np.int64(1))),
+         ("shape []",)),
 ]
 
 
@@ -384,6 +547,65 @@ def test_write_model_refuses_nan(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# No silent bad model: the agreement check fails when the FP32 model's own outputs are not finite
+
+def _log_head() -> onnx.ModelProto:
+    """Finite weights, but a Log where the head's ReLU was: NaN logits for images with negative features."""
+    model = fixtures.conv_bn_net()
+    next(n for n in model.graph.node if n.name == "fc1.relu").op_type = "Log"
+    return model
+
+
+@pytest.mark.parametrize("case", ["log_head_noise", "overflowing_images"])
+def test_fp32_model_with_non_finite_outputs_is_refused(tmp_path, capsys, case):
+    """Both would have quantized "fine", with agreement measured between NaN logits (argmax 0 both)."""
+    if case == "log_head_noise":
+        src = fixtures.save(_log_head(), tmp_path)
+        extra = ["--calib", "noise"]
+    else:
+        src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+        np.savez(tmp_path / "calib.npz", images=np.full((8, fixtures.C_IN, fixtures.HW, fixtures.HW), 3e38, np.float32))
+        extra = ["--calib-data", tmp_path / "calib.npz"]
+    code, err = cli(_quantize(src, tmp_path / "q.onnx", *extra, "--workdir", tmp_path / "wd"), capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert "the FP32 model outputs NaN/Inf on" in lines[0] and "calibration images" in lines[0]
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "wd").exists()   # before any work
+
+
+def _nan_for_dark_images() -> onnx.ModelProto:
+    """conv_bn_net with its logits scaled by sqrt(mean pixel): NaN logits for images of negative mean,
+    the same class as conv_bn_net for the others."""
+    model = fixtures.conv_bn_net()
+    model.graph.node[-1].output[0] = "raw_logits"
+    model.graph.node.extend([
+        helper.make_node("ReduceMean", ["input"], ["brightness"], name="brightness", axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Flatten", ["brightness"], ["brightness_2d"], name="brightness_2d", axis=1),
+        helper.make_node("Sqrt", ["brightness_2d"], ["gain"], name="gain"),
+        helper.make_node("Mul", ["raw_logits", "gain"], ["logits"], name="scaled")])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_agreement_counts_non_finite_quantized_outputs_as_disagreement():
+    from onnxgenie.report import top1_agreement
+
+    model = fixtures.conv_bn_net()
+    broken = _nan_for_dark_images()
+    x = fixtures.random_input(model, 16, seed=2)
+    fp = fixtures.run(model, x)
+    q = fixtures.run(broken, x)
+    finite = np.isfinite(q).all(axis=1)
+    assert 0 < finite.sum() < len(x)   # some images NaN, some not
+    expected = 100.0 * float(((fp.argmax(1) == q.argmax(1)) & finite).mean())
+    assert top1_agreement(model, broken, x) == round(expected, 2)
+    from onnxgenie.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="FP32 model outputs NaN/Inf on"):
+        top1_agreement(broken, model, x)
+
+
+# ------------------------------------------------------------------------------------------------
 # Divergence guards
 
 def test_distillation_divergence_names_stage_batch_and_step(tmp_path, capsys):
@@ -444,10 +666,12 @@ def test_memory_estimate_lowers_jobs(capsys):
 
 @pytest.mark.parametrize("command", ["quantize", "distill"])
 def test_cli_lowers_jobs_when_memory_is_short(tmp_path, capsys, monkeypatch, command):
-    """Available memory patched to 300 MiB: --jobs 3 runs as --jobs 1, said in one note, and succeeds."""
+    """Available memory patched to 300 MiB (and four cores, so that --jobs 3 is not capped to the cores):
+    --jobs 3 runs as --jobs 1, said in one note, and succeeds."""
     import onnxgenie.resources as resources
 
     monkeypatch.setattr(resources, "available_memory", lambda: 300 * resources.MIB)
+    monkeypatch.setattr(resources, "cores", lambda: 4)
     src = tmp_path / "digits.onnx"
     src.write_bytes(DEFAULT_MODEL.read_bytes())
     if command == "quantize":

@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..errors import BadInputError, DivergenceError, OnnxGenieError, ResumeMismatchError, UnsupportedModelError
+from ..errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenieError, ResumeMismatchError,
+                      StorageError, UnsupportedModelError)
 from ..graph.bn import require_bn
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import swing_feed, swing_rewrite
@@ -158,6 +159,8 @@ class BatchDistiller:
         self.trainable = [n for names in groups.values() for n in names]
         try:
             self.graph = GradientGraph(model, self.trainable, threads=threads)
+        except StorageError:
+            raise
         except Exception as err:   # an op without a gradient between the image and a BN layer
             raise UnsupportedModelError(
                 f"distillation cannot train through this model ({describe_ort_error(err)}); quantize it from real "
@@ -226,21 +229,52 @@ def _run_config(model: onnx.ModelProto, cfg: DistillConfig) -> dict:
     return {"model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(), **asdict(cfg)}
 
 
-def _prepare_workdir(workdir: Path, config: dict, resume: bool) -> list[int]:
-    """Check or write the run's config; return the batch indices already finished."""
+def _batch_is_whole(path: Path, cfg: dict) -> bool:
+    """Whether a saved batch reads back complete (a file truncated or damaged on disk does not)."""
+    try:
+        with np.load(path) as f:
+            images, history = f["images"], f["loss_history"]
+            float(f["seconds"])
+        return images.ndim == 4 and len(images) == cfg["batch"] and history.shape == (cfg["iters"],) \
+            and bool(np.isfinite(images).all())
+    except Exception:
+        return False
+
+
+def _prepare_workdir(workdir: Path, config: dict, resume: bool, notify: bool = True) -> list[int]:
+    """Check or write the run's config; return the batch indices already finished. A finished batch
+    whose file is damaged is removed (with a note) and distilled again."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / CONFIG_FILE
-    done = sorted(int(p.stem.split("_")[1]) for p in workdir.glob("batch_*.npz"))
+    done = sorted(int(p.stem.split("_")[1]) for p in workdir.glob("batch_[0-9][0-9][0-9][0-9].npz"))
     if cfg_file.exists() or done:
         if not resume:
             raise BadInputError(f"{workdir} already holds a distillation run ({len(done)} finished batches); "
                                 "add --resume to continue it, or choose an empty --workdir")
-        saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        try:
+            saved = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+            if not isinstance(saved, dict):
+                raise ValueError(type(saved).__name__)
+        except (ValueError, UnicodeDecodeError):
+            raise ResumeMismatchError(f"{cfg_file} is damaged (not the JSON this tool writes), so the finished "
+                                      f"batches cannot be checked; remove {workdir} to distil again, or choose a "
+                                      "new --workdir") from None
         differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
         if differ:
             raise ResumeMismatchError(f"{workdir} was made with a different {', '.join(differ)}; resume with the "
                                       "same model and flags, or choose a new --workdir")
-        return [b for b in done if b < config["n_batches"]]
+        whole = []
+        for b in done:
+            if b >= config["n_batches"]:
+                continue
+            if _batch_is_whole(batch_path(workdir, b), config):
+                whole.append(b)
+            else:
+                if notify:
+                    print(f"onnxgenie: note: {batch_path(workdir, b)} is damaged; distilling that batch again",
+                          file=sys.stderr)
+                batch_path(workdir, b).unlink()
+        return whole
     tmp = workdir / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=1))
     os.replace(tmp, cfg_file)
@@ -342,22 +376,26 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
 def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iters: int = 500, mode: str = "genie",
             swing: bool = True, seed: int = 0, jobs: int = 1, workdir: str | None = None, resume: bool = False,
             progress: bool = True, *, lr_latent: float = 0.1, lr_generator: float = 0.01, lr_pixels: float = 0.5,
-            fused: bool = True, threads: int = 1) -> tuple[np.ndarray, dict]:
+            fused: bool = True, threads: int = 1, input_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """GENIE-D: ``n_images`` synthetic images (float32 NCHW, the model's input space) and an info dict.
 
     ``n_images`` is rounded up to a whole number of batches (said on stderr). Finished batches are
     kept in ``workdir`` (``batch_0003.npz``); ``resume=True`` continues a run there. ``jobs`` > 1
     distils batches in that many processes with one ORT thread each; ``threads`` is the ORT thread
-    count when ``jobs`` == 1.
+    count when ``jobs`` == 1. ``input_hw`` fixes a dynamic image height/width.
     """
     if mode not in MODES:
         raise BadInputError(f"unknown distillation mode {mode!r}; use one of {', '.join(MODES)}")
-    for name, value in (("images", n_images), ("batch", batch), ("iters", iters), ("jobs", jobs)):
-        if int(value) < 1:
-            raise BadInputError(f"--{name} must be at least 1 (got {value})")
+    for name, value, low in (("images", n_images, 1), ("batch", batch, 1), ("iters", iters, 1), ("jobs", jobs, 1),
+                             ("seed", seed, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise BadSettingError(f"--{name} must be a whole number >= {low} (got {value!r}); pass one")
+    for name, value in (("lr-latent", lr_latent), ("lr-generator", lr_generator), ("lr-pixels", lr_pixels)):
+        if not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
+            raise BadSettingError(f"--{name} must be a finite number > 0 (got {value!r}); pass one")
     if resume and workdir is None:
         raise BadInputError("--resume needs the --workdir of the interrupted run")
-    teacher = normalize(model)
+    teacher = normalize(model, input_hw)
     require_bn(teacher, model if isinstance(model, onnx.ModelProto) else None)
     batch = min(batch, n_images)
     n_batches = math.ceil(n_images / batch)
@@ -368,7 +406,8 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-distill-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
-        done = _prepare_workdir(work, _run_config(model, cfg), resume)
+        run = {**_run_config(model, cfg), **({"input_hw": list(input_hw)} if input_hw else {})}
+        done = _prepare_workdir(work, run, resume, progress)
         todo = [b for b in range(n_batches) if b not in done]
         start = time.perf_counter()
         if todo:

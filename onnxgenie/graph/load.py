@@ -50,6 +50,8 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise BadInputError(f"{path}: no such file; give the path of an .onnx model")
         if path.is_dir():
             raise BadInputError(f"{path} is a directory; give the path of an .onnx model file")
+        if not path.is_file():
+            raise BadInputError(f"{path} is not a regular file; give the path of an .onnx model file")
         data = path.read_bytes()
         if not data:
             raise BadInputError(f"{path} is empty; re-export the model to ONNX")
@@ -59,16 +61,17 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         except Exception:
             raise BadInputError(f"{path} is not an ONNX model (unreadable protobuf, or truncated); "
                                 "re-export it or copy it again") from None
-        if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
-            try:  # weights saved next to the model (save_as_external_data) are read into memory
-                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-            except Exception as err:  # onnx raises checker.ValidationError for a missing file
-                raise BadInputError(f"{path}: cannot read its external weight data ({err.__class__.__name__}: "
-                                    f"{str(err).splitlines()[0][:100]}); keep the data file next to the model") \
-                    from None
+        _read_external_data(model, path)
+    if isinstance(src, onnx.ModelProto):
+        external = next((t.name for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL), None)
+        if external is not None:
+            raise BadInputError(f"tensor {external} of the given ModelProto keeps its data in an external file, "
+                                "which is read only from a model's own folder; pass the model's path instead, or "
+                                "load it with onnx.load(path)")
     if not model.graph.node or not model.opset_import:
         raise BadInputError("the file holds no ONNX graph (protobuf without nodes or opset); "
                             "re-export the model to ONNX")
+    _name_nodes(model.graph)
     if model.ir_version > MAX_IR:
         raise UnsupportedModelError(
             f"the model has ONNX IR version {model.ir_version}, newer than onnxruntime-training 1.19 reads "
@@ -80,6 +83,100 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise BadInputError(f"the model fails onnx.checker ({first}); re-export it with a current exporter") \
             from None
     return model
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto that holds data in ``graph`` and its subgraphs (initializers, Constant values)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes ``tensor``'s raw data takes (None for strings, which have no fixed size)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _read_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the weights a model keeps in files beside it into the model. Every location is resolved
+    (links included) and must lie inside the model's folder; the file must hold exactly the bytes the
+    tensor's shape needs."""
+    folder = os.path.realpath(path.parent)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor {tensor.name} keeps its external weight data in {location!r}"
+        real = os.path.realpath(os.path.join(path.parent, location))
+        if not location or os.path.isabs(location) or os.path.commonpath([folder, real]) != folder or real == folder:
+            raise BadInputError(f"{where}, which is outside the model's folder {folder} (links are followed); keep "
+                                "the data file itself next to the model")
+        if not os.path.isfile(real):
+            raise BadInputError(f"{where}, which is missing; keep the data file next to the model")
+        need = _data_bytes(tensor)
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise BadInputError(f"{where} with a non-numeric offset or length; re-export the model") from None
+        size = os.path.getsize(real)
+        length = size - offset if length < 0 else length
+        if need is None or offset < 0 or length != need:
+            raise BadInputError(f"{where} ({length} bytes at offset {offset}), but its type and shape "
+                                f"{list(tensor.dims)} need {need} bytes; re-export the model with its data")
+        if offset + length > size:
+            raise BadInputError(f"{where}, {length} bytes at offset {offset}, but the file has only {size} bytes "
+                                "(truncated); copy the data file again or re-export the model")
+        with open(real, "rb") as fh:
+            fh.seek(offset)
+            tensor.raw_data = fh.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files the model at ``path`` keeps its weights in (for the no-clobber check); [] if unreadable."""
+    path = Path(path)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except Exception:
+        return []
+    locations = {dict((e.key, e.value) for e in t.external_data).get("location", "")
+                 for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL}
+    return [path.parent / loc for loc in sorted(locations) if loc]
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name (onnxruntime refuses duplicates; plans are keyed by name): a node
+    without one, or repeating an earlier one, is named after its first output."""
+    taken: set[str] = set()
+    renamed = []
+    for node in graph.node:
+        if node.name and node.name not in taken:
+            taken.add(node.name)
+        else:
+            renamed.append(node)
+    for index, node in enumerate(renamed):
+        base = (node.output[0] if node.output and node.output[0] else "") or f"{node.op_type}_{index}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -103,7 +200,11 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
             "with exactly one image input is expected, so export the model with a single input")
     inp = inputs[0]
     elem = inp.type.tensor_type.elem_type
-    if elem not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+    if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+        raise UnsupportedModelError(
+            f"input {inp.name} is {onnx.TensorProto.DataType.Name(elem)}; export the model in float32 "
+            "(in PyTorch: model.float() and a float32 example input)")
+    if elem != onnx.TensorProto.FLOAT:
         name = onnx.TensorProto.DataType.Name(elem)
         raise UnsupportedModelError(
             f"input {inp.name} is {name}, not a float image; export the model with a float32 NCHW (or NHWC) "
@@ -551,6 +652,7 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     """
     model = load_model(model)
     _check_ops(model)
+    check_weights(model)
     inp = _image_input(model)
     opset = model_opset(model)
     if opset < INTERNAL_OPSET:
@@ -558,11 +660,14 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     inp = _image_input(model)
     dims = _dims(inp)
     spatial = dims[1:]
-    if sum(not isinstance(d, int) for d in spatial) > 0:
+    if any(not isinstance(d, int) or d <= 0 for d in spatial):
         c_axis = 1 if isinstance(dims[1], int) and dims[1] in (1, 3, 4) else 3
         if input_hw is None:
+            kind = "dynamic" if any(not isinstance(d, int) for d in spatial) else "non-positive"
             raise UnsupportedModelError(
-                f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
+                f"input {inp.name} has {kind} height/width {dims}; fix them with --input-size H W")
+        if any(not isinstance(v, int) or v < 1 for v in input_hw):
+            raise BadInputError(f"--input-size needs two positive integers H W (got {list(input_hw)})")
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
@@ -592,6 +697,7 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", INTERNAL_OPSET))
     model.ir_version = INTERNAL_IR
+    image_io(model)   # refuses what the stages cannot take (output type, classes) before any work
     if fixed_batch is not None:
         _check_batch_is_free(exported, model, fixed_batch)
     return model
@@ -606,8 +712,16 @@ def image_io(model: onnx.ModelProto) -> ImageIO:
             f"the model has {len(model.graph.output)} outputs; a classifier with one logits output is expected")
     out = model.graph.output[0]
     odims = _dims(out)
+    if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(odims) < 2:
+        what = onnx.TensorProto.DataType.Name(out.type.tensor_type.elem_type)
+        raise UnsupportedModelError(
+            f"the output {out.name} is {what} of shape {odims}, not float32 logits [N, classes]; export the model "
+            "without its post-processing (ArgMax, TopK, Cast), ending at the logits")
     classes = odims[-1] if odims and isinstance(odims[-1], int) else -1
-    if not all(isinstance(d, int) for d in dims[1:]):
+    if classes == 0 or any(isinstance(d, int) and d < 0 for d in odims[1:]):
+        raise UnsupportedModelError(f"the output {out.name} has shape {odims}, with no classes; export the "
+                                    "model with its classifier head")
+    if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise UnsupportedModelError(f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
     c, h, w = dims[1:]
     if nhwc_transpose(model) is not None:
@@ -660,3 +774,45 @@ def check_dynamic_batch(original: onnx.ModelProto, normal: onnx.ModelProto, batc
         c = s2.run(None, {io.input: x})[0]
         worst = max(worst, float(np.abs(a - c).max()))
     return worst
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def check_weights(model: onnx.ModelProto) -> None:
+    """Refuse, naming the tensor, weights that would give a broken model without an error: NaN/Inf
+    values (an infinite Clip bound means no bound and is kept), a negative BN variance, an empty or
+    non-float32 layer weight."""
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    values.update({n.output[0]: n.attribute[0].t for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    clip_bounds = {i for n in graph.node if n.op_type == "Clip" for i in n.input[1:]}
+    for name, tensor in values.items():
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        array = numpy_helper.to_array(tensor)
+        bad = np.isnan(array) if name in clip_bounds else ~np.isfinite(array)
+        if bad.any():
+            raise UnsupportedModelError(
+                f"weight tensor {name} holds {int(bad.sum())} NaN/Inf value(s) of {array.size}; the model is "
+                "broken (a diverged training run?): re-export it from a checkpoint with finite weights")
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and len(node.input) > 4 and node.input[4] in values:
+            var = numpy_helper.to_array(values[node.input[4]])
+            if (var < 0).any():
+                raise UnsupportedModelError(
+                    f"BN layer {node.name} has a negative running variance in {node.input[4]} (min {var.min():g}); "
+                    "a variance cannot be negative, so the model is broken: re-export it from a sound checkpoint")
+        if node.op_type in _LAYERS and len(node.input) > 1 and node.input[1] in values:
+            weight = values[node.input[1]]
+            if weight.data_type != onnx.TensorProto.FLOAT:
+                raise UnsupportedModelError(
+                    f"the weights {weight.name or node.input[1]} of {node.name} are "
+                    f"{onnx.TensorProto.DataType.Name(weight.data_type)}; export the model in float32 "
+                    "(in PyTorch: model.float() before exporting)")
+            if 0 in weight.dims:
+                raise UnsupportedModelError(
+                    f"the weights {node.input[1]} of {node.name} have shape {list(weight.dims)}, an empty layer; "
+                    "re-export the model without it")

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import BadInputError, ResumeMismatchError
+from ..errors import BadInputError, ResumeMismatchError, StorageError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
 from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session, trainable_form
 from .lsq import lsq_quantize
@@ -418,6 +418,8 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
         model, names = training_model(block_model, plan, cfg.quantizer, cfg.qdrop)
         mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
         gg = GradientGraph(model, list(names.init), threads=cfg.threads)
+    except StorageError:  # no room for the training graph's files: the run cannot go on
+        raise
     except Exception as err:  # an op without gradient, an unexpected graph: keep RTN, say why
         return {}, {"status": f"rtn (training graph failed: {describe_ort_error(err)})"}
     stats: dict = {}
@@ -544,15 +546,22 @@ def _save_block(path: Path, key: str, updates: dict, stats: dict) -> None:
     tmp.replace(path)
 
 
-def _load_block(path: Path, key: str) -> tuple[dict, dict]:
-    with np.load(path) as data:
-        meta = json.loads(str(data["meta"]))
-        if meta["key"] != key:
-            raise ResumeMismatchError(
-                f"{path} was written for another model, plan or reconstruction setting; "
-                "use a fresh work directory or rerun with the same settings")
-        weights = {node: (data[f"w{j}_wint"], data[f"w{j}_scale"]) for j, node in enumerate(meta["weights"])}
-    return {"weights": weights, "acts": meta["acts"]}, meta["stats"]
+def _load_block(path: Path, key: str) -> tuple[dict, dict] | None:
+    """A saved block's updates and stats; None for a file damaged on disk (to be learned again)."""
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta["key"] != key:
+                raise ResumeMismatchError(
+                    f"{path} was written for another model, plan or reconstruction setting; "
+                    "use a fresh work directory or rerun with the same settings")
+            weights = {node: (data[f"w{j}_wint"], data[f"w{j}_scale"]) for j, node in enumerate(meta["weights"])}
+            acts = {tensor: float(scale) for tensor, scale in meta["acts"].items()}
+            return {"weights": weights, "acts": acts}, dict(meta["stats"])
+    except ResumeMismatchError:
+        raise
+    except Exception:
+        return None
 
 
 def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg: BlockConfig, seed: int) -> str:
@@ -575,8 +584,12 @@ def _config_key(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, cfg
 def _log_block(row: dict, bar) -> None:
     first, last = row.get("recon_first"), row.get("recon_last")
     losses = f"output error {first:.4g} -> {last:.4g}" if first is not None and last is not None else ""
-    line = (f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} "
-            f"[{row['status']}, {row['wall_s']:.1f} s]")
+    _note(f"onnxgenie: GENIE-M {row['name']} ({row['layers']} layers): {losses} "
+          f"[{row['status']}, {row['wall_s']:.1f} s]", bar)
+
+
+def _note(line: str, bar) -> None:
+    """A line on stderr, above the progress bar when there is one."""
     if bar is not None:
         bar.write(line, file=sys.stderr)
     else:
@@ -648,8 +661,11 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
             y = store.empty((len(calib), *_output_shape(fp_model, x_fp, threads)))
             _run_batched(fp_model, x_fp, y, threads)
             path = folder / f"{block.name}.npz"
-            if workdir is not None and path.exists():
-                updates, stats = _load_block(path, key)
+            saved = _load_block(path, key) if workdir is not None and path.exists() else None
+            if saved is None and workdir is not None and path.exists() and progress:
+                _note(f"onnxgenie: note: {path} is damaged; reconstructing that block again", bar)
+            if saved is not None:
+                updates, stats = saved
                 stats = {**stats, "status": "resumed"}
                 apply_updates(plan, updates)
                 if bar is not None:
