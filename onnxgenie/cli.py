@@ -167,11 +167,10 @@ def _add_bits(p: argparse.ArgumentParser, wbits: int | None, abits: int | None) 
 
 
 def _cmd_distill(args) -> int:
+    import io
     from pathlib import Path
 
     import numpy as np
-
-    import io
 
     from .distill import distill
     from .distill.preview import save_grid
@@ -189,6 +188,8 @@ def _cmd_distill(args) -> int:
     model = load_model(args.model)
     input_hw = tuple(args.input_size) if args.input_size else None
     batch = min(args.batch, args.images) if args.images > 0 else args.batch
+    if args.jobs < 0:
+        raise BadInputError(f"--jobs must be 0 (one per core) or more (got {args.jobs}); pass one")
     jobs = cap_to_cores(args.jobs, "--jobs") if args.jobs > 0 else \
         default_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
     if jobs > 1 and batch > 0:

@@ -103,8 +103,8 @@ def load_npz(path: str | os.PathLike, need_labels: bool = True,
 
 def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, threads: int = 1,
             level: ort.GraphOptimizationLevel | None = None) -> np.ndarray:
-    """Logits of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU. Buffer reuse is off for a model
-    that onnxruntime 1.19 would overflow a buffer on (``export.qdq.buffer_reuse_hazard``)."""
+    """Logits [N, classes] of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU. Buffer reuse is off for
+    a model that onnxruntime 1.19 would overflow a buffer on (``export.qdq.buffer_reuse_hazard``)."""
     from .export.qdq import buffer_reuse_hazard
 
     n = len(x)
@@ -117,8 +117,9 @@ def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, thread
     if isinstance(fixed, int) and fixed > 0:  # a fixed-batch export runs at its batch, the last one padded
         batch_size = fixed
         x = np.concatenate([x, np.repeat(x[-1:], -len(x) % fixed, axis=0)]) if len(x) % fixed else x
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]
-                           for i in range(0, len(x), batch_size)])[:n]
+    logits = np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]
+                             for i in range(0, len(x), batch_size)])[:n]
+    return logits.reshape(len(logits), -1)   # [N, classes, 1, 1] heads as [N, classes]
 
 
 def evaluate(model, data: str | os.PathLike, mean=None, std=None, reference=None, batch_size: int = 250,

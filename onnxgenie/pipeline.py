@@ -123,8 +123,17 @@ _WHOLE = {"wbits": (None, False), "abits": (None, False), "first_last_bits": (No
 _REAL = {"recon_lr_scale": (0.0, math.inf, True, False), "recon_act_lr_scale": (0.0, math.inf, True, True),
          "lam": (0.0, math.inf, False, True), "min_agreement": (0.0, 100.0, False, True)}
 _FLAGS_ON_OFF = ("swing", "reconstruct", "recon_qdrop", "progress", "verbose")
-_TEXT = ("target", "weight_grid", "calib", "distill_mode", "recon_augment", "quantizer")
 SEED_LIMIT = 2 ** 63
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a few words, with those words."""
+    from .distill.genie_d import MODES
+    from .quant.plan import TARGETS, WEIGHT_GRIDS
+    from .quant.reconstruct import QUANTIZERS
+
+    return {"target": TARGETS, "weight_grid": WEIGHT_GRIDS, "calib": CALIB_SOURCES, "distill_mode": MODES,
+            "recon_augment": AUGMENTS, "quantizer": QUANTIZERS}
 
 
 def _flag(name: str) -> str:
@@ -162,10 +171,10 @@ def check_config(config: QuantizeConfig) -> None:
     for name in _FLAGS_ON_OFF:
         if not isinstance(getattr(config, name), (bool, np.bool_)):
             raise BadSettingError(f"{name} must be True or False (got {getattr(config, name)!r}); pass a bool")
-    for name in _TEXT:
-        if not isinstance(getattr(config, name), str):
-            raise BadSettingError(f"{_flag(name)} must be a string (got {getattr(config, name)!r}); see "
-                                  "`onnxgenie quantize --help` for its values")
+    for name, choices in _choices().items():
+        if getattr(config, name) not in choices:
+            raise BadSettingError(f"{_flag(name)} {getattr(config, name)!r} is not one of {', '.join(choices)}; "
+                                  "pass one of those")
     for name in ("exclude", "high_bits"):
         v = getattr(config, name)
         if isinstance(v, str) or not isinstance(v, (tuple, list)) or not all(isinstance(n, str) for n in v):
@@ -514,6 +523,10 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
     normal, folded = prepare(original, config.input_size)
     if calib is not None:
         calib = check_calib_array(normal, calib)
+    channels = image_io(normal).chw[0]
+    if config.mean is not None and len(config.mean) != channels:
+        raise BadSettingError(f"--mean/--std have {len(config.mean)} values but the model takes {channels} "
+                              "channels; give one value per channel")
     if config.reconstruct:
         from .quant.reconstruct import check_args, check_lr_scale
 

@@ -10,6 +10,7 @@ is above every one of them.
 
 from __future__ import annotations
 
+import io
 import multiprocessing.context
 import os
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import popen_spawn_posix
 
 import numpy as np
 import onnx
@@ -160,15 +162,19 @@ def process_pool(workers: int, initializer=None, initargs: tuple = ()):
     finish their task), then the pool is shut down."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     context = _SignalSafeSpawn()
     pool = ProcessPoolExecutor(workers, context, _pool_worker_init, (initializer, initargs, os.getpid()))
     try:
         yield pool
-    except BaseException:
+    except BaseException as err:
         # every process started, also one a signal caught before the pool had registered it
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
+        if isinstance(err, BrokenPipeError):   # a worker died while reading its arguments (_Popen)
+            raise BrokenProcessPool("a worker process died while it was starting") from err
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -202,6 +208,46 @@ class _SignalSafeProcess(multiprocessing.context.SpawnProcess):
                 signal.signal(sig, handler)
         for sig in dict.fromkeys(held):
             signal.raise_signal(sig)
+
+
+    @staticmethod
+    def _Popen(process_obj):  # noqa: N802 - multiprocessing's name
+        return _Popen(process_obj)
+
+
+class _Popen(popen_spawn_posix.Popen):
+    """CPython's spawn launch with one change: the child's ends of the two pipes are closed in the parent
+    before the arguments are written, not after. A worker that dies while reading them (larger than a
+    pipe's buffer: the model's bytes) then fails the write with BrokenPipeError; with the parent's own
+    copy of the read end open, the write blocked forever (and with SIGINT/SIGTERM held, unkillably)."""
+
+    def _launch(self, process_obj):
+        from multiprocessing import resource_tracker, spawn, util
+        from multiprocessing.context import reduction, set_spawning_popen
+
+        tracker_fd = resource_tracker.getfd()
+        self._fds.append(tracker_fd)
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        fp = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, fp)
+            reduction.dump(process_obj, fp)
+        finally:
+            set_spawning_popen(None)
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_r, parent_w))
+        try:
+            cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+            self._fds.extend([child_r, child_w])
+            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            self.sentinel = parent_r
+        finally:
+            os.close(child_r)
+            os.close(child_w)
+        with open(parent_w, "wb", closefd=False) as f:
+            f.write(fp.getbuffer())
 
 
 class _SignalSafeSpawn(multiprocessing.context.SpawnContext):

@@ -43,6 +43,9 @@ CASES = {   # name: (keyword arguments, error class, words)
     "unknown_preset": (dict(preset="slow"), BadInputError, ("unknown preset",)),
     "progress_not_bool": (dict(progress="no"), BadSettingError, ("progress",)),
     "input_size_negative": (dict(input_size=(-8, 8)), BadSettingError, ("--input-size",)),
+    "calib_unknown": (dict(calib="webcam"), BadSettingError, ("--calib 'webcam' is not one of",)),
+    "quantizer_unknown": (dict(quantizer="brecq"), BadSettingError, ("--quantizer 'brecq' is not one of",)),
+    "target_not_a_string": (dict(target=8), BadSettingError, ("--target 8 is not one of",)),
 }
 
 

@@ -72,6 +72,39 @@ def test_input_size_fixes_the_height_and_width_on_quantize(tmp_path, capsys, mak
     assert fixtures.run(onnx.load(str(tmp_path / "q.onnx")), x).shape == (2, fixtures.CLASSES)
 
 
+def _pooled_head() -> onnx.ModelProto:
+    """A classifier ending in a 1x1 conv and global pooling: logits [N, classes, 1, 1], no Flatten."""
+    model = fixtures.conv_bn_net()
+    cut = [n.name for n in model.graph.node].index("pool") + 1
+    nodes = list(model.graph.node)[:cut]
+    weight = np.random.default_rng(1).standard_normal((fixtures.CLASSES, 16, 1, 1)).astype(np.float32)
+    nodes.append(onnx.helper.make_node("Conv", ["pool", "head.weight"], ["logits"], name="head"))
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in model.graph.initializer if t.name in used] + [onnx.numpy_helper.from_array(weight,
+                                                                                                   "head.weight")]
+    graph = onnx.helper.make_graph(nodes, "pooled_head", list(model.graph.input), [onnx.helper.make_tensor_value_info(
+        "logits", onnx.TensorProto.FLOAT, ["N", fixtures.CLASSES, 1, 1])], inits)
+    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_logits_of_shape_n_c_1_1_work(tmp_path, capsys):
+    """Logits [N, classes, 1, 1] are [N, classes] for agreement and eval (argmax over the classes)."""
+    src = fixtures.save(_pooled_head(), tmp_path)
+    code, err = cli(["quantize", src, "-o", tmp_path / "q.onnx", *TINY, "--calib", "noise", "--report",
+                     tmp_path / "r.json"], capsys)
+    assert code == 0, err
+    assert 0 <= json.loads((tmp_path / "r.json").read_text())["agreement"]["top1_agreement"] <= 100
+    x = np.random.default_rng(3).integers(0, 256, (16, fixtures.HW, fixtures.HW, fixtures.C_IN), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.arange(16) % fixtures.CLASSES)
+    capsys.readouterr()
+    assert main(["eval", str(src), "--data", str(tmp_path / "d.npz"), "--reference", str(src), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 16 and result["agreement"] == 100.0
+
+
 def test_input_size_must_be_positive(tmp_path, capsys):
     src = fixtures.save(fixtures.dynamic_hw(), tmp_path)
     code, err = cli(["quantize", src, "-o", tmp_path / "q.onnx", *TINY, "--input-size", "0", "8"], capsys)

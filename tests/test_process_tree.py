@@ -117,6 +117,37 @@ def test_sigterm_while_a_worker_is_still_starting_exits_143_without_a_traceback(
     _assert_group_ends(proc.pid)
 
 
+DYING_WORKER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+if __name__ == "__mp_main__":   # the worker dies while the parent still writes its arguments
+    os._exit(1)
+
+def noop(*args):
+    pass
+
+if __name__ == "__main__":
+    from concurrent.futures.process import BrokenProcessPool
+    from onnxgenie.resources import process_pool
+    try:
+        with process_pool(1, noop, (b"x" * 4_000_000,)) as pool:   # far more than a pipe's buffer
+            pool.submit(noop).result()
+    except BrokenProcessPool as err:
+        print("broken:", err)
+        sys.exit(3)
+"""
+
+
+def test_a_worker_dying_while_it_starts_fails_the_pool_instead_of_hanging(tmp_path):
+    """The parent writes a worker's arguments (the model's bytes) into a pipe while the worker reads them;
+    a worker that dies meanwhile used to leave that write, and the run, blocked forever."""
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_WORKER.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 3 and "broken: a worker process died while it was starting" in proc.stdout, \
+        proc.stdout + proc.stderr
+
+
 WATCHDOG = """
 import os, subprocess, sys, time
 if sys.argv[1] == "child":

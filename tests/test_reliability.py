@@ -260,6 +260,34 @@ def _negative_dims() -> onnx.ModelProto:
     return model
 
 
+def _bn_epsilon(value: float, zero_variance: bool = False) -> onnx.ModelProto:
+    """The first BN's epsilon set to ``value`` (and one of its variances to 0)."""
+    model = fixtures.conv_bn_net()
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    next(a for a in bn.attribute if a.name == "epsilon").f = value
+    if zero_variance:
+        var = next(t for t in model.graph.initializer if t.name == bn.input[4])
+        values = numpy_helper.to_array(var).copy()
+        values[1] = 0.0
+        var.CopyFrom(numpy_helper.from_array(values, var.name))
+    return model
+
+
+def _feature_map_output() -> onnx.ModelProto:
+    """The last ReLU's feature map [N, 16, 4, 4] as the only output: no classes to agree on."""
+    model = fixtures.conv_bn_net()
+    cut = [n.name for n in model.graph.node].index("down.relu") + 1
+    nodes = list(model.graph.node)[:cut]
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, "features", list(model.graph.input),
+                              [helper.make_tensor_value_info("down.relu", TensorProto.FLOAT, ["N", 16, 4, 4])],
+                              [t for t in model.graph.initializer if t.name in used])
+    out = helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    onnx.checker.check_model(out)
+    return out
+
+
 def _calib_file(write):
     """--calib-data pointing at what ``write(path)`` makes."""
     def build(tmp: Path):
@@ -361,6 +389,13 @@ MATRIX = [
     Case("int64_output", _model_file(_argmax_output()), ("int64", "logits", "argmax")),
     Case("zero_output_channels", _model_file(_zero_classes()), ("fc.weight", "empty layer")),
     Case("negative_input_dims", _model_file(_negative_dims()), ("non-positive height/width", "--input-size")),
+    Case("bn_epsilon_nan", _model_file(_bn_epsilon(float("nan"))), ("stem.bn", "epsilon nan")),
+    Case("bn_zero_variance_zero_epsilon", _model_file(_bn_epsilon(0.0, zero_variance=True)),
+         ("stem.bn", "divides by zero")),
+    Case("feature_map_output", _model_file(_feature_map_output()), ("not logits", "classifier head")),
+    Case("input_size_on_a_static_model", _flags("--input-size", "16", "16"), ("fixed at 8x8", "drop --input-size")),
+    Case("mean_count_mismatch", _flags("--mean", "0.5", "--std", "0.2", bits=("--wbits", "8", "--abits", "8")),
+         ("1 values", "3 channels")),
     Case("distill_batch_0", _flags("--distill-batch", "0"), ("--distill-batch", ">= 1")),
     Case("calib_images_0", _flags("--calib-images", "0", "--no-reconstruct"), ("--calib-images", ">= 1")),
     Case("distill_iters_0", _flags("--distill-iters", "0"), ("--distill-iters", ">= 1")),

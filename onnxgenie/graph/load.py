@@ -121,8 +121,12 @@ def _read_external_data(model: onnx.ModelProto, path: Path) -> None:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         where = f"{path}: tensor {tensor.name} keeps its external weight data in {location!r}"
-        real = os.path.realpath(os.path.join(path.parent, location))
-        if not location or os.path.isabs(location) or os.path.commonpath([folder, real]) != folder or real == folder:
+        try:
+            real = os.path.realpath(os.path.join(path.parent, location))
+            inside = real != folder and os.path.commonpath([folder, real]) == folder
+        except ValueError:   # a NUL byte in the location
+            real, inside = "", False
+        if not location or os.path.isabs(location) or not inside:
             raise BadInputError(f"{where}, which is outside the model's folder {folder} (links are followed); keep "
                                 "the data file itself next to the model")
         if not os.path.isfile(real):
@@ -670,6 +674,11 @@ def normalize(model: onnx.ModelProto, input_hw: tuple[int, int] | None = None) -
             raise BadInputError(f"--input-size needs two positive integers H W (got {list(input_hw)})")
         h, w = input_hw
         dims = [dims[0], dims[1], h, w] if c_axis == 1 else [dims[0], h, w, dims[3]]
+    elif input_hw is not None:
+        hw = dims[2:4] if isinstance(dims[1], int) and dims[1] in (1, 3, 4) else dims[1:3]
+        if list(input_hw) != list(hw):
+            raise BadInputError(f"--input-size {input_hw[0]} {input_hw[1]}, but input {inp.name} is fixed at "
+                                f"{hw[0]}x{hw[1]}; drop --input-size (it fixes a dynamic height/width)")
     fixed_batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
     exported = load_model(model) if fixed_batch is not None else None  # the file as written, to compare with
     restore_batchnorm(model)  # before folding merges a BN's constants written as arithmetic
@@ -717,10 +726,13 @@ def image_io(model: onnx.ModelProto) -> ImageIO:
         raise UnsupportedModelError(
             f"the output {out.name} is {what} of shape {odims}, not float32 logits [N, classes]; export the model "
             "without its post-processing (ArgMax, TopK, Cast), ending at the logits")
-    classes = odims[-1] if odims and isinstance(odims[-1], int) else -1
+    classes = odims[1] if isinstance(odims[1], int) else -1
     if classes == 0 or any(isinstance(d, int) and d < 0 for d in odims[1:]):
         raise UnsupportedModelError(f"the output {out.name} has shape {odims}, with no classes; export the "
                                     "model with its classifier head")
+    if any(d != 1 for d in odims[2:]):
+        raise UnsupportedModelError(f"the output {out.name} has shape {odims}, not logits [N, classes]; export "
+                                    "the model with its classifier head (a feature map has no top-1 class)")
     if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise UnsupportedModelError(f"input {inp.name} has dynamic height/width {dims}; fix them with --input-size H W")
     c, h, w = dims[1:]
@@ -799,12 +811,21 @@ def check_weights(model: onnx.ModelProto) -> None:
                 f"weight tensor {name} holds {int(bad.sum())} NaN/Inf value(s) of {array.size}; the model is "
                 "broken (a diverged training run?): re-export it from a checkpoint with finite weights")
     for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            if not np.isfinite(eps) or eps < 0:
+                raise UnsupportedModelError(f"BN layer {node.name} has epsilon {eps}; re-export the model with a "
+                                            "finite epsilon >= 0 (PyTorch's is 1e-5)")
         if node.op_type == "BatchNormalization" and len(node.input) > 4 and node.input[4] in values:
             var = numpy_helper.to_array(values[node.input[4]])
             if (var < 0).any():
                 raise UnsupportedModelError(
                     f"BN layer {node.name} has a negative running variance in {node.input[4]} (min {var.min():g}); "
                     "a variance cannot be negative, so the model is broken: re-export it from a sound checkpoint")
+            if (var + eps <= 0).any():
+                raise UnsupportedModelError(
+                    f"BN layer {node.name} divides by zero: running variance 0 in {node.input[4]} and epsilon 0; "
+                    "re-export the model with epsilon > 0 (PyTorch's is 1e-5)")
         if node.op_type in _LAYERS and len(node.input) > 1 and node.input[1] in values:
             weight = values[node.input[1]]
             if weight.data_type != onnx.TensorProto.FLOAT:
