@@ -175,10 +175,13 @@ def check_config(config: QuantizeConfig) -> None:
         if getattr(config, name) not in choices:
             raise BadSettingError(f"{_flag(name)} {getattr(config, name)!r} is not one of {', '.join(choices)}; "
                                   "pass one of those")
-    for name in ("exclude", "high_bits"):
+    for name in ("exclude", "high_bits", "op_types"):
         v = getattr(config, name)
+        if v is None and name == "op_types":
+            continue
         if isinstance(v, str) or not isinstance(v, (tuple, list)) or not all(isinstance(n, str) for n in v):
-            raise BadSettingError(f"{_flag(name)} must be a list of node names (got {v!r}); names are in "
+            what = "op types (Conv, Gemm, ...)" if name == "op_types" else "node names"
+            raise BadSettingError(f"{_flag(name)} must be a list of {what} (got {v!r}); names are in "
                                   "`onnxgenie inspect --plan`")
     if config.workdir is not None and not isinstance(config.workdir, (str, os.PathLike)):
         raise BadSettingError(f"--workdir must be a folder path (got {config.workdir!r}); pass a str or a Path")
