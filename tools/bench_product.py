@@ -1,20 +1,22 @@
 """End-to-end benchmark of `onnxgenie quantize` as a user runs it, and the ablation of GENIE's Table 2.
 
-Each run is the CLI in a fresh process (distillation workers included) on a shared CIFAR-10 model;
-the written QDQ model is scored on the 5,000-image dev split. Per run: top-1, Δ to FP32, wall time
-of the whole command, the stage times from its report, the peak RSS of the largest process
-(its report: main process or a distillation worker), and the FP32-agreement on held-out distilled images the report gives.
-Results are appended to benchmarks/bench_product.jsonl (tracked); the table is rebuilt from every row there.
-The written models and run reports stay under out/bench_product/.
+Each run is the CLI in a fresh process (distillation workers included) on a shared model; the written QDQ
+model is scored on the model's dev split (CIFAR-10: 5,000 images; ImageNet sample: 500). Per run: top-1, Δ to
+FP32, wall time of the whole command, the stage times from its report, the peak RSS of the largest process
+(main process, distillation worker or reconstruction candidate), and the FP32-agreement the report gives.
+Results are appended to benchmarks/bench_product.jsonl (tracked); the tables (CIFAR-10 and ImageNet in
+BENCHMARKS.md, the headline table in README.md) are rebuilt from every row there. The written models and
+run reports stay under out/bench_product/.
 
-Variants (``--variants``): ``fast`` / ``paper`` (the presets); ``fewshot`` (fast preset with 256 real
-training images from cifar10_train_1k: not zero-shot); ``noise`` (Gaussian-noise calibration, the naive
-zero-shot baseline) and the Table 2 ablation, all at the fast preset's budget:
-M1 ZeroQ pixels, no swing + adaround quantizer; M2 pixels + swing + adaround; M3 generator, no swing +
-adaround; M4 generator + swing + adaround; M5 generator + swing + GENIE-M (= fast).
+A variant is a set of flags added to `onnxgenie quantize MODEL --wbits W --abits A --seed S` (``VARIANTS``):
+``fast`` is the preset as it is; ``fast-*`` differ from it as their flags say; ``fewshot`` (256 real training
+images: not zero-shot) and ``noise`` (Gaussian noise: the naive zero-shot baseline) change the calibration
+images only; M1-M5 are the paper's Table 2 ablation at the fast budget, one reconstruction at the reference
+activation-step rate: M1 ZeroQ pixels, no swing + adaround; M2 pixels + swing + adaround; M3 generator, no
+swing + adaround; M4 generator + swing + adaround; M5 generator + swing + GENIE-M.
 
     .venv/bin/python tools/bench_product.py --bits 4/4 2/4 --seeds 0 1 2
-    .venv/bin/python tools/bench_product.py --variants M1 M2 M3 M4 --bits 2/4 --seeds 0 1 2
+    .venv/bin/python tools/bench_product.py --variants M1 M2 M3 M4 M5 --bits 2/4 --seeds 0 1 2
     .venv/bin/python tools/bench_product.py --table-only
 """
 
@@ -30,82 +32,50 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from benchlib import RESULTS_DIR, ROOT, SHARED, dev_split, model_info, publish, read_rows
+from benchlib import README, RESULTS_DIR, ROOT, SHARED, bits_pairs, dev_split, model_info, publish, read_rows, stale
 from onnxgenie.quant.augment import COPIES
 
 OUT = ROOT / "out" / "bench_product"
 RESULTS = RESULTS_DIR / "bench_product.jsonl"
-BEGIN, END = "<!-- bench_product -->", "<!-- /bench_product -->"
+QUANT_RESULTS = RESULTS_DIR / "bench_quant.json"
+SECTIONS = {"cifar10": ("<!-- bench_product -->", "<!-- /bench_product -->"),
+            "imagenet": ("<!-- bench_product_imagenet -->", "<!-- /bench_product_imagenet -->")}
+HEADLINE = ("<!-- results -->", "<!-- /results -->")  # README.md
+ONE_RECON = ["--recon-candidates", "1"]
+ACT1 = ["--recon-act-lr-scale", "1"]
+ABLATION = [*ONE_RECON, *ACT1]
 VARIANTS = {
     "fast": [],
-    "fast-b160": ["--distill-batch", "160", "--holdout-images", "64"],  # the fast preset before it had no hold-out
-    "fast-r1000": ["--recon-iters", "1000", "--recon-lr-scale", "4"],  # twice the steps at half the lr factor
-    "fast-512x100": ["--calib-images", "512", "--distill-iters", "100"],  # twice the images, half the steps
-    "fast-act1": ["--recon-act-lr-scale", "1"],  # the fast preset before its activation-step rate x4 (stop 16)
+    "fast-act1": ACT1,  # W4A4 at the reference activation-step rate
+    "fast-act4": ["--recon-act-lr-scale", "4"],
+    "fast-copies": ["--recon-augment", "flip-shift", *ACT1],  # W4A4 on the mirrored and shifted copies
+    "fast-1cand": ONE_RECON,  # W2A4 with one reconstruction
+    "fast-nocopies": ["--recon-augment", "none", *ONE_RECON],  # W2A4 on the 256 images alone
     "fast-b64": ["--recon-batch", "64", "--recon-iters", "250"],  # the same compute in half as many, twice as big steps
+    "fast-b160": ["--distill-batch", "160", "--holdout-images", "64", "--recon-augment", "none", *ABLATION],
+    "fast-r1000": ["--recon-iters", "1000", "--recon-lr-scale", "4", *ABLATION],  # twice the steps at half the rate
+    "fast-r1000-nocopies": ["--recon-iters", "1000", "--recon-lr-scale", "4", "--recon-augment", "none", *ABLATION],
+    "fast-512x100": ["--calib-images", "512", "--distill-iters", "100", *ONE_RECON],  # twice the images, half the steps
     "paper": ["--preset", "paper"],
     "fewshot": ["--calib-data", "{train}", "--calib-images", "256", "--mean", "{mean}", "--std", "{std}"],
     "noise": ["--calib", "noise"],
-    "M1": ["--distill-mode", "zeroq", "--no-swing", "--quantizer", "adaround"],
-    "M2": ["--distill-mode", "zeroq", "--quantizer", "adaround"],
-    "M3": ["--no-swing", "--quantizer", "adaround"],
-    "M4": ["--quantizer", "adaround"],
-    "M5": [],
+    "M1": ["--distill-mode", "zeroq", "--no-swing", "--quantizer", "adaround", *ABLATION],
+    "M1-nocopies": ["--distill-mode", "zeroq", "--no-swing", "--quantizer", "adaround", "--recon-augment", "none",
+                    *ABLATION],
+    "M2": ["--distill-mode", "zeroq", "--quantizer", "adaround", *ABLATION],
+    "M3": ["--no-swing", "--quantizer", "adaround", *ABLATION],
+    "M4": ["--quantizer", "adaround", *ABLATION],
+    "M4-nocopies": ["--quantizer", "adaround", "--recon-augment", "none", *ABLATION],
+    "M5": ABLATION,
 }
-# What the rows cannot say themselves (kept by hand, next to the runs they describe).
-NOTES = ["", "fast-b160: the fast preset's first setting (distillation batches of 160 holding out 64 images), "
-         "replaced after these rows. fast-r1000: the fast preset with `--recon-iters 1000 --recon-lr-scale 4` "
-         "(twice the steps at half the lr factor). fast-512x100: `--calib-images 512 --distill-iters 100` (stop 12: twice the "
-         "images at half the distillation steps, the same distillation time; not better, so not the default). fast-b160's seed 1 runs of W4A4 and W2A4 ran at the same time (four distillation "
-         "workers on two cores), hence ~950 s. The fast rows (commits 5a69de6–be12c57, which do not differ for ResNet-20 below W8A8: weight- and "
-         "activation-step learning rates relative to the grid, one ORT thread per core, a block keeps its learned "
-         "values only if they lower its error) ran one after another, but shared the machine with other jobs at "
-         "times (W4A4 seed 0 most: 773 s); the fast-r1000 rows (commit 3a2f97e, step learning rates not yet "
-         "relative to the grid) had the machine to themselves. M1 and M4 ran once (seed 0, W2A4) with the grid-relative "
-         "learning rates, without copies. The M1–M5 rows on ×4 (stop 12, commit 47bc514, after the 8-bit activation "
-         "change 7c94c52) ran one after another, M1 s2 and M2 s0 beside a 10-minute test job; M5 is the fast preset "
-         "rerun there: on the same distilled images (same seed) as the stop-11 fast rows it gave 75.48 / 78.88 / 75.94 "
-         "against 77.12 / 77.52 / 77.76, the run-to-run spread of W2A4 reconstruction. The W4A4 M1–M5 rows (stop 13, commit cfcda60) ran two at a time at one thread each (`--threads 1 --jobs 1`; M1–M3 in one process, M4–M5 in another, a ShuffleNet reconstruction beside them for the last 40 minutes): their wall times are those of a shared machine. ResNet-32 W2A4 (stop 13, commit 8610e22 with the shared shortcut quantizer) ran at `--threads 1 --jobs 1` (its two distillation batches one after the other) beside a test run and a ShuffleNet reconstruction. The ResNet-20 fast W2A4 rows of commit c1f0e39 (stop 13, shared shortcut quantizer) are a third reconstruction of the same seeds' images; seed 0 and 1 ran beside a ShuffleNet reconstruction. The ResNet-32 W8A8 / W4A4 rows (stop 12) "
-         "ran one after another; W4A4 shared its first 4 minutes with a test run. Stage times and per-block errors of every run are in its report "
-         "(`out/bench_product/*.json`). Rows whose budget says *on ×4 (flip-shift)* reconstructed on the 256 images plus mirrored "
-         "and shifted copies (`--recon-augment`, commits 7b7ddd7–1fe57e7, one run after another with the machine to "
-         "themselves); since commit 7891458 the fast preset's `auto` does so below 4-bit weights only, so the fast "
-         "preset is the flip-shift row at W2A4 and the row without at W4A4. Rows before stop 11 were rebuilt from "
-         "BENCHMARKS.md (their raw rows lived in the untracked out/; stage times, agreement and RSS there are the "
-         "group's mean / max). The *activation-step lr ×4* rows (stop 16, commits 81eb5bc–4fd88fe: the fast "
-         "preset since then at 4-bit activations beside 4-bit or wider weights) ran at `--threads 1 --jobs 1` "
-         "beside two or three other experiments: their wall times are those of a crowded machine (distillation "
-         "1,150–1,250 s against ~240 s alone). fast-act1 (stop 17, commit 5f393c8): the same seeds at "
-         "`--recon-act-lr-scale 1`, one run after another at `--threads 1 --jobs 1` beside one other experiment; "
-         "the same distilled images per seed as the ×4 rows, so the two are paired (×4 − ×1: −0.16 / −0.20 / −0.10). "
-         "The *activation-step lr ×64* rows (stop 19, commit 8267c8d: the fast preset since then at 4-bit activations "
-         "beside 4-bit or wider weights) ran at `--threads 1 --jobs 1`, seeds 0 and 1 side by side, seed 2 alone; the "
-         "same distilled images per seed as the ×4 and ×1 rows (×64 − ×4: −0.12 / +0.46 / −0.24). The ShuffleNet row "
-         "(stop 19; its commit 8b93d63 has the same code as 8267c8d) had the machine to itself with the CLI's default jobs and threads. The *best of 2 by calibration KL* rows "
-         "(stop 20, commits c5e50ea–c900ee9: the fast preset below 4-bit weights since then) ran one after another at the "
-         "CLI's defaults (the two candidates in two processes at one thread each), seed 0 beside about a minute of tests; "
-         "seed 0's distilled images are the cached `r20_256x200_s0` set of the paired experiment, and it gave the same 77.08. "
-         "fast-b64 (stop 21, commit c867693): `--recon-batch 64 --recon-iters 250`, the same reconstruction compute in "
-         "half as many steps of twice the batch, best of two, one run after another at the CLI's defaults; the same "
-         "distilled images per seed as the best-of-2 fast rows, so the two are paired. fewshot and noise (stop 22, "
-         "commit b2bef1a, the package as at 36e546e): the fast preset on 256 real training images (`--calib-data`, not "
-         "zero-shot) and on Gaussian noise, one run after another at the CLI's defaults; the W4A4 rows beside a "
-         "one-thread experiment (their wall times are those of a shared machine), the W2A4 rows alone. The ShuffleNet "
-         "W2A4 row (stop 22, the same package) and W8A8 row (commit a97a78f, after the AveragePool fix that W8A8 needed) "
-         "had the machine to themselves at the CLI's defaults."]
-ORDER = ["fast", "fast-act1", "fast-b64", "fast-b160", "fast-r1000", "fast-512x100", "paper", "fewshot", "noise", "M1", "M2", "M3", "M4", "M5"]
-REFERENCE = ("Official GENIE code (PyTorch), resnet20_cifar10, same 2-core CPU, 512 distilled images × 200 "
-             "distillation steps, 2,000 reconstruction steps per block: W4A4 80.62 / 79.82 (−0.40 / −1.20), "
-             "W2A4 77.60 / 77.30 (−3.42 / −3.72), about 11 minutes a run. onnxruntime `quantize_static` with "
-             "1,000 real images, W4A4 Percentile: 60.06.")
-
-
-
+ORDER = list(VARIANTS)
+# Measured with the official GENIE code (PyTorch), not by this tool: the comparison every table quotes.
+OFFICIAL = {"model": "resnet20_cifar10", "W4A4": (80.62, 79.82), "W2A4": (77.60, 77.30), "minutes": 11}
 def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Path, report: Path,
             machine_flags: tuple[str, ...] = ()) -> list[str]:
     info = model_info(model)
+    if variant == "fewshot" and info.get("dataset", "cifar10") != "cifar10":
+        raise SystemExit(f"bench_product: fewshot needs training images; there are none for {model}")
     fill = {"train": str(SHARED / "data" / "cifar10_train_1k.npz")}
     flags = []
     for flag in VARIANTS[variant]:
@@ -118,14 +88,15 @@ def command(model: str, variant: str, wbits: int, abits: int, seed: int, out: Pa
             "--quiet", "--report", str(report), *flags, *machine_flags]
 
 
-def dev_top1(model_path: Path, model: str, limit: int) -> float:
+def dev_top1(model_path: Path, model: str, limit: int) -> tuple[float, int]:
+    """Top-1 (%) of the written model on the first ``limit`` dev images, and how many there were."""
     import onnx
 
     from onnxgenie.evaluate import predict
 
     x, y = dev_split(model, limit)
     pred = predict(onnx.load(str(model_path)), x).argmax(1)
-    return round(float((pred == y).mean() * 100), 2)
+    return round(float((pred == y).mean() * 100), 2), len(y)
 
 
 def _peak_rss_mib(stages: dict) -> int:
@@ -151,29 +122,25 @@ def run_one(model: str, variant: str, wbits: int, abits: int, seed: int, eval_im
     if proc.returncode != 0:
         raise SystemExit(f"bench_product: {stem} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     report = json.loads(report_file.read_text())
+    top1, scored = dev_top1(out, model, eval_images)
+    recon = report.get("reconstruction", {})
     return {"model": model, "variant": variant, "wbits": wbits, "abits": abits, "seed": seed,
-            "top1": dev_top1(out, model, eval_images), "fp32": model_info(model)["fp32_top1_dev"],
+            "top1": top1, "fp32": model_info(model)["fp32_top1_dev"],
             "wall_s": round(wall, 1), "stages_s": {k: v["wall_s"] for k, v in report["stages"].items()},
             "rss_mib": _peak_rss_mib(report["stages"]),
             "threads": report["config"].get("threads"), "jobs": report["config"].get("jobs"), "commit": _commit(),
-            "agreement": report["agreement"], "eval_images": eval_images, "cpus": os.cpu_count(),
+            "agreement": report["agreement"], "eval_images": scored, "cpus": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
             "config": {**{k: report["config"][k] for k in ("calib_images", "holdout_images", "distill_iters",
                                                             "distill_batch", "recon_iters", "recon_batch",
                                                             "recon_lr_scale")},
-                       "recon_augment": report.get("reconstruction", {}).get("augment", "none"),
-                       "act_lr_scale": report.get("reconstruction", {}).get("act_lr_scale", 1.0),
-                       "candidates": len(report.get("reconstruction", {}).get("candidates", [])) or 1}}
+                       "recon_augment": recon.get("augment", "none"),
+                       "act_lr_scale": recon.get("act_lr_scale", 1.0),
+                       "candidates": len(recon.get("candidates", [])) or 1}}
 
 
-def _augment(row: dict) -> str:
-    """The run's --recon-augment (rows from before it existed: none)."""
-    return row["config"].get("recon_augment") or "none"
-
-
-def _act_lr(row: dict) -> float:
-    """The run's activation-step learning-rate factor (rows from before it existed: 1)."""
-    return row["config"].get("act_lr_scale", 1.0)
+def _dataset(row: dict) -> str:
+    return "imagenet" if "imagenet" in row["model"] else "cifar10"
 
 
 def _cell(values: list[float]) -> str:
@@ -183,77 +150,240 @@ def _cell(values: list[float]) -> str:
             f"({' / '.join(f'{v:.2f}' for v in values)})")
 
 
-def table(rows: list[dict]) -> str:
-    groups: dict = {}
+def groups(rows: list[dict]) -> dict:
+    """{(model, bits, variant): {seed: [runs, oldest first]}}."""
+    out: dict = {}
     for r in rows:
-        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"], _augment(r), _act_lr(r),
-               r["config"].get("candidates", 1))
-        groups.setdefault(key, {})[r["seed"]] = r
-    lines = [BEGIN, "## `onnxgenie quantize` end to end (`tools/bench_product.py`)", "",
-             "The CLI as a user runs it, one fresh process per run (`--quiet`, default `--jobs` and `--threads`; "
-             "rows before commit 0fa022b ran one ORT thread per process), the written QDQ model scored on the 5,000 dev images. Wall: the whole command. "
-             "Wall per seed; runs that shared the machine with another run are slower (see the notes below the table). "
-             "Agreement: FP32 vs quantized top-1 on the held-out distilled images (what `--min-agreement` "
-             "gates). ± is the standard deviation over seeds (the latest run per seed). M1–M5: the paper's Table 2 "
-             "ablation at the fast budget (M5 = fast).", "", f"Reference: {REFERENCE}", "",
-             "| model | bits | variant | budget (calib+held-out imgs × distill steps, recon steps) | top-1 (seeds) "
-             "| Δ FP32 | wall s | distill s | recon s | agreement % | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], ORDER.index(k[2]), k[3] != "none", k[4], k[5])):
-        rs = [groups[key][s] for s in sorted(groups[key])]
-        c = rs[0]["config"]
-        images = {"fewshot": f"{c['calib_images']} real", "noise": f"{c['calib_images']} noise"}.get(
-            key[2], f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}")
-        budget = f"{images}, {c['recon_iters']}"
-        budget += f" on ×{COPIES[key[3]]} ({key[3]})" if key[3] != "none" else ""
-        budget += f", activation-step lr ×{key[4]:g}" if key[4] != 1.0 else ""
-        budget += f", best of {key[5]} by calibration KL" if key[5] > 1 else ""
+        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["variant"])
+        out.setdefault(key, {}).setdefault(r["seed"], []).append(r)
+    return out
+
+
+def _budget(variant: str, c: dict) -> str:
+    images = {"fewshot": f"{c['calib_images']} real", "noise": f"{c['calib_images']} noise"}.get(
+        variant, f"{c['calib_images']}+{c['holdout_images']} × {c['distill_iters']}")
+    augment = c.get("recon_augment") or "none"
+    budget = f"{images}, {c['recon_iters']} × {c['recon_batch']}"
+    budget += f" on ×{COPIES[augment]} ({augment})" if augment != "none" else ""
+    budget += f", act. lr ×{c.get('act_lr_scale', 1.0):g}"
+    budget += f", best of {c['candidates']}" if c.get("candidates", 1) > 1 else ""
+    return budget
+
+
+def _threads(r: dict) -> str:
+    return f"{r.get('threads') or 1}/{r.get('jobs') or 'auto'}"
+
+
+def reference(quant: dict) -> str:
+    """The comparison line: the official code (measured outside this tool) and onnxruntime's quantize_static."""
+    fp32 = quant.get(OFFICIAL["model"], {}).get("fp32", {}).get("top1", 81.02)
+    text = (f"Official GENIE code (PyTorch; measured outside this tool), {OFFICIAL['model']}, the same 2-core CPU, "
+            "512 distilled images × 200 distillation steps, 2,000 reconstruction steps per block, about "
+            f"{OFFICIAL['minutes']} minutes a run: "
+            + ", ".join(f"{bits} {' / '.join(f'{v:.2f}' for v in vals)} "
+                        f"({' / '.join(f'{v - fp32:+.2f}' for v in vals)})"
+                        for bits, vals in OFFICIAL.items() if bits.startswith("W")) + ".")
+    ort = quant.get(OFFICIAL["model"], {}).get("W4A4", {})
+    if ort:
+        text += (" onnxruntime `quantize_static` with 1,000 real images (the init-only table), W4A4: "
+                 f"MinMax {ort['ort_MinMax']['top1']:.2f}, Percentile {ort['ort_Percentile']['top1']:.2f}.")
+    return text
+
+
+METHOD = ("Method: `onnxgenie quantize` as a user runs it (`--quiet`, the CLI's default `--jobs` and `--threads` "
+          "unless the threads/jobs column says otherwise), one fresh process per run, one run after another on a "
+          "2-core x86-64 machine shared with other work: compare wall times within a group, not across. The "
+          "written QDQ model is scored on onnxruntime. A variant's flags are added to `onnxgenie quantize MODEL "
+          "--wbits W --abits A --seed S`; the budget column gives what the run used (calibration + held-out "
+          "images × distillation steps, reconstruction steps × batch, copies, activation-step rate factor, "
+          "candidates). Top-1: mean ± standard deviation over seeds (the latest run of each seed); where a seed "
+          "ran more than once with the same flags, the other runs are under *repeats*. Agreement: FP32 vs "
+          "quantized top-1 on the held-out distilled images, or on the calibration images where none are "
+          "held out (the report says which). Rows marked † were transcribed from a published table, not "
+          "written by the tool (their stage times, agreement and RSS are the group's mean / max). "
+          "Reports with stage times and per-block errors: `out/bench_product/*.json`.")
+
+
+def table(rows: list[dict], dataset: str, quant: dict, command: str) -> str:
+    begin, end = SECTIONS[dataset]
+    title = {"cifar10": "## End to end on CIFAR-10: `onnxgenie quantize` (`tools/bench_product.py`)",
+             "imagenet": "## ImageNet (EfficientNet-Lite0, 224x224)"}[dataset]
+    mine = [r for r in rows if _dataset(r) == dataset]
+    lines = [begin, title, ""]
+    if dataset == "imagenet":
+        lines += ["`onnxgenie quantize` end to end on `efficientnet_lite0_imagenet` (FP32 89.20 % on the 500-image "
+                  "ImageNet sample; one image per class, so compare drops and agreement, not absolute top-1). "
+                  "Method as for the CIFAR-10 table.", ""]
+        if not mine:
+            lines += ["No rows yet: `.venv/bin/python tools/bench.py --only imagenet` adds them "
+                      f"(`{command}`).", end]
+            return "\n".join(lines)
+    else:
+        lines += [METHOD, "", f"Reference: {reference(quant)}", "",
+                  f"Regenerate: `{command}` (the runs; `tools/bench.py --tables` rebuilds the table from the raw "
+                  "rows).", ""]
+    lines += ["| model | bits | variant | flags beyond the preset | budget | top-1 (seeds) | Δ FP32 | repeats | "
+              "wall s | distill s | recon s | agreement % | peak RSS MiB | threads/jobs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    grouped = groups(mine)
+    for key in sorted(grouped, key=lambda k: (k[0], k[1], ORDER.index(k[2]))):
+        by_seed = grouped[key]
+        rs = [by_seed[s][-1] for s in sorted(by_seed)]
+        repeats = [r["top1"] for s in sorted(by_seed) for r in by_seed[s][:-1]]
+        flags = " ".join(f for f in VARIANTS[key[2]] if not f.startswith("{"))
+        flags = flags.replace("--calib-data", "--calib-data TRAIN_1K.npz").replace("--mean", "--mean M") \
+            .replace("--std", "--std S") if key[2] == "fewshot" else flags
         tops = [r["top1"] for r in rs]
         mean = lambda k: statistics.mean(r["stages_s"].get(k, 0.0) for r in rs)  # noqa: E731
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in rs)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {budget} | {_cell(tops)} | "
-                     f"{statistics.mean(tops) - rs[0]['fp32']:+.2f} | {walls} | "
+        mark = " †" if any("reconstructed" in r for r in rs) else ""
+        threads = " ".join(dict.fromkeys(_threads(r) for r in rs))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]}{mark} | {f'`{flags}`' if flags else '–'} | "
+                     f"{_budget(key[2], rs[0]['config'])} | {_cell(tops)} | "
+                     f"{statistics.mean(tops) - rs[0]['fp32']:+.2f} | "
+                     f"{' / '.join(f'{v:.2f}' for v in repeats) or '–'} | {walls} | "
                      f"{mean('distill'):.0f} | {mean('reconstruct'):.0f} | "
                      f"{statistics.mean(r['agreement']['top1_agreement'] for r in rs):.1f} | "
-                     f"{max(r['rss_mib'] for r in rs)} |")
-    cpus = sorted({(r["cpus"], r["cpu"]) for r in rows})
-    lines += ["", f"Machine: {', '.join(f'{n} cores ({c})' for n, c in cpus)}.", *NOTES, END]
+                     f"{max(r['rss_mib'] for r in rs)} | {threads} |")
+    lines.append(end)
     return "\n".join(lines)
 
 
-def main() -> int:
+# The README's headline table: per model and bit width the preset's row, else the variant named here.
+HEADLINE_MODELS = {"resnet20_cifar10": "ResNet-20", "resnet32_cifar10": "ResNet-32",
+                   "shufflenet_g3_cifar10": "ShuffleNet v1 g3", "efficientnet_lite0_imagenet": "EfficientNet-Lite0"}
+HEADLINE_BITS = ("W8A8", "W4A4", "W2A4")
+HEADLINE_FALLBACK = {"W4A4": "fast-act1", "W2A4": "fast-1cand"}
+
+
+def headline(rows: list[dict], quant: dict) -> str:
+    grouped = groups(rows)
+    begin, end = HEADLINE
+    lines = [begin, "<!-- generated by tools/bench_product.py from benchmarks/; do not edit by hand -->", "",
+             "| model (dataset, FP32 top-1) | " + " | ".join(HEADLINE_BITS) + " | minutes per run |",
+             "|---" * (len(HEADLINE_BITS) + 2) + "|"]
+    notes = {}
+    for model, name in HEADLINE_MODELS.items():
+        cells, walls, fp32 = [], [], None
+        for bits in HEADLINE_BITS:
+            variant = "fast" if (model, bits, "fast") in grouped else HEADLINE_FALLBACK.get(bits)
+            by_seed = grouped.get((model, bits, variant))
+            if not by_seed:
+                cells.append("–")
+                continue
+            rs = [by_seed[s][-1] for s in sorted(by_seed)]
+            fp32 = rs[0]["fp32"]
+            top = statistics.mean(r["top1"] for r in rs)
+            mark = ""
+            if variant != "fast":
+                mark = "¹" if variant == "fast-act1" else "²"
+                notes[mark] = variant
+            seeds = f", {len(rs)} seeds" if len(rs) > 1 else ""
+            cells.append(f"{top:.2f} ({top - fp32:+.2f}{seeds}){mark}")
+            walls += [r["wall_s"] / 60 for r in rs]
+        if fp32 is None:
+            if "imagenet" in model:
+                planned = ("W8A8", "W4A4")  # tools/bench.py --only imagenet
+                lines.append(f"| {name} (ImageNet, 224x224) | " + " | ".join(
+                    "to be measured" if b in planned else "–" for b in HEADLINE_BITS) + " | – |")
+            continue
+        dataset = "ImageNet" if "imagenet" in model else "CIFAR-10"
+        lines.append(f"| {name} ({dataset}, {fp32:.2f}) | " + " | ".join(cells) +
+                     f" | {min(walls):.0f}–{max(walls):.0f} |")
+    fp32 = quant.get(OFFICIAL["model"], {}).get("fp32", {}).get("top1", 81.02)
+    lines.append("| official GENIE code, ResNet-20, 4× the reconstruction steps | – | " +
+                 " | ".join(f"{statistics.mean(OFFICIAL[b]):.2f} ({statistics.mean(OFFICIAL[b]) - fp32:+.2f}, "
+                            f"{len(OFFICIAL[b])} seeds)" for b in HEADLINE_BITS[1:]) +
+                 f" | ~{OFFICIAL['minutes']} |")
+    ort = quant.get(OFFICIAL["model"], {})
+    if ort:
+        best = lambda b: max(ort[b][k]["top1"] for k in ("ort_MinMax", "ort_Percentile"))  # noqa: E731
+        lines.append("| onnxruntime `quantize_static`, ResNet-20, 1,000 real images (better of MinMax / "
+                     f"Percentile) | {best('W8A8'):.2f} ({best('W8A8') - fp32:+.2f}) | "
+                     f"{best('W4A4'):.2f} ({best('W4A4') - fp32:+.2f}) | – | – |")
+    explain = {"fast-act1": "activation-step rate ×1 (the `fast-act1` row; ×64 is level on the ResNets)",
+               "fast-1cand": "one reconstruction (the `fast-1cand` row)"}
+    text = [f"{m} {explain[v]}." for m, v in sorted(notes.items(), key=lambda n: "¹²".index(n[0]))]
+    if any("imagenet" in k[0] for k in grouped):
+        text.append("ImageNet: a 500-image sample, one image per class (compare drops, not absolute top-1).")
+    else:
+        text.append("The EfficientNet-Lite0 row (ImageNet, a 500-image sample) is filled by "
+                    "`python tools/bench.py --only imagenet`.")
+    lines += ["", " ".join(text)]
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def load_quant() -> dict:
+    return json.loads(QUANT_RESULTS.read_text()) if QUANT_RESULTS.exists() else {}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20_cifar10"])
     parser.add_argument("--variants", nargs="+", default=["fast"], choices=ORDER)
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4"], help="W/A pairs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--eval-images", type=int, default=5000)
+    parser.add_argument("--eval-images", type=int, default=5000, help="at most this many dev images")
     parser.add_argument("--threads", type=int, help="the CLI's --threads (default: its own)")
     parser.add_argument("--jobs", type=int, help="the CLI's --jobs (default: its own); with --threads, for two runs side by side")
-    parser.add_argument("--table-only", action="store_true", help="rebuild the table from the results file")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args()
-    if not (SHARED / "models").is_dir():
-        print(f"bench_product: {SHARED / 'models'} not found; the shared models and data are needed", file=sys.stderr)
-        return 2
-    machine_flags = tuple(f for name in ("threads", "jobs") if getattr(args, name)
-                          for f in (f"--{name}", str(getattr(args, name))))
-    if not args.table_only:
+    parser.add_argument("--table-only", action="store_true", help="rebuild the tables from the results file")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    parser.add_argument("--check", action="store_true", help="exit 1 if BENCHMARKS.md / README.md differ from the rows")
+    return parser
+
+
+def planned(args: argparse.Namespace) -> set[tuple]:
+    """The (model, bits, variant, seed) rows a run with ``args`` writes."""
+    return {(m, f"W{w}A{a}", v, s) for m in args.models for w, a in bits_pairs(args.bits) for v in args.variants
+            for s in args.seeds}
+
+
+def row_key(row: dict) -> tuple:
+    return row["model"], f"W{row['wbits']}A{row['abits']}", row["variant"], row["seed"]
+
+
+def sections(rows: list[dict]) -> list[tuple[str, str, str, Path]]:
+    """(begin, end, text, file) of every section this tool writes."""
+    quant = load_quant()
+    out = []
+    for dataset, command in (("imagenet", "python tools/bench_product.py --models efficientnet_lite0_imagenet "
+                                          "--variants fast --bits 8/8 4/4 --seeds 0"),
+                             ("cifar10", "python tools/bench.py --only product variants ablation")):
+        begin, end = SECTIONS[dataset]
+        out.append((begin, end, table(rows, dataset, quant, command), Path("BENCHMARKS.md")))
+    out.append((*HEADLINE, headline(rows, quant), README))
+    return out
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if not args.table_only and not args.check:
+        if not (SHARED / "models").is_dir():
+            print(f"bench_product: {SHARED / 'models'} not found; the shared models and data are needed",
+                  file=sys.stderr)
+            return 2
+        machine_flags = tuple(f for name in ("threads", "jobs") if getattr(args, name)
+                              for f in (f"--{name}", str(getattr(args, name))))
         RESULTS.parent.mkdir(exist_ok=True)
         for model in args.models:
-            for bits in args.bits:
-                wbits, abits = (int(b) for b in bits.split("/"))
+            for wbits, abits in bits_pairs(args.bits):
                 for variant in args.variants:
                     for seed in args.seeds:
                         row = run_one(model, variant, wbits, abits, seed, args.eval_images, machine_flags)
                         print(json.dumps(row), flush=True)
                         with RESULTS.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
-    rows = read_rows(RESULTS)
-    latest: dict = {}
-    for r in rows:  # the latest run of each (model, bits, variant, seed) counts
-        latest[(r["model"], r["wbits"], r["abits"], r["variant"], _augment(r), _act_lr(r), r["seed"])] = r
-    return publish(BEGIN, END, table(list(latest.values())), write=not args.no_write)
+    code = 0
+    for begin, end, text, path in sections(read_rows(RESULTS)):
+        path = path if path.is_absolute() else ROOT / path
+        if args.check:
+            if stale(begin, end, text, path):
+                print(f"bench_product: {path.name} {begin} is stale; run tools/bench.py --tables", file=sys.stderr)
+                code = 1
+            continue
+        publish(begin, end, text, write=not args.no_write, path=path)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of the init-only quantizer (issue 5) on the shared CIFAR-10 models -> BENCHMARKS.md.
+"""Benchmark of the init-only quantizer (no GENIE-M) on the shared CIFAR-10 models -> BENCHMARKS.md.
 
 For each model and W8A8 / W4A8 / W4A4: FP32 top-1; ours (``onnxgenie.pipeline.quantize``, no
 reconstruction) with real calibration images (cifar10_train_1k), with Gaussian noise, and with
@@ -9,9 +9,9 @@ The figures go to benchmarks/bench_quant.json (tracked; ``--results`` for anothe
 from it, and models and configs not rerun keep their earlier figures. Models, images and distillation caches
 stay under ``--out`` (out/bench_quant/).
 
-    .venv/bin/python tools/bench_quant.py            # all of it (distillation dominates the time)
+    .venv/bin/python tools/bench_quant.py --distill-iters 200   # the published table (distillation dominates)
     .venv/bin/python tools/bench_quant.py --models resnet20_cifar10 --no-distill --dev-images 1000
-    .venv/bin/python tools/bench_quant.py --table-only --distill-iters 200   # the table as in BENCHMARKS.md
+    .venv/bin/python tools/bench_quant.py --table-only --distill-iters 200
 """
 
 from __future__ import annotations
@@ -26,17 +26,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchlib import RESULTS_DIR, ROOT, SHARED, write_section
-
-sys.path.insert(0, str(ROOT))
-
-from onnxgenie.export.plain_ort import plain_ort_python  # noqa: E402
-from onnxgenie.pipeline import QuantizeConfig, prepare, quantize  # noqa: E402
-from onnxgenie.quant.plan import build_plan  # noqa: E402
+from benchlib import RESULTS_DIR, ROOT, SHARED, publish, stale
 
 MODELS = ("resnet20_cifar10", "resnet32_cifar10", "shufflenet_g3_cifar10")
 CONFIGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
-MARK = "<!-- bench_quant -->"
+MARK = "<!-- bench_quant -->"  # the section starts and ends with it
 RESULTS = RESULTS_DIR / "bench_quant.json"  # {model: {"fp32": ..., config: {calibration: ...}}}
 
 # Runs in the plain-onnxruntime venv: top-1 and batch-1 latency of one model.
@@ -121,10 +115,15 @@ def distilled(model_name: str, src: Path, work: Path, n: int, iters: int, jobs: 
 
 def same_grid(folded: onnx.ModelProto, wbits: int, abits: int) -> bool:
     """True if the default weight grid is the asymmetric one on every layer of this model and bits."""
+    from onnxgenie.quant.plan import build_plan
+
     return not any(w.symmetric for w in build_plan(folded, wbits, abits).weights.values())
 
 
 def run(args) -> dict:
+    from onnxgenie.export.plain_ort import plain_ort_python
+    from onnxgenie.pipeline import QuantizeConfig, prepare, quantize
+
     python, why = plain_ort_python(packages=("onnxruntime", "numpy", "onnx"))
     if python is None:
         sys.exit(f"bench_quant: {why}")
@@ -147,6 +146,8 @@ def run(args) -> dict:
         folded = prepare(str(src))[1]
         r = results.setdefault(name, {})  # configs not run this time keep their earlier figures
         r["fp32"] = evaluate(python, src, work)
+        if args.ort:  # onnxruntime's rows are measured beside ours now
+            r.pop("fp32_ort_run", None)
         print(f"{name}: FP32 {r['fp32']['top1']:.2f} %, {r['fp32']['ms']:.2f} ms", flush=True)
         for label, (wbits, abits) in CONFIGS.items():
             if label not in args.configs:
@@ -183,24 +184,30 @@ def run(args) -> dict:
 
 
 def _cell(entry: dict | None, key: str = "top1") -> str:
-    if entry is None:
+    if entry is None or entry.get(key) is None:
         return "–"
     if "error" in entry:
         return "fails"
-    return f"{entry[key]:.2f}"
+    return f"{entry[key]:.2f}" + (" †" if "reconstructed" in entry else "")
 
 
 def markdown(results: dict, args, ort_version: str) -> str:
-    lines = [MARK, "## Quantization core: init-only PTQ (issue 5)", "",
-             f"`{' '.join(['.venv/bin/python tools/bench_quant.py', *sys.argv[1:]])}` — top-1 (%) on the first "
-             f"{args.dev_images} images of `cifar10_dev_test.npz`, all models run on plain onnxruntime "
-             f"{ort_version} (CPU, default optimisations). Ours: `quantize --no-reconstruct` (L2.4 step search, "
-             "first/last layer 8-bit, per-channel weights on the default `--weight-grid auto`: asymmetric, "
-             "symmetric for depthwise convs; per-tensor activations incl. residual "
-             "shortcuts); *distilled asym*: the same distilled images with the paper's asymmetric grid everywhere. Calibration: *real* = the 1,000 `cifar10_train_1k` images; *noise* = 1,000 N(0,1) "
+    flags = ["--distill-iters", str(args.distill_iters)] if args.distill_iters != 500 else []
+    command = " ".join(["python tools/bench_quant.py", *flags])
+    lines = [MARK, "## Init-only quantization against onnxruntime's `quantize_static` (`tools/bench_quant.py`)", "",
+             f"Method: top-1 (%) on the first {args.dev_images} images of `cifar10_dev_test.npz`, every model (FP32, "
+             f"ours, onnxruntime's) run on plain onnxruntime {ort_version} (CPU, default optimisations), one seed. "
+             "Ours: `quantize --no-reconstruct` (L2.4 step search, first/last layer 8-bit, per-channel weights on the "
+             "default `--weight-grid auto`: asymmetric, symmetric for depthwise convs; per-tensor activations incl. "
+             "residual shortcuts); *distilled asym*: the same distilled images with the paper's asymmetric grid "
+             "everywhere. Calibration: *real* = the 1,000 `cifar10_train_1k` images; *noise* = 1,000 N(0,1) "
              f"images; *distilled* = {args.distill_images} GENIE-D images ({args.distill_iters} steps per batch). "
-             "ORT = onnxruntime `quant_pre_process` + `quantize_static` (QDQ, per-channel, Percentile histograms merged per batch of 100 so that ShuffleNet fits in memory, same 1,000 real "
-             "images, all layers at the stated bits).", "",
+             "ORT = onnxruntime `quant_pre_process` + `quantize_static` (QDQ, per-channel, Percentile histograms "
+             "merged per batch of 100 so that ShuffleNet fits in memory, the same 1,000 real images, all layers at "
+             "the stated bits). Cells marked † were transcribed from a published table, not written by the tool; "
+             "their latencies were measured in a separate run at a time the machine was slower, so compare them "
+             "with that run's FP32 latency (its own column). "
+             f"Regenerate: `{command}`.", "",
              "| model | bits | FP32 | ours real | ours noise | ours distilled | ours distilled asym | ORT MinMax | "
              "ORT Percentile |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -214,17 +221,19 @@ def markdown(results: dict, args, ort_version: str) -> str:
                          f"{_cell(row.get('distilled_asym'))} | "
                          f"{_cell(row.get('ort_MinMax'))} | {_cell(row.get('ort_Percentile'))} |")
     lines += ["", "Latency, batch 1, one thread, median of 100 runs (ms; same runtime; ours with real calibration):",
-              "", "| model | FP32 | " + " | ".join(f"ours {c}" for c in CONFIGS) + " | "
-              + " | ".join(f"ORT {c}" for c in CONFIGS) + " |", "|---" * (1 + 2 * len(CONFIGS) + 1) + "|"]
+              "", "| model | FP32 | " + " | ".join(f"ours {c}" for c in CONFIGS) + " | FP32 in the ORT run | "
+              + " | ".join(f"ORT {c}" for c in CONFIGS) + " |", "|---" * (3 + 2 * len(CONFIGS)) + "|"]
     for name, r in results.items():
         ours = [_cell(r.get(c, {}).get("real"), "ms") if c in r else "–" for c in CONFIGS]
         theirs = [_cell(r.get(c, {}).get("ort_MinMax"), "ms") if c in r else "–" for c in CONFIGS]
-        lines.append(f"| {name} | {r['fp32']['ms']:.2f} | " + " | ".join(ours) + " | " + " | ".join(theirs) + " |")
+        ort_fp32 = _cell(r.get("fp32_ort_run", r["fp32"]), "ms")
+        lines.append(f"| {name} | {r['fp32']['ms']:.2f} | " + " | ".join(ours) + f" | {ort_fp32} | "
+                     + " | ".join(theirs) + " |")
     lines += ["", MARK]
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -243,19 +252,42 @@ def main() -> None:
                              "benchmarks/bench_quant.json; another path keeps a trial run out of it)")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not touch BENCHMARKS.md")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from --results")
-    args = parser.parse_args()
-    if not (SHARED / "models" / "models.json").is_file():
-        sys.exit("bench_quant: ../shared (models and data) is not present")
-    if args.table_only:  # the table from the previous (possibly interrupted) runs' figures
+    parser.add_argument("--check", action="store_true", help="exit 1 if BENCHMARKS.md differs from --results")
+    return parser
+
+
+def planned(args: argparse.Namespace) -> set[tuple]:
+    return {(m, c) for m in args.models for c in args.configs}
+
+
+def row_keys(results: dict) -> set[tuple]:
+    return {(m, c) for m, r in results.items() for c in CONFIGS if c in r}
+
+
+def sections(results: dict, args: argparse.Namespace) -> list[tuple[str, str, str, Path]]:
+    version = next(iter(results.values()))["fp32"]["ort"]
+    return [(MARK, MARK, markdown(results, args, version), Path("BENCHMARKS.md"))]
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.table_only or args.check:  # the table from the previous (possibly interrupted) runs' figures
         results = json.loads(Path(args.results).read_text())
     else:
+        if not (SHARED / "models" / "models.json").is_file():
+            sys.exit("bench_quant: ../shared (models and data) is not present")
         results = run(args)
-    version = next(iter(results.values()))["fp32"]["ort"]
-    text = markdown(results, args, version)
-    print(text)
-    if args.write:
-        write_section(MARK, MARK, text)
+    code = 0
+    for begin, end, text, path in sections(results, args):
+        path = ROOT / path
+        if args.check:
+            if stale(begin, end, text, path):
+                print(f"bench_quant: {path.name} {begin} is stale; run tools/bench.py --tables", file=sys.stderr)
+                code = 1
+            continue
+        publish(begin, end, text, write=args.write, path=path)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,9 +7,11 @@ block, the share of that time spent inside onnxruntime training calls, peak RSS.
 
 Calibration: ``--calib real`` uses the first images of a seeded shuffle of cifar10_train_1k.npz (few-shot);
 ``--calib distill`` distils them with GENIE-D first (cached under out/).
-Results are appended to benchmarks/bench_recon.jsonl (tracked); the table is built from every row in that file.
+Results are appended to benchmarks/bench_recon.jsonl (tracked); the table is built from every row in that file
+(the latest run of each setting and seed).
 
     .venv/bin/python tools/bench_recon.py --bits 4/4 --iters 500 --quantizers genie adaround
+    .venv/bin/python tools/bench_recon.py --bits 2/4 4/4 --iters 500 --lr-scales 1 3 6 12 --no-rtn   # a rate sweep
     .venv/bin/python tools/bench_recon.py --table-only
 """
 
@@ -26,14 +28,23 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import RESULTS_DIR, ROOT, SHARED, model_info, publish, read_rows
-from onnxgenie.resources import peak_rss
+from benchlib import RESULTS_DIR, ROOT, SHARED, bits_pairs, model_info, publish, read_rows, stale
 
 RESULTS = RESULTS_DIR / "bench_recon.jsonl"
 BEGIN, END = "<!-- bench_recon -->", "<!-- /bench_recon -->"
-REFERENCE = ("Official GENIE code (PyTorch) on resnet20_cifar10, 512 distilled images × 200 distillation steps, "
-             "2,000 reconstruction steps per block, same CPU: W4A4 80.62 / 79.82, W2A4 77.60 / 77.30 "
-             "(2 seeds; FP32 81.02).")
+REFERENCE = ("Official GENIE code (PyTorch; measured outside this tool) on resnet20_cifar10, 512 distilled images "
+             "× 200 distillation steps, 2,000 reconstruction steps per block, same CPU: W4A4 80.62 / 79.82, "
+             "W2A4 77.60 / 77.30 (2 seeds; FP32 81.02).")
+METHOD = ("Method: GENIE-M alone on fixed calibration images, through `onnxgenie.pipeline.quantize` (plan, L2.4 "
+          "init, reconstruction, QDQ export, parity check), one fresh process per run on a 2-core x86-64 machine "
+          "shared with other work (wall times are upper bounds); the exported QDQ model is scored on the 5,000 "
+          "CIFAR-10 dev images. The calibration images are distilled once per model and seed with GENIE-D (256 or "
+          "512 images × 200 steps, cached under out/) and every row of a model reconstructs the same ones, so the "
+          "rows of one model are paired. `lr ×`: the factor on GENIE-M's three learning rates (`--recon-lr-scale`); "
+          "the other settings are `QuantizeConfig`'s defaults (one reconstruction, no copies, the reference "
+          "activation-step rate). RTN: the same plan at its initial steps (round to nearest). threads: onnxruntime "
+          "threads (per core = one per core). Rows marked † were transcribed from a published table, not written "
+          "by the tool (their per-block times are the mean). ")
 
 
 MEMORY_NOTE = (
@@ -78,6 +89,7 @@ def _one_run(cfg: dict) -> dict:
     """In a fresh process, so that the peak RSS is this configuration's own peak."""
     from onnxgenie.evaluate import predict, preprocess
     from onnxgenie.pipeline import QuantizeConfig, quantize
+    from onnxgenie.resources import peak_rss
 
     info = model_info(cfg["model"])
     with np.load(cfg["calib_file"]) as d:
@@ -113,28 +125,27 @@ def _fmt_mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
-def table(rows: list[dict]) -> str:
-    latest: dict = {}
-    for r in rows:  # the latest run of each setting and seed counts (earlier code versions stay in the file)
-        latest[(r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["quantizer"], r["iters"],
-                r.get("lr_scale", 1.0), r["seed"])] = r
+def row_key(r: dict) -> tuple:
+    return (r["model"], f"W{r['wbits']}A{r['abits']}", r["calib"], r["images"], r["quantizer"], r["iters"],
+            float(r.get("lr_scale", 1.0)), r["seed"])
+
+
+def _threads(r: dict) -> str:
+    return {None: "1", 0: "per core"}.get(r.get("threads"), str(r.get("threads")))
+
+
+def table(rows: list[dict], command: str) -> str:
+    latest = {row_key(r): r for r in rows}  # the latest run of each setting and seed counts
     groups: dict = {}
-    for r in latest.values():
-        key = (r["model"], f"W{r['wbits']}A{r['abits']}", r["calib"], r["images"], r["quantizer"], r["iters"],
-               r.get("lr_scale", 1.0))
-        groups.setdefault(key, []).append(r)
-    lines = [BEGIN, "## GENIE-M reconstruction (`tools/bench_recon.py`)", "",
-             "Exported QDQ model scored on the 5,000-image dev split (`cifar10_dev_test.npz`); every run through "
-             "`onnxgenie.pipeline.quantize` (plan, L2.4 init, reconstruction, export, parity check), one fresh "
-             "process per run, on the shared 2-core machine (other jobs running: wall times are upper bounds); "
-             "ShuffleNet rows and later ones with one onnxruntime thread per core (`--threads 0`, about 1.1× "
-             "faster than one thread), the earlier ones with one. `real` = few-shot calibration with training images (not zero-shot).",
-             "", f"Reference: {REFERENCE}", "",
+    for key, r in latest.items():
+        groups.setdefault(key[:-1], []).append(r)
+    lines = [BEGIN, "## GENIE-M reconstruction on fixed images (`tools/bench_recon.py`)", "", METHOD +
+             f"Regenerate: `{command}`.", "", f"Reference: {REFERENCE}", "",
              "| model | bits | data | quantizer | steps/block | lr × | top-1 (seeds) | Δ FP32 | RTN top-1 | "
-             "recon s | s/block | ORT train share | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "recon s | s/block | ORT train share | peak RSS MiB | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rtn = {(r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["seed"]): r["top1"]
-           for r in rows if r["quantizer"] == "rtn"}
+           for r in latest.values() if r["quantizer"] == "rtn"}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[4] == "rtn", k[4], k[5], k[6])):
         rs = sorted(groups[key], key=lambda r: r["seed"])
         model, bits, calib, images, quantizer, iters, lr_scale = key
@@ -142,23 +153,24 @@ def table(rows: list[dict]) -> str:
         base = [rtn.get((r["model"], r["wbits"], r["abits"], r["calib"], r["images"], r["seed"])) for r in rs]
         base = [b for b in base if b is not None]
         drop = statistics.mean(tops) - rs[0]["fp32"]
+        mark = " †" if any("reconstructed" in r for r in rs) else ""
+        threads = " ".join(dict.fromkeys(_threads(r) for r in rs))
         if quantizer == "rtn":
-            lines.append(f"| {model} | {bits} | {calib} {images} | init only | – | – | {_fmt_mean(tops)} | "
-                         f"{drop:+.2f} "
-                         f"| – | – | – | – | {max(r['rss_mib'] for r in rs)} |")
+            lines.append(f"| {model} | {bits} | {calib} {images} | init only{mark} | – | – | {_fmt_mean(tops)} | "
+                         f"{drop:+.2f} | – | – | – | – | {max(r['rss_mib'] for r in rs)} | {threads} |")
             continue
         recon = statistics.mean(r["recon_s"] for r in rs)
         per_block = statistics.mean(statistics.mean(r["block_s"]) for r in rs)
         share = statistics.mean(r["ort_fraction"] for r in rs)
-        lines.append(f"| {model} | {bits} | {calib} {images} | {quantizer} | {iters} | {lr_scale:g} | "
+        lines.append(f"| {model} | {bits} | {calib} {images} | {quantizer}{mark} | {iters} | {lr_scale:g} | "
                      f"{_fmt_mean(tops)} | "
                      f"{drop:+.2f} | {_fmt_mean(base) if base else '–'} | {recon:.0f} | {per_block:.1f} | "
-                     f"{share * 100:.0f} % | {max(r['rss_mib'] for r in rs)} |")
+                     f"{share * 100:.0f} % | {max(r['rss_mib'] for r in rs)} | {threads} |")
     lines += ["", MEMORY_NOTE, END]
     return "\n".join(lines)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20_cifar10"])
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4"], help="W/A pairs")
@@ -175,21 +187,38 @@ def main() -> int:
     parser.add_argument("--no-rtn", action="store_true", help="skip the init-only baseline runs")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the results file")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args()
-    if not (SHARED / "models").is_dir():
-        print(f"bench_recon: {SHARED / 'models'} not found; the shared models and data are needed", file=sys.stderr)
-        return 2
-    RESULTS.parent.mkdir(exist_ok=True)
-    if not args.table_only:
+    parser.add_argument("--check", action="store_true", help="exit 1 if BENCHMARKS.md differs from the rows")
+    return parser
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, int, float]]:
+    return ([] if args.no_rtn else [("rtn", 0, 1.0)]) + \
+        [(q, it, lr) for q in args.quantizers for it in args.iters for lr in args.lr_scales]
+
+
+def planned(args: argparse.Namespace) -> set[tuple]:
+    """The row keys a run with ``args`` writes."""
+    return {(m, f"W{w}A{a}", args.calib, args.images, q, it, float(lr), s) for m in args.models
+            for s in args.seeds for w, a in bits_pairs(args.bits) for q, it, lr in _runs(args)}
+
+
+def sections(rows: list[dict]) -> list[tuple[str, str, str, Path]]:
+    return [(BEGIN, END, table(rows, "python tools/bench.py --only recon"), Path("BENCHMARKS.md"))]
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if not args.table_only and not args.check:
+        if not (SHARED / "models").is_dir():
+            print(f"bench_recon: {SHARED / 'models'} not found; the shared models and data are needed", file=sys.stderr)
+            return 2
+        RESULTS.parent.mkdir(exist_ok=True)
         ctx = mp.get_context("spawn")
         for model in args.models:
             for seed in args.seeds:
                 calib_file = calibration(model, args.calib, args.images, seed, args.distill_iters, args.threads)
-                for bits in args.bits:
-                    wbits, abits = (int(b) for b in bits.split("/"))
-                    runs = ([] if args.no_rtn else [("rtn", 0)]) + \
-                        [(q, it, lr) for q in args.quantizers for it in args.iters for lr in args.lr_scales]
-                    for quantizer, iters, lr_scale in [(r[0], r[1], 1.0) if r[0] == "rtn" else r for r in runs]:
+                for wbits, abits in bits_pairs(args.bits):
+                    for quantizer, iters, lr_scale in _runs(args):
                         cfg = {"model": model, "wbits": wbits, "abits": abits, "quantizer": quantizer, "iters": iters,
                                "lr_scale": lr_scale,
                                "seed": seed, "calib": args.calib, "images": args.images, "batch": args.batch,
@@ -200,8 +229,16 @@ def main() -> int:
                         print(json.dumps({k: v for k, v in row.items() if k != "block_s"}), flush=True)
                         with RESULTS.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
-    rows = read_rows(RESULTS)
-    return publish(BEGIN, END, table(rows), write=not args.no_write)
+    code = 0
+    for begin, end, text, path in sections(read_rows(RESULTS)):
+        path = ROOT / path
+        if args.check:
+            if stale(begin, end, text, path):
+                print(f"bench_recon: {path.name} {begin} is stale; run tools/bench.py --tables", file=sys.stderr)
+                code = 1
+            continue
+        publish(begin, end, text, write=not args.no_write, path=path)
+    return code
 
 
 if __name__ == "__main__":
