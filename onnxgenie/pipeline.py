@@ -88,7 +88,7 @@ class QuantizeConfig:
 
 
 # fast: ResNet-20 on 2 cores in minutes: two distillation batches of 128 (one round on two cores), 500
-# GENIE-M steps with learning rates x8 (BENCHMARKS.md). No held-out images: 64 more would cost a second
+# GENIE-M steps with learning rates x8 (docs/design.md). No held-out images: 64 more would cost a second
 # distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 PRESETS: dict[str, dict] = {
     "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
@@ -195,7 +195,7 @@ def check_config(config: QuantizeConfig) -> None:
 
 # 4-bit activation steps at 64x the rate in the fast preset's 500 steps (beside 4-bit weights or more):
 # ShuffleNet W4A4 74.84 -> 78.54 (cached images, three seeds; x4 76.51, x16 77.79); ResNet-20/32 level at
-# x4, x16 and x64. At 2-bit weights x64 cost ShuffleNet W2A4 3.9 pt (two seeds), so it stays 1 (BENCHMARKS.md, stops 18-19).
+# x4, x16 and x64. At 2-bit weights x64 cost ShuffleNet W2A4 3.9 pt (two seeds), so it stays 1 (docs/design.md).
 FAST_ACT_LR_SCALE = 64.0
 
 
@@ -210,7 +210,7 @@ def act_lr_scale_for(config: QuantizeConfig) -> float:
 # Two reconstructions below 4-bit weights, the one with the lower calibration KL kept: ResNet-20 W2A4, eight
 # paired seeds on one image set, 76.72 against 76.52 (level), s.d. 0.38 against 1.62: the run about one in 16
 # that falls ~4 pt is replaced; among normal runs the KL picks no better than chance (held-out seeds). W4A4's
-# spread (s.d. ~0.25) leaves nothing to insure (BENCHMARKS.md, stops 20-21).
+# spread (s.d. ~0.25) leaves nothing to insure (docs/design.md).
 FAST_CANDIDATES_BELOW_4_BIT = 2
 
 

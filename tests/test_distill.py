@@ -298,7 +298,7 @@ def test_model_without_bn_is_refused():
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_op_without_gradient_is_refused_in_one_line(tmp_path, capsys, jobs):
     """A Floor between the image and a BN: no gradient in onnxruntime-training. Exit 2 naming the op and
-    the way out, from one process or from the workers (a failing worker initializer used to be respawned)."""
+    the way out, from one process or from the workers (a failing worker initializer is not respawned)."""
     model = conv_bn_net()
     next(n for n in model.graph.node if n.name == "block.relu").op_type = "Floor"
     out = tmp_path / "data.npz"
@@ -363,7 +363,7 @@ def _die(index: int):
 
 
 def test_a_worker_killed_by_a_signal_fails_the_run_in_one_line(tmp_path):
-    """A worker dying inside onnxruntime (SIGFPE, SIGSEGV) used to leave the pool waiting forever."""
+    """A worker dying inside onnxruntime (SIGFPE, SIGSEGV) fails the run instead of leaving the pool waiting."""
     from onnxgenie.distill.genie_d import _run_parallel
     from onnxgenie.errors import OnnxGenieError
 

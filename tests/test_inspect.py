@@ -1,4 +1,4 @@
-"""``onnxgenie inspect`` through the CLI: JSON output, and every bad input of issue 2 ends with
+"""``onnxgenie inspect`` through the CLI: JSON output, and every bad input ends with
 exit code 2 and one line on stderr (no traceback), leaving the input file untouched."""
 
 from __future__ import annotations

@@ -409,7 +409,7 @@ def _scaled_avgpool_model(batch, pool_attrs: dict):
                                              count_include_pad=1)])
 def test_average_pool_gets_its_gradient_with_a_symbolic_batch(pool_attrs):
     """onnxruntime-training 1.19's AveragePoolGrad fails on a symbolic batch axis (ShuffleNet W8A8 crashed
-    in GENIE-M, stop 22); trainable_form writes the pool as a depthwise Conv, same values and gradient."""
+    in GENIE-M with it); trainable_form writes the pool as a depthwise Conv, same values and gradient."""
     import onnxruntime as ort
 
     from onnxgenie.ortrain import trainable_form

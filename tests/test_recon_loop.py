@@ -319,7 +319,7 @@ def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
 
 def test_a_training_step_failing_at_run_time_keeps_round_to_nearest(monkeypatch):
     """A gradient kernel that fails only when it runs (onnxruntime-training 1.19's AveragePoolGrad on a
-    symbolic batch did, stop 22) costs the block its learning, not the run."""
+    symbolic batch does) costs the block its learning, not the run."""
     import onnxgenie.quant.reconstruct as rec
 
     folded, plan, x, owner = _block_with_floor_between_two_convs()

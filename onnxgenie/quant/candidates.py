@@ -1,7 +1,7 @@
 """Several GENIE-M reconstructions of the same images, the one closest to FP32 kept: ``--recon-candidates N``.
 
 At 2-bit weights one reconstruction of a fixed image set in 8-16 falls ~4 pt below the others
-(ResNet-20 W2A4, 16 seeds, BENCHMARKS.md stops 20-21), and its block losses do not show it. The mean KL
+(ResNet-20 W2A4, 16 seeds, docs/design.md), and its block losses do not show it. The mean KL
 divergence between the FP32 and the quantized model's outputs on the calibration images does: it was
 highest for that run. Among normal runs it (and every other signal tried) ranks no better than chance
 out of sample, so this is insurance, not a higher mean. Candidates differ only in the reconstruction

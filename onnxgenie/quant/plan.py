@@ -11,7 +11,7 @@ the last layer's weights and input are 8-bit (``first_last_bits``).
 Weight grids (``weight_grid``): the reference's asymmetric per-channel grid, except that ``"auto"``
 gives depthwise convolutions a symmetric one: with 9 weights per channel the asymmetric grid costs
 ShuffleNet 5 pt at W4A8, and at W8A8 onnxruntime's depthwise QLinearConv with per-channel weight zero
-points is 6x slower than the whole FP32 model (BENCHMARKS.md).
+points is 6x slower than the whole FP32 model (docs/design.md).
 """
 
 from __future__ import annotations
