@@ -108,3 +108,23 @@ def test_no_commit_hashes_in_the_docs():
                 for match in COMMIT_HASH.finditer(line):
                     found.append(f"{path.relative_to(REPO)}:{number}: {match.group(0)}")
     assert not found, "commit hashes in the docs:\n" + "\n".join(found)
+
+
+def test_design_architecture_names_exist():
+    """Each module and function docs/design.md names for a stage or an equation exists, so the map stays true."""
+    text = (REPO / "docs" / "design.md").read_text()
+    table = text[text.index("## Architecture"):text.index("## How the measurements")]
+    missing, named = [], 0
+    for line in table.splitlines():
+        if not line.startswith("| "):
+            continue
+        module = None
+        for name in re.findall(r"`([^`]+)`", line.split("|")[-2]):
+            if name.endswith(".py"):
+                module = importlib.import_module(name[:-3].replace("/", "."))
+            elif module is not None:
+                named += 1
+                if not hasattr(module, name):
+                    missing.append(f"{module.__name__}.{name}")
+    assert named > 30, "the architecture table names the functions"
+    assert not missing, f"docs/design.md names what does not exist: {missing}"
