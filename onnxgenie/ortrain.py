@@ -56,12 +56,29 @@ def quiet_ort_logs() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
+_SHARED_ARENA: list[bool] = []
+
+
+def session_options(threads: int = 1, shared_arena: bool = False) -> ort.SessionOptions:
+    """``shared_arena``: the session draws from one CPU arena of the process (``use_shared_arena``)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if shared_arena:
+        use_shared_arena()
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     return opts
+
+
+def use_shared_arena() -> None:
+    """Register one CPU arena for the process (once), grown by what is asked rather than to the next
+    power of two. Sessions that run one after another on it reuse each other's memory: each session's
+    own arena keeps its peak for its lifetime, so two of them hold the sum of their peaks."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+        _SHARED_ARENA.append(True)
 
 
 def relu_as_clip(model: onnx.ModelProto) -> None:
@@ -226,8 +243,8 @@ def describe_ort_error(err: Exception) -> str:
     return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
 
-def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+def inference_session(model: onnx.ModelProto, threads: int = 1, shared_arena: bool = False) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads, shared_arena),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -306,10 +323,11 @@ class GradientGraph:
 
     ``model``'s first output must be a scalar loss; further outputs are returned as extras.
     Every other initializer is frozen. Inputs are passed positionally in the model's input order.
+    ``shared_arena``: see ``use_shared_arena``.
     """
 
     def __init__(self, model: onnx.ModelProto, trainable: list[str], threads: int = 1,
-                 artifact_dir: str | os.PathLike | None = None):
+                 artifact_dir: str | os.PathLike | None = None, shared_arena: bool = False):
         artifacts, api, onnxblock = _training_modules()
         quiet_ort_logs()
         inits = {t.name for t in model.graph.initializer}
@@ -340,7 +358,7 @@ class GradientGraph:
             self.state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
             self.module = api.Module(str(artifact_dir / "training_model.onnx"), self.state,
                                      str(artifact_dir / "eval_model.onnx"),
-                                     session_options=session_options(threads))
+                                     session_options=session_options(threads, shared_arena))
         except Exception as err:
             full = _storage_error(err, Path(tempfile.gettempdir()) if self._tmp is not None else artifact_dir)
             if self._tmp is not None:

@@ -241,6 +241,62 @@ def test_reduce_lr_on_plateau_follows_torch_defaults():
     assert group.lr == pytest.approx(1e-4)  # 0.01 → 0.001 → 1e-4, clipped at min_lr
 
 
+# The teacher in chunks: the same loss and gradients as the whole batch ------------------------------
+
+def _step_values(model, groups, cfg, values, feeds):
+    distiller = BatchDistiller(model, groups, cfg)
+    distiller.graph.set_params(values)
+    loss, images = distiller._step(feeds)
+    return loss, images, distiller.graph.grads()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])    # batch 5: chunks 1x5; 2+2+1 and 3+2 (uneven, padded)
+@pytest.mark.parametrize("mode,teacher", [("genie", {}), ("noise", {"bn_after_add": True}), ("zeroq", {}),
+                                          ("genie", {"nhwc": True})])
+def test_chunked_step_equals_the_whole_batch(chunk, mode, teacher):
+    """Loss, images and the gradients of every trainable (latents, generator, or pixels) of one step
+    with the teacher in chunks equal those of the one-graph step. The teacher has a BN after a Gemm
+    (rank 2), BNs folded into convs and (bn_after_add) one tapped at its input; swing on."""
+    from fixtures import nhwc_input
+    from onnxgenie.distill.genie_d import chunked_models, chunks
+    from onnxgenie.graph.swing import swing_feed
+
+    net = normalize(nhwc_input() if teacher.get("nhwc") else conv_bn_net(**teacher))
+    cfg = DistillConfig(n_batches=1, batch=5, iters=1, mode=mode, swing=True)
+    whole, groups = training_model(net, cfg)
+    values = initial_values(whole, cfg, np.random.default_rng(0))
+    feeds = {**swing_feed(0, 2), **({LATENTS: values.pop(LATENTS)} if mode == "noise" else {})}
+    loss, images, grads = _step_values(whole, groups, cfg, values, feeds)
+    models, chunk_groups = chunked_models(net, cfg, chunk)
+    assert chunk_groups == groups
+    assert len(chunks(5, chunk)) == -(-5 // chunk)
+    c_loss, c_images, c_grads = _step_values(models, groups, cfg, values, feeds)
+    assert c_loss == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(c_images, images, rtol=1e-6, atol=1e-6)
+    assert set(c_grads) == set(grads) and grads
+    scale = max(float(np.abs(g).max()) for g in grads.values())
+    for name, g in grads.items():  # a conv bias before a BN has a zero gradient: compare on the common scale
+        np.testing.assert_allclose(c_grads[name], g, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+def test_chunks_are_even_and_cover_the_batch():
+    from onnxgenie.distill.genie_d import chunks
+
+    assert chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert chunks(128, 48) == [(0, 43), (43, 86), (86, 128)]
+    assert chunks(8, 8) == [(0, 8)] and chunks(8, 100) == [(0, 8)]
+
+
+@pytest.mark.parametrize("mode", ["genie", "zeroq"])
+def test_chunked_distillation_gives_the_same_images(mode):
+    kw = dict(n_images=10, batch=5, iters=4, mode=mode, seed=3, progress=False)
+    whole, info = distill(conv_bn_net(), **kw)
+    chunked, chunked_info = distill(conv_bn_net(), chunk=2, **kw)
+    assert (info["chunk"], chunked_info["chunk"]) == (None, 2)
+    np.testing.assert_allclose(chunked_info["loss_history"], info["loss_history"], rtol=1e-4)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-3, atol=1e-4)
+
+
 # Runs: resume, parallel, divergence, bad input -------------------------------------------------
 
 def _run(tmp_path, name, **kw):

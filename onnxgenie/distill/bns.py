@@ -21,12 +21,22 @@ Mul+Add (and its backward) per layer; a BN whose producer cannot be folded, or w
 gamma in any channel (timm's zero_init_last, pruned channels: y no longer carries x there, see
 ``recoverable``), keeps the Mul+Add form and is tapped at its input directly.
 
+The same loss on a batch in chunks (GENIE-D's ``ChunkedGraph``): the BN terms see the batch only through
+each tapped tensor's per-channel mean m and variance v, which per-image statistics give exactly
+(``bns_statistics_model``, ``batch_statistics``); the head L(m, v) (``bns_head_model``) gives g_m, g_v,
+and each chunk's surrogate Σ_c g_m·Σx/(N·P) + g_v·Σ(x − m)²/(N·P) (``bns_surrogate_model``; N images of
+P positions) has L's gradient w.r.t. the chunk's pixels:
+    ∂m/∂x = 1/(N·P) and ∂v/∂x = 2(x − m)/(N·P) (v's path through m is 0 as Σ(x − m) = 0);
+    a chunk's pixels enter only its own part of the sums, and the input term is per image.
+
 The teacher's Relu nodes become Clip(x, 0): the same values, and onnxruntime-training 1.19's CPU
 ReluGrad (a branch per element) took 15–28 % of a step, 3–5× ClipGrad's time. The two gradients
 differ only at x == 0 exactly (Clip passes it, Relu does not).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -38,6 +48,33 @@ from ..ortrain import trainable_form
 
 STD_EPS = 1e-6
 LOSS = "bns_loss"
+SURROGATE = "bns_surrogate"
+INPUT_TERMS = "bns.input_terms"       # per-image input term [N]
+IMAGE_WEIGHTS = "bns.image_weights"   # per-image weight of the surrogate [N]: 1/batch, 0 for padding
+
+
+def image_mean_name(i: int) -> str:   # per-image mean of layer i's tapped tensor over positions [N, C]
+    return f"bns.l{i}.image_mean"
+
+
+def image_var_name(i: int) -> str:    # per-image biased variance over positions [N, C]
+    return f"bns.l{i}.image_var"
+
+
+def batch_mean_name(i: int) -> str:   # the whole batch's mean [C]: trainable in the head, fed to the surrogate
+    return f"bns.l{i}.batch_mean"
+
+
+def batch_var_name(i: int) -> str:
+    return f"bns.l{i}.batch_var"
+
+
+def grad_mean_name(i: int) -> str:    # dL/dm and dL/dv of the head, fed to the surrogate [C]
+    return f"bns.l{i}.grad_mean"
+
+
+def grad_var_name(i: int) -> str:
+    return f"bns.l{i}.grad_var"
 
 
 class _LossBuilder:
@@ -53,9 +90,9 @@ class _LossBuilder:
             self.inits.append(numpy_helper.from_array(value, f"bns.{name}"))
         return f"bns.{name}"
 
-    def op(self, op: str, inputs: list[str], **attrs) -> str:
+    def op(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
         self.count += 1
-        out = f"bns.{op.lower()}{self.count}"
+        out = out or f"bns.{op.lower()}{self.count}"
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
@@ -74,6 +111,44 @@ class _LossBuilder:
         d = self.op("Sub", [a, target])
         return self.op("ReduceMean", [self.op("Mul", [d, d])], keepdims=0)
 
+    def sum_over(self, x: str, axis: int) -> str:
+        return self.op("ReduceSum", [x, self.const(f"axis{axis}", np.array([axis], np.int64))], keepdims=0)
+
+    def bn_term(self, mean: str, var: str, tap: "Tap", i: int) -> str:
+        """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from the mean and variance [C] of its tapped tensor."""
+        bn = tap.layer
+        if tap.folded:  # statistics of x from those of y = a·x + b, per channel
+            a = bn.gamma / bn.std
+            mean = self.op("Mul", [self.op("Sub", [mean, self.const(f"l{i}.shift", bn.beta - bn.mean * a)]),
+                                   self.const(f"l{i}.inv_scale", 1.0 / a)])
+            var = self.op("Mul", [var, self.const(f"l{i}.inv_scale_sq", 1.0 / (a * a))])
+        mean_loss = self.mse(mean, self.const(f"l{i}.mean", bn.mean))
+        std_loss = self.mse(self.std(var), self.const(f"l{i}.std", np.sqrt(bn.var + STD_EPS)))
+        return self.op("Add", [mean_loss, std_loss])
+
+    def input_terms(self, image: str, channels: int) -> str:
+        """Per image: Σ_c μ_{n,c}² + (σ_{n,c} − 1)² of the NCHW image ([N])."""
+        mean, var = self.mean_var(image, [2, 3])
+        mean_sq = self.sum_over(self.sum_over(self.sum_over(self.op("Mul", [mean, mean]), 3), 2), 1)
+        d = self.op("Sub", [self.std(var), self.const("one", np.float32(1.0))])
+        return self.op("Add", [mean_sq, self.sum_over(self.op("Mul", [d, d]), 1)], out=INPUT_TERMS)
+
+    def per_image(self, x: str, rank: int) -> tuple[str, str]:
+        """Per-image mean and biased variance [N, C] of x over its positions (axes 2.. of a rank-4 x)."""
+        if rank == 2:   # one position per image
+            return x, self.op("Sub", [x, x])
+        mean, var = self.mean_var(x, list(range(2, rank)))
+        return self.op("Reshape", [mean, self.const("rows", np.array([0, -1], np.int64))]), var
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a BN layer's statistics are read: its input, or its output folded into the producer."""
+    layer: BNLayer
+    tensor: str
+    folded: bool
+    rank: int
+
 
 def _rank(model: onnx.ModelProto, tensor: str) -> int:
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
@@ -82,27 +157,22 @@ def _rank(model: onnx.ModelProto, tensor: str) -> int:
     raise ValueError(f"no shape for {tensor}; run graph.load.normalize first")
 
 
-def _bn_term(b: _LossBuilder, model: onnx.ModelProto, bn: BNLayer, i: int, folded: bool) -> str:
-    tapped = bn.output if folded else bn.input
-    rank = _rank(model, tapped)
-    mean, var = b.mean_var(tapped, [0, *range(2, rank)])
-    mean = b.op("Reshape", [mean, b.const("flat", np.array([-1], np.int64))])
-    if folded:  # statistics of x from those of y = a·x + b, per channel
-        a = bn.gamma / bn.std
-        mean = b.op("Mul", [b.op("Sub", [mean, b.const(f"l{i}.shift", bn.beta - bn.mean * a)]),
-                            b.const(f"l{i}.inv_scale", 1.0 / a)])
-        var = b.op("Mul", [var, b.const(f"l{i}.inv_scale_sq", 1.0 / (a * a))])
-    mean_loss = b.mse(mean, b.const(f"l{i}.mean", bn.mean))
-    std_loss = b.mse(b.std(var), b.const(f"l{i}.std", np.sqrt(bn.var + STD_EPS)))
-    return b.op("Add", [mean_loss, std_loss])
-
-
-def _input_term(b: _LossBuilder, image: str, channels: int) -> str:
-    mean, var = b.mean_var(image, [2, 3])
-    mean_loss = b.mse(mean, b.const("input.mean", np.zeros((1, channels, 1, 1))))
-    std_loss = b.mse(b.std(var), b.const("input.std", np.ones((1, channels))))
-    # mse averages over N·C; the reference sums over channels and averages over images
-    return b.op("Mul", [b.op("Add", [mean_loss, std_loss]), b.const("input.channels", np.float32(channels))])
+def _tapped(teacher: onnx.ModelProto, fused: bool) -> tuple[onnx.ModelProto, list[Tap], str, int]:
+    """The teacher with its BNs in eval-mode affine form, where each layer is tapped, the NCHW image
+    tensor the input term reads and its channel count."""
+    layers = require_bn(teacher)
+    affine = fold_bn(teacher, fold_into_producer=fused,
+                     keep=frozenset(bn.output for bn in layers if not recoverable(bn)))
+    produced = {o for n in affine.graph.node for o in n.output}
+    image = affine.graph.input[0]
+    to_nchw = nhwc_transpose(affine, image.name)   # the input term is taken on the NCHW image
+    channels = image.type.tensor_type.shape.dim[1 if to_nchw is None else 3].dim_value
+    taps = []
+    for bn in layers:
+        folded = bn.input not in produced and bn.input != image.name
+        tensor = bn.output if folded else bn.input
+        taps.append(Tap(bn, tensor, folded, _rank(affine, tensor)))
+    return affine, taps, image.name if to_nchw is None else to_nchw.output[0], channels
 
 
 def _prune(model: onnx.ModelProto) -> None:
@@ -134,6 +204,26 @@ def recoverable(bn: BNLayer) -> bool:
     return bool(np.all(np.abs(bn.gamma) >= np.maximum(MIN_GAMMA_RATIO * shift, MIN_GAMMA)))
 
 
+def _finish(affine: onnx.ModelProto, b: _LossBuilder, outputs: list[onnx.ValueInfoProto],
+            inputs: list[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
+    """``affine`` with ``b``'s nodes, only ``outputs`` as outputs (and what leads to them), ``inputs`` added."""
+    out = onnx.ModelProto()
+    out.CopyFrom(affine)
+    out.graph.node.extend(b.nodes)
+    out.graph.initializer.extend(b.inits)
+    out.graph.input.extend(inputs)
+    trainable_form(out)
+    del out.graph.output[:]
+    out.graph.output.extend(outputs)
+    _prune(out)
+    del out.graph.value_info[:]
+    return shape_inference.infer_shapes(out)
+
+
+def _float(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
 def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: tuple[str, ...] = ()
                    ) -> onnx.ModelProto:
     """The teacher (normal form) with its BNS loss as first output ``bns_loss`` (a scalar).
@@ -141,39 +231,92 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     Its logits are dropped (and what only feeds them); ``extra_outputs`` names tensors to keep as
     further outputs. The image input is unchanged.
     """
-    layers = require_bn(teacher)
-    affine = fold_bn(teacher, fold_into_producer=fused,
-                     keep=frozenset(bn.output for bn in layers if not recoverable(bn)))
-    produced = {o for n in affine.graph.node for o in n.output}
-    image = affine.graph.input[0]
-    to_nchw = nhwc_transpose(affine, image.name)   # the input term is taken on the NCHW image
+    affine, taps, image, channels = _tapped(teacher, fused)
     b = _LossBuilder()
-    channels = image.type.tensor_type.shape.dim[1 if to_nchw is None else 3].dim_value
-    total = _input_term(b, image.name if to_nchw is None else to_nchw.output[0], channels)
-    for i, bn in enumerate(layers):
-        folded = bn.input not in produced and bn.input != image.name
-        total = b.op("Add", [total, _bn_term(b, affine, bn, i, folded)])
-    b.nodes.append(helper.make_node("Identity", [total], [LOSS], name=LOSS))
-    out = onnx.ModelProto()
-    out.CopyFrom(affine)
-    out.graph.node.extend(b.nodes)
-    out.graph.initializer.extend(b.inits)
-    trainable_form(out)
-    shapes = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
-    del out.graph.output[:]
-    out.graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
-    for name in extra_outputs:
-        out.graph.output.append(shapes[name] if name in shapes else
-                                helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    _prune(out)
-    del out.graph.value_info[:]
-    return shape_inference.infer_shapes(out)
+    total = b.op("ReduceMean", [b.input_terms(image, channels)], keepdims=0)
+    for i, tap in enumerate(taps):
+        mean, var = b.mean_var(tap.tensor, [0, *range(2, tap.rank)])
+        mean = b.op("Reshape", [mean, b.const("flat", np.array([-1], np.int64))])
+        total = b.op("Add", [total, b.bn_term(mean, var, tap, i)])
+    b.op("Identity", [total], out=LOSS)
+    shapes = {vi.name: vi for vi in list(affine.graph.value_info) + list(affine.graph.input)}
+    extra = [shapes[name] if name in shapes else _float(name, None) for name in extra_outputs]
+    return _finish(affine, b, [_float(LOSS, []), *extra])
+
+
+# The same loss on a batch in chunks (see the module docstring) ------------------------------------
+
+def bns_statistics_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.ModelProto:
+    """Forward only: per image, the input term (``INPUT_TERMS``) and each layer's mean and variance over
+    positions of its tapped tensor (``image_mean_name(i)``, ``image_var_name(i)``)."""
+    affine, taps, image, channels = _tapped(teacher, fused)
+    b = _LossBuilder()
+    outputs = [_float(b.input_terms(image, channels), ["N"])]
+    for i, tap in enumerate(taps):
+        mean, var = b.per_image(tap.tensor, tap.rank)
+        b.op("Identity", [mean], out=image_mean_name(i))
+        b.op("Identity", [var], out=image_var_name(i))
+        outputs += [_float(image_mean_name(i), ["N", tap.layer.channels]),
+                    _float(image_var_name(i), ["N", tap.layer.channels])]
+    return _finish(affine, b, outputs)
+
+
+def batch_statistics(image_means: np.ndarray, image_vars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance [C] over a batch from per-image ones [N, C] (each image has the same
+    number of positions): the law of total variance, in float64."""
+    image_means = np.asarray(image_means, np.float64)
+    mean = image_means.mean(axis=0)
+    var = np.asarray(image_vars, np.float64).mean(axis=0) + ((image_means - mean) ** 2).mean(axis=0)
+    return mean.astype(np.float32), var.astype(np.float32)
+
+
+def bns_head_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.ModelProto:
+    """The BN terms of the loss as a function of the initializers ``batch_mean_name(i)`` and
+    ``batch_var_name(i)`` (the batch statistics of each tapped tensor); output ``bns_loss``
+    without the input term."""
+    _, taps, _, _ = _tapped(teacher, fused)
+    b = _LossBuilder()
+    inits, total = [], None
+    for i, tap in enumerate(taps):
+        zeros = np.zeros(tap.layer.channels, np.float32)
+        inits += [numpy_helper.from_array(zeros, batch_mean_name(i)), numpy_helper.from_array(zeros, batch_var_name(i))]
+        term = b.bn_term(batch_mean_name(i), batch_var_name(i), tap, i)
+        total = term if total is None else b.op("Add", [total, term])
+    b.op("Identity", [total], out=LOSS)
+    graph = helper.make_graph(b.nodes, "bns_head", [], [_float(LOSS, [])], inits + b.inits)
+    model = helper.make_model(graph, opset_imports=list(teacher.opset_import), producer_name="onnxgenie")
+    model.ir_version = teacher.ir_version
+    return shape_inference.infer_shapes(model)
+
+
+def bns_surrogate_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.ModelProto:
+    """The teacher with the scalar output ``bns_surrogate`` = Σ_n w_n·(input term_n + Σ_l Σ_c
+    g_m·mean_n + g_v·mean_n((x − m)²)) over the images of a chunk, whose gradient w.r.t. the image is
+    that of the whole batch's BNS loss (see above). Inputs beside the image: ``IMAGE_WEIGHTS`` [N]
+    (1/batch; 0 for padding) and per layer ``batch_mean_name(i)``, ``grad_mean_name(i)``,
+    ``grad_var_name(i)`` [C]."""
+    affine, taps, image, channels = _tapped(teacher, fused)
+    b = _LossBuilder()
+    inputs = [_float(IMAGE_WEIGHTS, ["N"])]
+    per_image = b.input_terms(image, channels)
+    for i, tap in enumerate(taps):
+        c = tap.layer.channels
+        inputs += [_float(name(i), [c]) for name in (batch_mean_name, grad_mean_name, grad_var_name)]
+        mean = b.op("Reshape", [batch_mean_name(i), b.const(f"bcast{tap.rank}", np.array([1, -1] + [1] * (tap.rank - 2),
+                                                                                         np.int64))])
+        d = b.op("Sub", [tap.tensor, mean])
+        sq = b.op("Mul", [d, d])
+        x_mean, sq_mean = tap.tensor, sq
+        if tap.rank > 2:   # means over positions [N, C]
+            positions = list(range(2, tap.rank))
+            x_mean = b.op("ReduceMean", [x_mean], axes=positions, keepdims=0)
+            sq_mean = b.op("ReduceMean", [sq_mean], axes=positions, keepdims=0)
+        term = b.op("Add", [b.op("Mul", [x_mean, grad_mean_name(i)]), b.op("Mul", [sq_mean, grad_var_name(i)])])
+        per_image = b.op("Add", [per_image, b.sum_over(term, 1)])
+    b.op("ReduceSum", [b.op("Mul", [per_image, IMAGE_WEIGHTS])], out=SURROGATE, keepdims=0)
+    return _finish(affine, b, [_float(SURROGATE, [])], inputs)
 
 
 def fused_layers(teacher: onnx.ModelProto) -> int:
     """How many BN layers ``bns_loss_model(fused=True)`` folds into their producer."""
-    layers = bn_layers(teacher)
-    affine = fold_bn(teacher, fold_into_producer=True,
-                     keep=frozenset(bn.output for bn in layers if not recoverable(bn)))
-    produced = {o for n in affine.graph.node for o in n.output}
-    return sum(bn.input not in produced for bn in layers)
+    return sum(tap.folded for tap in _tapped(teacher, True)[1])

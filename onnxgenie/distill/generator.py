@@ -138,3 +138,32 @@ def init_generator(generator: onnx.ModelProto, rng: np.random.Generator) -> dict
         bound = 1.0 / math.sqrt(int(np.prod(weight_shape[1:])))
         values[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
     return values
+
+
+def generator_floats(chw: tuple[int, int, int], latent_dim: int = LATENT_DIM, c1: int = C1) -> tuple[int, int]:
+    """(initializer floats, activation floats per image) of ``build_generator(chw)``, from the shapes alone:
+    the memory estimate must not build the generator (at 8192² its upsampling constants alone are 268 MB).
+    Counts every float tensor the graph computes, as ``resources.activation_floats`` does."""
+    c, h, w = chw
+    k = stages(h, w)
+    h0, w0 = math.ceil(h / 2 ** k), math.ceil(w / 2 ** k)
+    chans = channels(k, c1)
+
+    def bn(full: int, ch: int, affine: bool = True) -> int:   # centred, square, normed (+ scaled, out)
+        return (5 if affine else 3) * full + 4 * ch          # + mean, var, var + eps, std per channel
+
+    first = chans[0] * h0 * w0
+    weights = first * latent_dim + first + 2 * chans[0] + k + 1   # Linear, bn1, an eps per BN
+    acts = 2 * first + bn(first, chans[0])                    # Gemm, view, bn1
+    for i, (cin, cout) in enumerate(zip(chans, chans[1:] + [c]), start=1):
+        hi, wi = h0 << (i - 1), w0 << (i - 1)
+        weights += wi * 2 * wi + cin * cout * 9 + cout        # the upsampling matrix, conv weight and bias
+        acts += 12 * cin * hi * wi                            # upsample: MatMul, Reshape, Concat, Reshape
+        out = cout * 4 * hi * wi
+        acts += out
+        if i < k:
+            weights += 2 * cout
+            acts += bn(out, cout) + out                       # BN, LeakyRelu
+    crop = (h0 << k, w0 << k) != (h, w)
+    acts += (c * h * w if crop else 0) + c * h * w + bn(c * h * w, c, affine=False) + c * h * w  # tanh, BN, images
+    return weights, acts

@@ -1,11 +1,13 @@
 """GENIE-D (Sec. 3.1): distil a synthetic calibration set from the teacher's BN statistics.
 
-One training graph per run: latents → generator → swing teacher → BNS loss (``bns.py``). Each
-batch starts from fresh latents and a fresh generator (seeded by (seed, batch index), so a batch's
-result does not depend on which process computes it, or whether the run was resumed) and takes
-``iters`` Adam steps with two parameter groups, as in the reference:
-latents lr 0.1 with ReduceLROnPlateau (patience 100, min lr 1e-4), generator lr 0.01 ×0.95 every
-100 steps. The swing offsets are drawn each step from the batch's generator.
+One training graph per run: latents → generator → swing teacher → BNS loss (``bns.py``); where that
+graph would not fit in memory, ``ChunkedGraph`` runs the generator on the whole batch and the teacher
+on chunks of it, with the same loss and gradients (``bns.py`` says why; ``resources.py`` picks the
+chunk). Each batch starts from fresh latents and a fresh generator (seeded by (seed, batch index), so
+a batch's result does not depend on which process computes it, or whether the run was resumed) and
+takes ``iters`` Adam steps with two parameter groups, as in the reference: latents lr 0.1 with
+ReduceLROnPlateau (patience 100, min lr 1e-4), generator lr 0.01 ×0.95 every 100 steps. The swing
+offsets are drawn each step from the batch's generator (the same for every chunk of a step).
 
 Modes (the paper's Table 2 ablation), each with or without swing:
   genie  generator + trainable latents
@@ -39,13 +41,16 @@ from ..errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenie
                       StorageError, UnsupportedModelError)
 from ..graph.bn import require_bn
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
-from ..graph.swing import swing_feed, swing_rewrite
-from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error
-from .bns import LOSS, bns_loss_model
+from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
+from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
+from .bns import (IMAGE_WEIGHTS, INPUT_TERMS, LOSS, batch_mean_name, batch_statistics, batch_var_name,
+                  bns_head_model, bns_loss_model, bns_statistics_model, bns_surrogate_model, grad_mean_name,
+                  grad_var_name, image_mean_name, image_var_name)
 from .generator import LATENT_DIM, build_generator, init_generator, trainable_names
 
 MODES = ("genie", "zeroq", "noise")
 LATENTS, PIXELS, IMAGES = "latents", "pixels", "distilled_images"
+IMAGE_GRAD, SOURCE_SURROGATE = "distilled_images/grad", "distilled_images/surrogate"
 CONFIG_FILE = "config.json"
 
 
@@ -86,20 +91,15 @@ class ReduceLROnPlateau:
 
 # The training graph ---------------------------------------------------------------------------
 
-def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
-    """latents → generator → (swing) teacher → BNS loss, outputs (bns_loss, distilled_images).
-
-    ``teacher`` is in normal form. Returns the model and its trainable names per parameter group
-    (``latents``, ``generator`` or ``pixels``).
-    """
+def _source_graph(teacher: onnx.ModelProto, cfg: DistillConfig):
+    """What writes the teacher's image input (in the model's layout): the generator, or the pixels.
+    Returns (nodes, initializers, inputs, groups, image shape)."""
     io = image_io(teacher)
-    loss_model = bns_loss_model(swing_rewrite(with_batch(teacher, cfg.batch)) if cfg.swing else teacher,
-                                fused=cfg.fused)
     image = io.input
     shape = [cfg.batch, *io.chw]
     nhwc = nhwc_transpose(teacher) is not None
     source = f"{image}/nchw" if nhwc else image   # what the generator (or the pixels) write
-    nodes, inits, inputs = [], [], [i for i in loss_model.graph.input if i.name != image]
+    nodes, inits, inputs = [], [], []
     groups: dict[str, list[str]] = {}
     if cfg.mode == "zeroq":
         inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), PIXELS))
@@ -114,23 +114,78 @@ def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.M
             inits.append(numpy_helper.from_array(np.zeros((cfg.batch, LATENT_DIM), np.float32), LATENTS))
             groups["latents"] = [LATENTS]
         else:  # noise: fixed latents are data, fed each step
-            inputs.insert(0, helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [cfg.batch, LATENT_DIM]))
-    clash = {t.name for t in inits} & {t.name for t in loss_model.graph.initializer}
-    if clash:
-        raise UnsupportedModelError(f"the model uses tensor names reserved for the generator ({sorted(clash)[:3]}); "
-                                    "rename them in the model")
+            inputs.append(helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [cfg.batch, LATENT_DIM]))
     if nhwc:   # the model's own Transpose turns them back
         nodes.append(helper.make_node("Transpose", [source], [image], name="images_to_nhwc", perm=[0, 2, 3, 1]))
         shape = [shape[0], shape[2], shape[3], shape[1]]
     nodes.append(helper.make_node("Identity", [image], [IMAGES], name=IMAGES))
-    graph = helper.make_graph(
-        nodes + list(loss_model.graph.node), "genie_d", inputs,
-        [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
-         helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)],
-        inits + list(loss_model.graph.initializer))
-    model = helper.make_model(graph, opset_imports=list(loss_model.opset_import), producer_name="onnxgenie")
-    model.ir_version = loss_model.ir_version
-    return shape_inference.infer_shapes(model), groups
+    return nodes, inits, inputs, groups, shape
+
+
+def _model(name: str, nodes, inputs, outputs, inits, like: onnx.ModelProto) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name="onnxgenie")
+    model.ir_version = like.ir_version
+    return shape_inference.infer_shapes(model)
+
+
+def _check_names(inits: list[onnx.TensorProto], teacher: onnx.ModelProto) -> None:
+    clash = {t.name for t in inits} & {t.name for t in teacher.graph.initializer}
+    if clash:
+        raise UnsupportedModelError(f"the model uses tensor names reserved for the generator ({sorted(clash)[:3]}); "
+                                    "rename them in the model")
+
+
+def _swung(teacher: onnx.ModelProto, cfg: DistillConfig, batch: int) -> onnx.ModelProto:
+    return swing_rewrite(with_batch(teacher, batch)) if cfg.swing else teacher
+
+
+def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    """latents → generator → (swing) teacher → BNS loss, outputs (bns_loss, distilled_images).
+
+    ``teacher`` is in normal form. Returns the model and its trainable names per parameter group
+    (``latents``, ``generator`` or ``pixels``).
+    """
+    loss_model = bns_loss_model(_swung(teacher, cfg, cfg.batch), fused=cfg.fused)
+    image = image_io(teacher).input
+    nodes, inits, inputs, groups, shape = _source_graph(teacher, cfg)
+    _check_names(inits, loss_model)
+    inputs += [i for i in loss_model.graph.input if i.name != image]
+    outputs = [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
+               helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)]
+    model = _model("genie_d", nodes + list(loss_model.graph.node), inputs, outputs,
+                   inits + list(loss_model.graph.initializer), loss_model)
+    return model, groups
+
+
+def chunked_models(teacher: onnx.ModelProto, cfg: DistillConfig, chunk: int
+                   ) -> tuple[dict[str, onnx.ModelProto], dict[str, list[str]]]:
+    """The four graphs of a step on the teacher in chunks of ``chunk`` images (see ``ChunkedGraph``):
+    ``source`` (generator or pixels on the whole batch, with the fed image gradient's surrogate),
+    ``stats`` (teacher forward: per-image statistics), ``head`` (BN terms of the batch statistics) and
+    ``teacher`` (the surrogate of one chunk; its image is its one trainable initializer)."""
+    nodes, inits, inputs, groups, shape = _source_graph(teacher, cfg)
+    image = image_io(teacher).input
+    nodes += [helper.make_node("Mul", [image, IMAGE_GRAD], ["source/weighted"], name="source/weighted"),
+              helper.make_node("ReduceSum", ["source/weighted"], [SOURCE_SURROGATE], name=SOURCE_SURROGATE,
+                               keepdims=0)]
+    inputs.append(helper.make_tensor_value_info(IMAGE_GRAD, TensorProto.FLOAT, shape))
+    outputs = [helper.make_tensor_value_info(SOURCE_SURROGATE, TensorProto.FLOAT, []),
+               helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)]
+    chunk = chunk_size(cfg.batch, chunk)
+    swung = _swung(teacher, cfg, chunk)
+    surrogate = bns_surrogate_model(swung, fused=cfg.fused)
+    _check_names(inits, surrogate)
+    chunk_shape = [chunk, *shape[1:]]
+    kept = [i for i in surrogate.graph.input if i.name != image]
+    del surrogate.graph.input[:]
+    surrogate.graph.input.extend(kept)
+    surrogate.graph.initializer.append(numpy_helper.from_array(np.zeros(chunk_shape, np.float32), image))
+    models = {"source": _model("genie_d_source", nodes, inputs, outputs, inits, teacher),
+              "stats": bns_statistics_model(swing_rewrite(teacher) if cfg.swing else teacher, fused=cfg.fused),
+              "head": bns_head_model(swung, fused=cfg.fused),
+              "teacher": surrogate}
+    return models, groups
 
 
 def initial_values(model: onnx.ModelProto, cfg: DistillConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -151,14 +206,104 @@ def initial_values(model: onnx.ModelProto, cfg: DistillConfig, rng: np.random.Ge
 
 # One batch ------------------------------------------------------------------------------------
 
-class BatchDistiller:
-    """Owns one GradientGraph of the training model and distils batches on it, one at a time."""
+def chunk_size(batch: int, chunk: int) -> int:
+    """The size of each of the fewest chunks of at most ``chunk`` images that hold ``batch``, as even
+    as can be (the last one is padded to it)."""
+    return -(-batch // -(-batch // max(1, chunk)))
 
-    def __init__(self, model: onnx.ModelProto, groups: dict[str, list[str]], cfg: DistillConfig, threads: int = 1):
-        self.model, self.cfg, self.groups = model, cfg, groups
+
+def chunks(batch: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk (``chunk_size``)."""
+    size = chunk_size(batch, chunk)
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)]
+
+
+class ChunkedGraph:
+    """One GENIE-D step with the teacher run on chunks of the batch; the loss and every gradient are
+    those of the whole batch (``bns.py``: batch statistics from chunks, and the surrogate).
+
+    1. ``source`` (generator or pixels) forward on the whole batch: the images;
+    2. ``stats`` per chunk (inference): per-image statistics → batch mean m and variance v per layer;
+    3. ``head``: the BN terms L(m, v) and their gradients g_m, g_v (onnxruntime-training);
+    4. ``teacher`` per chunk: the surrogate's gradient w.r.t. the chunk's images;
+    5. ``source`` forward + backward of <images, fed image gradient>: the gradients of the parameters.
+    The last chunk is padded (with weight 0) to the size of the others: one graph of each kind.
+    """
+
+    def __init__(self, models: dict[str, onnx.ModelProto], trainable: list[str], cfg: DistillConfig,
+                 threads: int = 1):
+        self.cfg = cfg
+        self.source = GradientGraph(models["source"], trainable, threads=threads, shared_arena=True)
+        self.image = next(t.name for t in models["teacher"].graph.initializer
+                          if t.name == models["stats"].graph.input[0].name)
+        self.teacher = GradientGraph(models["teacher"], [self.image], threads=threads, shared_arena=True)
+        self.size = next(t for t in models["teacher"].graph.initializer if t.name == self.image).dims[0]
+        self.stats = inference_session(models["stats"], threads, shared_arena=True)
+        self.stats_inputs = [i.name for i in self.stats.get_inputs()]   # the image, then any swing offsets
+        grad_input = next(i for i in models["source"].graph.input if i.name == IMAGE_GRAD)
+        self.image_shape = tuple(d.dim_value for d in grad_input.type.tensor_type.shape.dim)
+        self.layers = sum(1 for o in models["stats"].graph.output if o.name.endswith(".image_mean"))
+        head = [name(i) for i in range(self.layers) for name in (batch_mean_name, batch_var_name)]
+        self.head = GradientGraph(models["head"], head, threads=threads, shared_arena=True)
+        self.input_names = [n for n in self.source.input_names if n != IMAGE_GRAD]
+        self.set_params, self.params, self.grads = self.source.set_params, self.source.params, self.source.grads
+
+    def _padded(self, images: np.ndarray, start: int, stop: int) -> np.ndarray:
+        part = images[start:stop]
+        if len(part) == self.size:
+            return part
+        return np.concatenate([part, np.zeros((self.size - len(part), *part.shape[1:]), part.dtype)])
+
+    def step(self, feeds: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        batch = self.cfg.batch
+        source_in = {**feeds, IMAGE_GRAD: np.zeros(self.image_shape, np.float32)}
+        _, images = self.source.evaluate(*[source_in[n] for n in self.source.input_names])
+        parts = chunks(batch, self.size)
+        swing = {n: feeds[n] for n in SWING_INPUTS if n in feeds}
+        names = [INPUT_TERMS] + [name(i) for i in range(self.layers) for name in (image_mean_name, image_var_name)]
+        stats: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for start, stop in parts:   # the statistics graph takes any batch: no padding
+            feed = {self.stats_inputs[0]: images[start:stop], **swing}
+            for name, value in zip(names, self.stats.run(names, {n: feed[n] for n in self.stats_inputs})):
+                stats[name].append(value[:stop - start])
+        moments = {}
+        for i in range(self.layers):
+            moments[batch_mean_name(i)], moments[batch_var_name(i)] = batch_statistics(
+                np.concatenate(stats[image_mean_name(i)]), np.concatenate(stats[image_var_name(i)]))
+        self.head.set_params(moments)
+        loss = self.head() + float(np.concatenate(stats[INPUT_TERMS]).astype(np.float64).mean())
+        head_grads = self.head.grads()
+        teacher_in = {**swing, **{batch_mean_name(i): moments[batch_mean_name(i)] for i in range(self.layers)}}
+        for i in range(self.layers):
+            teacher_in[grad_mean_name(i)] = head_grads[batch_mean_name(i)]
+            teacher_in[grad_var_name(i)] = head_grads[batch_var_name(i)]
+        image_grad = np.empty_like(images)
+        for start, stop in parts:
+            weights = np.zeros(self.size, np.float32)
+            weights[:stop - start] = 1.0 / batch
+            teacher_in[IMAGE_WEIGHTS] = weights
+            self.teacher.set_params({self.image: self._padded(images, start, stop)})
+            self.teacher(*[teacher_in[n] for n in self.teacher.input_names])
+            image_grad[start:stop] = self.teacher.grads()[self.image][:stop - start]
+        source_in[IMAGE_GRAD] = image_grad
+        self.source(*[source_in[n] for n in self.source.input_names])
+        return loss, images
+
+
+class BatchDistiller:
+    """Owns the training graph(s) of one batch and distils batches on them, one at a time: one
+    GradientGraph of the whole step, or a ``ChunkedGraph`` when ``model`` is ``chunked_models``'s dict."""
+
+    def __init__(self, model: onnx.ModelProto | dict[str, onnx.ModelProto], groups: dict[str, list[str]],
+                 cfg: DistillConfig, threads: int = 1):
+        self.cfg, self.groups = cfg, groups
+        self.model = model["source"] if isinstance(model, dict) else model
         self.trainable = [n for names in groups.values() for n in names]
         try:
-            self.graph = GradientGraph(model, self.trainable, threads=threads)
+            if isinstance(model, dict):
+                self.graph = ChunkedGraph(model, self.trainable, cfg, threads=threads)
+            else:
+                self.graph = GradientGraph(model, self.trainable, threads=threads)
         except StorageError:
             raise
         except Exception as err:   # an op without a gradient between the image and a BN layer
@@ -167,6 +312,8 @@ class BatchDistiller:
                 "images with --calib-data, or re-export it without that op") from None
 
     def _step(self, feeds: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+        if isinstance(self.graph, ChunkedGraph):
+            return self.graph.step(feeds)
         inputs = [feeds[n] for n in self.graph.input_names]
         if inputs:
             loss, images = self.graph(*inputs)
@@ -286,9 +433,17 @@ def _prepare_workdir(workdir: Path, config: dict, resume: bool, notify: bool = T
 _WORKER: dict = {}
 
 
-def _worker_init(model_bytes: bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
-    model = onnx.ModelProto()
-    model.ParseFromString(model_bytes)
+def _to_bytes(model: onnx.ModelProto | dict[str, onnx.ModelProto]):
+    return {k: m.SerializeToString() for k, m in model.items()} if isinstance(model, dict) else model.SerializeToString()
+
+
+def _from_bytes(data: bytes | dict[str, bytes]):
+    return {k: onnx.ModelProto.FromString(b) for k, b in data.items()} if isinstance(data, dict) else \
+        onnx.ModelProto.FromString(data)
+
+
+def _worker_init(model_bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
+    model = _from_bytes(model_bytes)
     _WORKER.update(workdir=Path(workdir), steps=steps)
     try:
         _WORKER["distiller"] = BatchDistiller(model, groups, cfg, threads=1)
@@ -358,7 +513,7 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
         reader = threading.Thread(target=drain, daemon=True)
         reader.start()
         try:  # on Ctrl-C or a worker's error the pool stops the other batches now
-            with process_pool(jobs, _worker_init, (model.SerializeToString(), groups, cfg, str(workdir), steps)) as pool:
+            with process_pool(jobs, _worker_init, (_to_bytes(model), groups, cfg, str(workdir), steps)) as pool:
                 futures = [pool.submit(task or _worker_run, index) for index in todo]
                 wait(futures, return_when=FIRST_EXCEPTION)
                 for future in futures:
@@ -376,7 +531,8 @@ def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
 def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iters: int = 500, mode: str = "genie",
             swing: bool = True, seed: int = 0, jobs: int = 1, workdir: str | None = None, resume: bool = False,
             progress: bool = True, *, lr_latent: float = 0.1, lr_generator: float = 0.01, lr_pixels: float = 0.5,
-            fused: bool = True, threads: int = 1, input_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+            fused: bool = True, threads: int = 1, input_hw: tuple[int, int] | None = None,
+            chunk: int | None = None) -> tuple[np.ndarray, dict]:
     """GENIE-D: ``n_images`` synthetic images (float32 NCHW, the model's input space) and an info dict.
 
     ``n_images`` is rounded up to a whole number of batches (said on stderr). Finished batches are
@@ -403,6 +559,7 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
         print(f"onnxgenie: note: {n_images} images is not a multiple of the batch size {batch}; "
               f"distilling {n_batches * batch} ({n_batches} batches)", file=sys.stderr)
     cfg = DistillConfig(n_batches, batch, iters, mode, bool(swing), seed, lr_latent, lr_generator, lr_pixels, fused)
+    chunk = batch if chunk is None else chunk_size(batch, int(chunk))
     tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-distill-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
@@ -411,7 +568,10 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
         todo = [b for b in range(n_batches) if b not in done]
         start = time.perf_counter()
         if todo:
-            train_model, groups = training_model(teacher, cfg)
+            if chunk < batch:
+                train_model, groups = chunked_models(teacher, cfg, chunk)
+            else:
+                train_model, groups = training_model(teacher, cfg)
             jobs = min(jobs, len(todo))
             if jobs > 1:
                 _run_parallel(train_model, groups, cfg, todo, work, progress, jobs)
@@ -428,5 +588,6 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     info = {"loss_history": history, "final_losses": history[:, -1], "seconds": time.perf_counter() - start,
             "seconds_per_step": float(batch_seconds.mean() / iters), "resumed_batches": done,
             "mode": mode, "swing": bool(swing), "n_images": int(images.shape[0]),
-            "process_peak_rss_mib": round(max(peaks) / 2 ** 20) if peaks else None}
+            "process_peak_rss_mib": round(max(peaks) / 2 ** 20) if peaks else None,
+            "jobs": jobs, "chunk": chunk if chunk < batch else None}
     return images, info
