@@ -192,11 +192,6 @@ def _cmd_distill(args) -> int:
         raise BadInputError(f"--jobs must be 0 (one per core) or more (got {args.jobs}); pass one")
     jobs = cap_to_cores(args.jobs, "--jobs") if args.jobs > 0 else \
         default_jobs(-(-args.images // max(batch, 1)) if args.images > 0 else 1)
-    if jobs > 1 and batch > 0:
-        from .graph.load import normalize
-        from .resources import fit_jobs
-
-        jobs = fit_jobs(normalize(model, input_hw), batch, jobs)
     images, info = distill(model, n_images=args.images, batch=args.batch, iters=args.iters, mode=args.mode,
                            swing=not args.no_swing, seed=args.seed, jobs=jobs, workdir=args.workdir,
                            resume=args.resume, lr_latent=args.lr_latent, lr_generator=args.lr_generator,

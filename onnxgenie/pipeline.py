@@ -287,17 +287,15 @@ def calibration_images(original: onnx.ModelProto, normal: onnx.ModelProto, confi
         return _input_layout(normal, x[:n]), _input_layout(normal, x[n:]), {"source": "noise"}
     if config.calib == "distill":
         from .distill import distill
-        from .resources import fit_jobs
 
-        batch = min(config.distill_batch, n + m)
-        jobs = fit_jobs(normal, batch, min(config.jobs, -(-(n + m) // batch)), notify=config.progress)
+        batch = min(config.distill_batch, n + m)   # distill lowers the jobs, or chunks, to fit in memory
         x, info = distill(original, n_images=n + m, batch=batch, iters=config.distill_iters, seed=config.seed,
-                          mode=config.distill_mode, swing=config.swing, jobs=jobs, progress=config.progress,
+                          mode=config.distill_mode, swing=config.swing, jobs=config.jobs, progress=config.progress,
                           threads=1,  # as in every worker: --jobs and --threads do not change the images
                           workdir=None if config.workdir is None else str(Path(config.workdir) / "distill"),
                           resume=resume and (Path(config.workdir) / "distill").exists(), input_hw=config.input_size)
         x = np.asarray(x, dtype=np.float32)
-        info = {"source": "distill", "jobs": jobs, **info}
+        info = {"source": "distill", **info}
         return x[:n], x[n:], info   # a batch rounded up leaves more held-out images
     raise BadInputError(f"unknown calibration source {config.calib!r}; use one of {', '.join(CALIB_SOURCES)}")
 
@@ -546,6 +544,10 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         config = replace(config, jobs=cap_to_cores(config.jobs, "--jobs", notify=config.progress))
     if calib is None and config.calib == "distill":
         require_bn(normal, original)  # before the weight steps, which take a minute on a large model
+        from .resources import fit_distill
+
+        fit_distill(normal, min(config.distill_batch, config.calib_images + max(config.holdout_images, 0)), 1,
+                    notify=False)   # a model too large for this machine is refused now
     plan = build_plan(folded, config.wbits, config.abits, config.first_last_bits, config.target, config.exclude,
                       config.weight_grid, config.high_bits, config.op_types)
     init_weights(folded, plan)
@@ -625,7 +627,7 @@ def _calibration_report(calib: np.ndarray, holdout: np.ndarray | None, info: dic
     out = {"source": info.get("source"), "images": int(len(calib)),
            "holdout_images": 0 if holdout is None else int(len(holdout))}
     if info.get("source") == "distill":
-        out.update(mode=info["mode"], swing=info["swing"], jobs=info["jobs"],
+        out.update(mode=info["mode"], swing=info["swing"], jobs=info["jobs"], chunk=info["chunk"],
                    final_bns_loss=[round(float(v), 6) for v in info["final_losses"]],
                    loss_history=np.round(np.asarray(info["loss_history"], np.float64), 6).tolist(),
                    seconds_per_step=info["seconds_per_step"], resumed_batches=list(info["resumed_batches"]))

@@ -1,16 +1,30 @@
-"""Memory sanity before distillation: estimate the peak, lower ``--jobs`` rather than meet the OOM killer.
+"""Memory sanity before distillation: estimate the peak from shapes, run the teacher in chunks or lower
+``--jobs`` rather than meet the OOM killer, and refuse a model no batch of which fits.
 
-The estimate is a process base plus, per image of a batch, the float activations of the generator
-and the teacher (shape inference, one image), times a margin for onnxruntime's arena, which grows in
-chunks. Measured peak RSS on this code (onnxruntime-training 1.19.2, VmHWM): digits ResNet-8 16x16
-138 MB (batch 16) / 205 MB (batch 128); CIFAR ResNet-20 380 MB (batch 32) / 692 MB (batch 128) /
-1126 MiB (batch 160, where the arena jumped); ShuffleNet g3 about 3.7 GB (batch 128). The estimate
-is above every one of them.
+The estimate of one distilling process, from shapes only (shape inference of the normal form with the
+batch axis as 1; the generator's sizes from its layout, ``generator_floats``; nothing is built):
+
+    base      256 MiB + 4 × teacher weights + 6 × generator weights (values, gradients, Adam moments)
+    one graph base + B × 1.3 × (teacher + generator activations per image)
+    in chunks base + B × (0.8 × generator activations + 4 images) + c × 2.0 × teacher activations
+
+(activations: the float tensors of one forward pass; B the batch, c the chunk.) Measured peak RSS
+(VmHWM of a child process, 2 steps, onnxruntime-training 1.19.2, 1 thread; ``tools/bench_memory.py``)
+against the estimate, MiB:
+    EfficientNet-Lite0 224²  B 8: 1212 / 1337;  B 16: 2163 / 2306;  B 16 c 4: 948 / 1235;
+                             B 32 c 8: 1524 / 2101;  B 64 c 8: 2318 / 2622;  B 64 c 4: 1714 / 2017;
+                             B 128 c 2: 2273 / 2757
+    ResNet-20 32²            B 32: 379 / 495;  B 128: 668 / 1050;  B 128 c 32: 501 / 672;  B 256 c 32: 703 / 868
+and on earlier code: digits ResNet-8 16x16 138 MB (batch 16) / 205 MB (batch 128); ShuffleNet g3 about
+3.7 GB (batch 128). A chunk's teacher costs more per image than the one graph (2.0 against 1.3): its
+statistics pass and its training pass run one after the other on a shared arena, and the generator's
+memory is reused by the teacher's where they fit in each other (so B adds less in chunks).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing.context
 import os
 import signal
@@ -25,9 +39,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, shape_inference
 
-MIB = 2 ** 20
+from .errors import BadInputError
+
+MIB, GIB = 2 ** 20, 2 ** 30
 PROCESS_BASE = 256 * MIB   # python + numpy + onnxruntime-training + the built training graph
 ACTIVATION_FACTOR = 1.3    # bytes kept per activation byte of one forward pass, with the arena's margin
+CHUNK_TEACHER_FACTOR = 2.0  # the same for a chunk's teacher: its statistics and training passes
+CHUNK_GENERATOR_FACTOR = 0.8  # the generator on the whole batch beside a chunked teacher
+IMAGE_COPIES = 4           # images, their gradient, the zero gradient of the first pass, the saved batch
+PROCESS_LIMIT = 8 * GIB    # a distilling process is kept under this by chunking (the presets' budget)
 
 
 @dataclass(frozen=True)
@@ -43,9 +63,64 @@ class MemoryEstimate:
 
 def activation_floats(model: onnx.ModelProto) -> int:
     """Float elements of every intermediate and output tensor for one image (batch axis as 1)."""
+    return tensor_floats(model)
+
+
+@dataclass(frozen=True)
+class DistillSizes:
+    """What the estimate needs of a model, in bytes: fixed, and per image of the batch or of a chunk."""
+    chw: tuple[int, int, int]
+    base: int
+    teacher: int        # activations of one image through the teacher
+    generator: int      # activations of one image through the generator
+    image: int
+
+    def per_job(self, batch: int, chunk: int | None = None) -> int:
+        """One process distilling batches of ``batch``, the teacher in chunks of ``chunk`` (None: one graph)."""
+        if chunk is None or chunk >= batch:
+            return self.base + int(batch * ACTIVATION_FACTOR * (self.teacher + self.generator))
+        return (self.base + int(batch * (CHUNK_GENERATOR_FACTOR * self.generator + IMAGE_COPIES * self.image))
+                + int(chunk * CHUNK_TEACHER_FACTOR * self.teacher))
+
+    def largest_chunk(self, batch: int, cap: int) -> int | None:
+        """The batch itself if one graph fits in ``cap`` bytes, else the largest chunk that does (None: none)."""
+        if self.per_job(batch) <= cap:
+            return batch
+        per_image = CHUNK_TEACHER_FACTOR * self.teacher
+        chunk = math.floor((cap - self.per_job(batch, 0)) / per_image) if batch > 1 else 0
+        return min(chunk, batch - 1) if chunk >= 1 else None
+
+
+def distill_sizes(normal: onnx.ModelProto) -> DistillSizes:
+    from .distill.generator import generator_floats
+    from .graph.load import image_io
+
+    chw = image_io(normal).chw
+    gen_weights, gen_acts = generator_floats(chw)
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in normal.graph.initializer)
+    return DistillSizes(chw=tuple(chw), base=PROCESS_BASE + 4 * weights + 6 * 4 * gen_weights,
+                        teacher=4 * activation_floats(normal), generator=4 * gen_acts, image=4 * int(np.prod(chw)))
+
+
+def distill_memory(normal: onnx.ModelProto, batch: int, jobs: int = 1, chunk: int | None = None) -> MemoryEstimate:
+    """Peak memory of GENIE-D on ``normal`` (normal form) with ``batch`` images in each of ``jobs``
+    processes, the teacher in chunks of ``chunk`` images (None: the whole batch in one graph)."""
+    return MemoryEstimate(per_job=distill_sizes(normal).per_job(batch, chunk), main=PROCESS_BASE, jobs=jobs)
+
+
+BATCH_ACTIVATIONS = GIB   # activations of one inference batch that reads intermediate tensors back
+
+
+def tensor_floats(model: onnx.ModelProto, tensors: list[str] | None = None) -> int:
+    """Float elements per image (batch axis as 1) of ``tensors``, or of every intermediate and output
+    tensor; from shape inference (a tensor without a known shape counts 0)."""
     graph = shape_inference.infer_shapes(model).graph
+    infos = list(graph.value_info) + list(graph.output)
+    if tensors is not None:
+        wanted = set(tensors)
+        infos = list({vi.name: vi for vi in infos + list(graph.input) if vi.name in wanted}.values())
     total = 0
-    for vi in list(graph.value_info) + list(graph.output):
+    for vi in infos:
         t = vi.type.tensor_type
         if t.elem_type != TensorProto.FLOAT or not t.HasField("shape") or not t.shape.dim:
             continue
@@ -54,16 +129,18 @@ def activation_floats(model: onnx.ModelProto) -> int:
     return total
 
 
-def distill_memory(normal: onnx.ModelProto, batch: int, jobs: int = 1) -> MemoryEstimate:
-    """Peak memory of GENIE-D on ``normal`` (normal form) with ``batch`` images in each of ``jobs`` processes."""
-    from .distill.generator import build_generator
-    from .graph.load import image_io
-
-    floats = activation_floats(normal) + activation_floats(build_generator(image_io(normal).chw))
-    per_image = int(4 * floats * ACTIVATION_FACTOR)
-    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in normal.graph.initializer)
-    per_job = PROCESS_BASE + 4 * weights + per_image * batch   # weights, grads, two Adam moments
-    return MemoryEstimate(per_job=per_job, main=PROCESS_BASE, jobs=jobs)
+def inference_batch(model: onnx.ModelProto, outputs: list[str], most: int) -> int:
+    """Images per batch for running ``model`` with ``outputs`` read back: its activations (kept by
+    onnxruntime) and the outputs (returned) of one batch within ``BATCH_ACTIVATIONS``, at most ``most``.
+    Refuses (BadInputError) where one image alone needs more than the memory available."""
+    per_image = 4 * (tensor_floats(model) + tensor_floats(model, outputs))
+    available = available_memory()
+    if available is not None and per_image > available:
+        c_h_w = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+        raise BadInputError(f"running this model on one {c_h_w} image with its activations read back needs about "
+                            f"{_mib(per_image)} and {_mib(available)} are available; export the model at a smaller "
+                            "input size (such as 224x224), or quantize on a machine with more memory")
+    return max(1, min(most, BATCH_ACTIVATIONS // max(per_image, 1)))
 
 
 def _proc_kib(path: str, key: str) -> int | None:
@@ -132,26 +209,77 @@ def default_jobs(n_batches: int) -> int:
     return max(1, min(cores(), n_batches))
 
 
-def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | None = None,
-             notify: bool = True) -> int:
-    """``jobs`` lowered until the estimate fits in available memory (one line on stderr when lowered)."""
+def _mib(n: int) -> str:
+    if n < 10 * MIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / MIB:.0f} MiB" if n < 10 * GIB else f"{n / GIB:.1f} GiB"
+
+
+def _too_large(sizes: DistillSizes, batch: int, available: int) -> BadInputError:
+    """The refusal of a model no process of which fits in ``available`` bytes, with the way out."""
+    c, h, w = sizes.chw
+    if sizes.per_job(1) > available:
+        return BadInputError(
+            f"distilling from this model needs about {_mib(sizes.per_job(1))} per process even one image at a "
+            f"time ({c}x{h}x{w} input: {_mib(sizes.teacher)} of activations per image) and {_mib(available)} are "
+            "available; export the model at a smaller input size (such as 224x224), or quantize on a machine "
+            "with more memory")
+    fits = max(b for b in range(1, batch) if min(sizes.per_job(b), sizes.per_job(b, 1)) <= available)
+    return BadInputError(
+        f"distilling batches of {batch} {c}x{h}x{w} images needs about {_mib(sizes.per_job(batch, 1))} per "
+        f"process (the generator runs on the whole batch) and {_mib(available)} are available; lower the batch "
+        f"to {fits} or less (--distill-batch; --batch of onnxgenie distill)")
+
+
+def fit_distill(normal: onnx.ModelProto, batch: int, jobs: int, chunk: int | None = None,
+                available: int | None = None, notify: bool = True) -> tuple[int, int]:
+    """(jobs, chunk) for GENIE-D: each of ``jobs`` processes under its share of the available memory and
+    under ``PROCESS_LIMIT``, the teacher in chunks where the whole batch would not fit (``chunk`` ==
+    ``batch``: one graph), then ``jobs`` lowered where even one image at a time would not fit. One line
+    on stderr for each change. A model that does not fit with one process is refused (BadInputError);
+    without a figure of available memory only ``PROCESS_LIMIT`` applies. A given ``chunk`` is kept."""
+    sizes = distill_sizes(normal)
     available = available_memory() if available is None else available
-    if available is None or jobs <= 1:
-        if available is not None and notify:
-            need = distill_memory(normal, batch, 1).total
-            if need > available:
-                print(f"onnxgenie: note: distillation needs about {need / MIB:.0f} MiB (batch {batch}) but "
-                      f"{available / MIB:.0f} MiB are available; lower --distill-batch if it gets killed",
-                      file=sys.stderr)
-        return jobs
-    fitted = jobs
-    while fitted > 1 and distill_memory(normal, batch, fitted).total > available:
-        fitted -= 1
+
+    def share(j: int) -> int | None:
+        return available if available is None or j == 1 else (available - PROCESS_BASE) // j
+
+    fitted, chosen = jobs, None
+    for fitted in range(jobs, 0, -1):
+        room = share(fitted)
+        if chunk is not None:
+            chosen = min(chunk, batch)
+            if room is None or sizes.per_job(batch, chosen) <= room or fitted == 1:
+                break
+            continue
+        chosen = sizes.largest_chunk(batch, PROCESS_LIMIT if room is None else min(PROCESS_LIMIT, room))
+        if chosen is None:   # over the limit: within the share it still runs; without a figure, one at a time
+            chosen = 1 if room is None else sizes.largest_chunk(batch, room)
+        if chosen is not None:
+            break
+    if chosen is None:
+        raise _too_large(sizes, batch, available)
     if fitted < jobs and notify:
-        need = distill_memory(normal, batch, jobs).total
+        need = MemoryEstimate(min(sizes.per_job(batch), sizes.per_job(batch, 1)), PROCESS_BASE, jobs).total
         print(f"onnxgenie: note: {jobs} distillation jobs need about {need / MIB:.0f} MiB but "
               f"{available / MIB:.0f} MiB are available; using --jobs {fitted}", file=sys.stderr)
-    return fitted
+    if chosen < batch and chunk is None and notify:
+        from .distill.genie_d import chunk_size
+
+        room = share(fitted)
+        bound = f"the {PROCESS_LIMIT / GIB:.0f} GiB a distilling process is kept under"
+        if room is not None and room < PROCESS_LIMIT:
+            bound = f"{'its share of ' if fitted > 1 else ''}the {available / MIB:.0f} MiB available"
+        print(f"onnxgenie: note: GENIE-D on batches of {batch} needs about {sizes.per_job(batch) / MIB:.0f} MiB per "
+              f"process, more than {bound}; the teacher runs on chunks of {chunk_size(batch, chosen)} images "
+              "(the same loss and gradients)", file=sys.stderr)
+    return fitted, chosen
+
+
+def fit_jobs(normal: onnx.ModelProto, batch: int, jobs: int, available: int | None = None,
+             notify: bool = True) -> int:
+    """The number of distillation processes ``fit_distill`` chooses."""
+    return fit_distill(normal, batch, jobs, available=available, notify=notify)[0]
 
 
 @contextmanager

@@ -684,6 +684,7 @@ def test_reconstruction_divergence_falls_back_and_exports_finite(tmp_path, capsy
 
 def test_memory_estimate_lowers_jobs(capsys):
     from onnxgenie.graph.load import normalize
+    from onnxgenie.errors import BadInputError
     from onnxgenie.resources import MIB, distill_memory, fit_jobs
 
     normal = normalize(onnx.load(str(DEFAULT_MODEL)))
@@ -696,7 +697,8 @@ def test_memory_estimate_lowers_jobs(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "using --jobs 2" in err
     assert fit_jobs(normal, 128, 2, available=room) == 2 and capsys.readouterr().err == ""
-    assert fit_jobs(normal, 128, 8, available=1) == 1
+    with pytest.raises(BadInputError, match="even one image at a time"):   # not even one process fits
+        fit_jobs(normal, 128, 8, available=1)
 
 
 @pytest.mark.parametrize("command", ["quantize", "distill"])

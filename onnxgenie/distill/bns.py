@@ -115,7 +115,7 @@ class _LossBuilder:
         return self.op("ReduceSum", [x, self.const(f"axis{axis}", np.array([axis], np.int64))], keepdims=0)
 
     def bn_term(self, mean: str, var: str, tap: "Tap", i: int) -> str:
-        """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from the mean and variance [C] of its tapped tensor."""
+        """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from its tapped tensor's mean and variance [C]."""
         bn = tap.layer
         if tap.folded:  # statistics of x from those of y = a·x + b, per channel
             a = bn.gamma / bn.std

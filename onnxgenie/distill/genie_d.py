@@ -434,12 +434,15 @@ _WORKER: dict = {}
 
 
 def _to_bytes(model: onnx.ModelProto | dict[str, onnx.ModelProto]):
-    return {k: m.SerializeToString() for k, m in model.items()} if isinstance(model, dict) else model.SerializeToString()
+    if isinstance(model, dict):
+        return {k: m.SerializeToString() for k, m in model.items()}
+    return model.SerializeToString()
 
 
 def _from_bytes(data: bytes | dict[str, bytes]):
-    return {k: onnx.ModelProto.FromString(b) for k, b in data.items()} if isinstance(data, dict) else \
-        onnx.ModelProto.FromString(data)
+    if isinstance(data, dict):
+        return {k: onnx.ModelProto.FromString(b) for k, b in data.items()}
+    return onnx.ModelProto.FromString(data)
 
 
 def _worker_init(model_bytes, groups: dict, cfg: DistillConfig, workdir: str, steps) -> None:
@@ -538,7 +541,9 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     ``n_images`` is rounded up to a whole number of batches (said on stderr). Finished batches are
     kept in ``workdir`` (``batch_0003.npz``); ``resume=True`` continues a run there. ``jobs`` > 1
     distils batches in that many processes with one ORT thread each; ``threads`` is the ORT thread
-    count when ``jobs`` == 1. ``input_hw`` fixes a dynamic image height/width.
+    count when ``jobs`` == 1. ``input_hw`` fixes a dynamic image height/width. ``jobs`` is lowered, and
+    the teacher run in chunks of ``chunk`` images (None: chosen), where the memory estimate says so
+    (``resources.fit_distill``; said on stderr).
     """
     if mode not in MODES:
         raise BadInputError(f"unknown distillation mode {mode!r}; use one of {', '.join(MODES)}")
@@ -559,7 +564,12 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
         print(f"onnxgenie: note: {n_images} images is not a multiple of the batch size {batch}; "
               f"distilling {n_batches * batch} ({n_batches} batches)", file=sys.stderr)
     cfg = DistillConfig(n_batches, batch, iters, mode, bool(swing), seed, lr_latent, lr_generator, lr_pixels, fused)
-    chunk = batch if chunk is None else chunk_size(batch, int(chunk))
+    if chunk is not None and int(chunk) < 1:
+        raise BadInputError(f"the chunk must be at least 1 image (got {chunk})")
+    from ..resources import fit_distill
+
+    jobs, chunk = fit_distill(teacher, batch, min(jobs, n_batches), chunk=chunk, notify=progress)
+    chunk = chunk_size(batch, chunk)
     tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-distill-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:

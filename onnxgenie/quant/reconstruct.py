@@ -227,6 +227,11 @@ def cosine(base_lr: float, step: int, iters: int) -> float:
 
 def _run_batched(model: onnx.ModelProto, x: np.ndarray, out: np.ndarray | None, threads: int,
                  chunk: int = 256):
+    """``model`` on ``x`` in batches of at most ``chunk`` images, fewer where one batch's activations
+    would exceed ``resources.BATCH_ACTIVATIONS`` (EfficientNet-Lite0 at 224²: 111 images through its largest block)."""
+    from ..resources import inference_batch
+
+    chunk = inference_batch(model, [], chunk)
     sess = inference_session(model, threads)
     name = sess.get_inputs()[0].name
     results = []
