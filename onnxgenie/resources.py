@@ -6,19 +6,21 @@ batch axis as 1; the generator's sizes from its layout, ``generator_floats``; no
 
     base      256 MiB + 4 × teacher weights + 6 × generator weights (values, gradients, Adam moments)
     one graph base + B × 1.3 × (teacher + generator activations per image)
-    in chunks base + B × (0.8 × generator activations + 4 images) + c × 2.0 × teacher activations
+    in chunks base + B × (0.8 × generator activations + 4 images) + c × 1.7 × teacher activations
 
-(activations: the float tensors of one forward pass; B the batch, c the chunk.) Measured peak RSS
-(VmHWM of a child process, 2 steps, onnxruntime-training 1.19.2, 1 thread; ``tools/bench_memory.py``)
-against the estimate, MiB:
-    EfficientNet-Lite0 224²  B 8: 1212 / 1337;  B 16: 2163 / 2306;  B 16 c 4: 948 / 1235;
-                             B 32 c 8: 1524 / 2101;  B 64 c 8: 2318 / 2622;  B 64 c 4: 1714 / 2017;
-                             B 128 c 2: 2273 / 2757
-    ResNet-20 32²            B 32: 379 / 495;  B 128: 668 / 1050;  B 128 c 32: 501 / 672;  B 256 c 32: 703 / 868
+(activations: the float tensors of one forward pass; B the batch, c the chunk.) Measured peak RSS of
+the distilling process (VmHWM, 2 steps, onnxruntime-training 1.19.2, 1 thread; ``tools/bench_memory.py
+distill``) / the estimate, MiB:
+    EfficientNet-Lite0 224², one graph  B 8: 1212 / 1337   B 16: 2165 / 2307   B 32: 4015 / 4247
+                                        B 64: 7640 / 8126
+                  in chunks  B 16 c 4: 985 / 1144   B 16 c 8: 1487 / 1658   B 32 c 8: 1654 / 1920
+                             B 64 c 8: 1896 / 2442  B 64 c 16: 2933 / 3472  B 128 c 8: 3011 / 3487
+                             B 128 c 32: 5499 / 6576  B 128 c 43 (the 8 GiB limit's choice): 6584 / 7992
+    ResNet-20 32², one graph B 32: 410 / 495   B 128: 711 / 1052;  in chunks B 128 c 32: 458 / 648
+                             B 256 c 32: 571 / 843
 and on earlier code: digits ResNet-8 16x16 138 MB (batch 16) / 205 MB (batch 128); ShuffleNet g3 about
-3.7 GB (batch 128). A chunk's teacher costs more per image than the one graph (2.0 against 1.3): its
-statistics pass and its training pass run one after the other on a shared arena, and the generator's
-memory is reused by the teacher's where they fit in each other (so B adds less in chunks).
+3.7 GB (batch 128). In chunks the generator's memory and the teacher's passes reuse one arena one after
+the other (``ortrain.use_shared_arena``), so the batch adds less per image than in one graph.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .errors import BadInputError
 MIB, GIB = 2 ** 20, 2 ** 30
 PROCESS_BASE = 256 * MIB   # python + numpy + onnxruntime-training + the built training graph
 ACTIVATION_FACTOR = 1.3    # bytes kept per activation byte of one forward pass, with the arena's margin
-CHUNK_TEACHER_FACTOR = 2.0  # the same for a chunk's teacher: its statistics and training passes
+CHUNK_TEACHER_FACTOR = 1.7  # the same for a chunk's teacher: its statistics and training passes
 CHUNK_GENERATOR_FACTOR = 0.8  # the generator on the whole batch beside a chunked teacher
 IMAGE_COPIES = 4           # images, their gradient, the zero gradient of the first pass, the saved batch
 PROCESS_LIMIT = 8 * GIB    # a distilling process is kept under this by chunking (the presets' budget)

@@ -287,6 +287,13 @@ def test_chunks_are_even_and_cover_the_batch():
     assert chunks(8, 8) == [(0, 8)] and chunks(8, 100) == [(0, 8)]
 
 
+def test_chunked_workers_match_one_process(tmp_path):
+    one, _ = _run(tmp_path, "one", mode="zeroq", iters=2)
+    two, info = _run(tmp_path, "two", mode="zeroq", iters=2, jobs=2, chunk=3)
+    assert info["chunk"] == 2 and info["jobs"] == 2
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["genie", "zeroq"])
 def test_chunked_distillation_gives_the_same_images(mode):
     kw = dict(n_images=10, batch=5, iters=4, mode=mode, seed=3, progress=False)

@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from ..graph.bn import BNLayer, bn_layers, fold_bn, require_bn
+from ..graph.bn import BNLayer, fold_bn, require_bn
 from ..graph.load import nhwc_transpose
 from ..ortrain import trainable_form
 
@@ -111,8 +111,9 @@ class _LossBuilder:
         d = self.op("Sub", [a, target])
         return self.op("ReduceMean", [self.op("Mul", [d, d])], keepdims=0)
 
-    def sum_over(self, x: str, axis: int) -> str:
-        return self.op("ReduceSum", [x, self.const(f"axis{axis}", np.array([axis], np.int64))], keepdims=0)
+    def sum_over(self, x: str, *axes: int) -> str:
+        axes_name = "axes" + "".join(map(str, axes))
+        return self.op("ReduceSum", [x, self.const(axes_name, np.array(axes, np.int64))], keepdims=0)
 
     def bn_term(self, mean: str, var: str, tap: "Tap", i: int) -> str:
         """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from its tapped tensor's mean and variance [C]."""
@@ -129,7 +130,7 @@ class _LossBuilder:
     def input_terms(self, image: str, channels: int) -> str:
         """Per image: Σ_c μ_{n,c}² + (σ_{n,c} − 1)² of the NCHW image ([N])."""
         mean, var = self.mean_var(image, [2, 3])
-        mean_sq = self.sum_over(self.sum_over(self.sum_over(self.op("Mul", [mean, mean]), 3), 2), 1)
+        mean_sq = self.sum_over(self.op("Mul", [mean, mean]), 1, 2, 3)
         d = self.op("Sub", [self.std(var), self.const("one", np.float32(1.0))])
         return self.op("Add", [mean_sq, self.sum_over(self.op("Mul", [d, d]), 1)], out=INPUT_TERMS)
 

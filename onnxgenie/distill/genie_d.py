@@ -227,15 +227,16 @@ class ChunkedGraph:
     3. ``head``: the BN terms L(m, v) and their gradients g_m, g_v (onnxruntime-training);
     4. ``teacher`` per chunk: the surrogate's gradient w.r.t. the chunk's images;
     5. ``source`` forward + backward of <images, fed image gradient>: the gradients of the parameters.
-    The last chunk is padded (with weight 0) to the size of the others: one graph of each kind.
+    The last chunk is padded (with weight 0) to the size of the others: one graph of each kind. The
+    sessions share one CPU arena (``ortrain.use_shared_arena``), which lives as long as the process:
+    ``distill`` runs chunked batches in worker processes.
     """
 
     def __init__(self, models: dict[str, onnx.ModelProto], trainable: list[str], cfg: DistillConfig,
                  threads: int = 1):
         self.cfg = cfg
         self.source = GradientGraph(models["source"], trainable, threads=threads, shared_arena=True)
-        self.image = next(t.name for t in models["teacher"].graph.initializer
-                          if t.name == models["stats"].graph.input[0].name)
+        self.image = models["stats"].graph.input[0].name   # the teacher's image: the stats graph's input
         self.teacher = GradientGraph(models["teacher"], [self.image], threads=threads, shared_arena=True)
         self.size = next(t for t in models["teacher"].graph.initializer if t.name == self.image).dims[0]
         self.stats = inference_session(models["stats"], threads, shared_arena=True)
@@ -245,7 +246,6 @@ class ChunkedGraph:
         self.layers = sum(1 for o in models["stats"].graph.output if o.name.endswith(".image_mean"))
         head = [name(i) for i in range(self.layers) for name in (batch_mean_name, batch_var_name)]
         self.head = GradientGraph(models["head"], head, threads=threads, shared_arena=True)
-        self.input_names = [n for n in self.source.input_names if n != IMAGE_GRAD]
         self.set_params, self.params, self.grads = self.source.set_params, self.source.params, self.source.grads
 
     def _padded(self, images: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -265,7 +265,7 @@ class ChunkedGraph:
         for start, stop in parts:   # the statistics graph takes any batch: no padding
             feed = {self.stats_inputs[0]: images[start:stop], **swing}
             for name, value in zip(names, self.stats.run(names, {n: feed[n] for n in self.stats_inputs})):
-                stats[name].append(value[:stop - start])
+                stats[name].append(value)
         moments = {}
         for i in range(self.layers):
             moments[batch_mean_name(i)], moments[batch_var_name(i)] = batch_statistics(
@@ -583,7 +583,8 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
             else:
                 train_model, groups = training_model(teacher, cfg)
             jobs = min(jobs, len(todo))
-            if jobs > 1:
+            # chunks: in a worker, whose exit frees the shared arena (where this process may have one)
+            if jobs > 1 or chunk < batch and not mp.current_process().daemon:
                 _run_parallel(train_model, groups, cfg, todo, work, progress, jobs)
             else:
                 _run_sequential(train_model, groups, cfg, todo, work, progress, threads)
