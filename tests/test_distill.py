@@ -294,6 +294,19 @@ def test_chunked_workers_match_one_process(tmp_path):
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
 
 
+def _distill_chunked(_):
+    return distill(conv_bn_net(), n_images=4, batch=4, iters=2, chunk=2, progress=False)[0]
+
+
+def test_chunked_distillation_runs_inside_a_pool_worker():
+    """A daemonic process may not start the worker chunked batches otherwise run in: they run in it."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        images = pool.apply(_distill_chunked, (None,))
+    np.testing.assert_allclose(images, _distill_chunked(None), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["genie", "zeroq"])
 def test_chunked_distillation_gives_the_same_images(mode):
     kw = dict(n_images=10, batch=5, iters=4, mode=mode, seed=3, progress=False)
