@@ -18,8 +18,7 @@ distill``) / the estimate, MiB:
                              B 128 c 32: 5499 / 6576  B 128 c 43 (the 8 GiB limit's choice): 6584 / 7992
     ResNet-20 32², one graph B 32: 410 / 495   B 128: 711 / 1052;  in chunks B 128 c 32: 458 / 648
                              B 256 c 32: 571 / 843
-and on earlier code: digits ResNet-8 16x16 138 MB (batch 16) / 205 MB (batch 128); ShuffleNet g3 about
-3.7 GB (batch 128). In chunks the generator's memory and the teacher's passes reuse one arena one after
+In chunks the generator's memory and the teacher's passes reuse one arena one after
 the other (``ortrain.use_shared_arena``), so the batch adds less per image than in one graph.
 """
 
