@@ -9,6 +9,7 @@ images on every machine. scikit-learn is an optional dependency (``pip install o
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +56,7 @@ def preprocess_digits(images8: np.ndarray) -> np.ndarray:
 
 
 def _sklearn_digits():
-    try:
+    try:  # imported here: scikit-learn is an optional dependency (the train extra)
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
@@ -89,7 +90,5 @@ def write_digits_npz(path, part: str = "test") -> int:
 
 
 if __name__ == "__main__":  # python -m onnxgenie.datasets OUT.npz [test|train]
-    import sys
-
     out, which = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "test")
     print(f"{write_digits_npz(out, which)} {which} images written to {out}")

@@ -24,7 +24,8 @@ import onnxruntime as ort
 
 from .errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenieError, OutputExistsError,
                      QualityGateError, ResumeMismatchError)
-from .export.qdq import EXPORT_OPSET, buffer_reuse_hazard, export_qdq
+from .evaluate import buffer_reuse_hazard
+from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.bn import fold_bn, require_bn
 from .graph.load import image_io, image_tensors, load_model, normalize
 from .quant.augment import AUGMENTS
@@ -544,7 +545,7 @@ def quantize(model, config: QuantizeConfig, calib_data: str | os.PathLike | None
         config = replace(config, jobs=cap_to_cores(config.jobs, "--jobs", notify=config.progress))
     if calib is None and config.calib == "distill":
         require_bn(normal, original)  # before the weight steps, which take a minute on a large model
-        from .resources import fit_distill
+        from .distill.memory import fit_distill
 
         fit_distill(normal, min(config.distill_batch, config.calib_images + max(config.holdout_images, 0)), 1,
                     notify=False)   # a model too large for this machine is refused now

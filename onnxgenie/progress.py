@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 def progress_bar(total: int, enabled: bool = True, **kw):
     """A tqdm bar on stderr, disabled when ``enabled`` is false or stderr is not a terminal."""
-    from tqdm import tqdm
-
     return tqdm(total=total, disable=not (enabled and stderr_is_terminal()), file=sys.stderr,
                 dynamic_ncols=True, **kw)
 

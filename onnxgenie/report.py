@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import importlib.metadata
 import io
 import json
 import math
@@ -22,12 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 
+from .distill.preview import grid_png
+from .errors import UnsupportedModelError
+from .evaluate import predict
 from .files import atomic_write
 from .graph.bn import initializers
 
 SQNR_CAP_DB = 200.0   # reported when the quantization error is exactly zero (keeps the JSON finite)
 MIB = 2 ** 20
+# said wherever agreement is measured on the images the steps were fitted to
+OPTIMISTIC = "optimistic: the quantized model was fitted to these images; --holdout-images N measures on others"
 
 
 # ---------------------------------------------------------------- measurements
@@ -57,8 +64,6 @@ def weight_sqnr(folded: onnx.ModelProto, plan) -> dict[str, float]:
 
 def check_finite_logits(logits: np.ndarray, what: str = "calibration") -> None:
     """Refuse FP32 logits with NaN/Inf: the model itself is broken on these images (UnsupportedModelError)."""
-    from .errors import UnsupportedModelError
-
     bad = int((~np.isfinite(logits.reshape(len(logits), -1))).any(axis=1).sum())
     if bad:
         raise UnsupportedModelError(
@@ -72,8 +77,6 @@ def top1_agreement(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, x: np.nd
     """Percent of the images ``x`` (float32 NCHW, preprocessed) on which both models pick the same class.
     FP32 logits with NaN/Inf are refused (``check_finite_logits``); an image on which the quantized model
     outputs NaN/Inf counts as a disagreement."""
-    from .evaluate import predict
-
     if len(x) == 0:
         raise ValueError("top1_agreement needs at least one image")
     fp_logits = predict(fp_model, x, threads=threads)
@@ -86,10 +89,6 @@ def top1_agreement(fp_model: onnx.ModelProto, q_model: onnx.ModelProto, x: np.nd
 
 def versions() -> dict:
     """Versions of onnxgenie and its runtime stack, and the machine it ran on."""
-    import importlib.metadata
-
-    import onnxruntime
-
     try:
         own = importlib.metadata.version("onnxgenie")
     except importlib.metadata.PackageNotFoundError:
@@ -154,6 +153,7 @@ def _png_tag(png: bytes, alt: str) -> str:
 
 def _figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas, without pyplot (no global state, no GUI backend)."""
+    # imported here: matplotlib costs about half a second, and only an HTML report draws
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -357,8 +357,6 @@ def write_html(report: dict, path: str | os.PathLike, images: np.ndarray | None 
     if png:
         parts += ["<h2>Weight SQNR</h2>", _png_tag(png, "weight SQNR per layer")]
     if images is not None and len(images):
-        from .distill.preview import grid_png
-
         parts += [f"<h2>Distilled images (first {min(64, len(images))} of {len(images)})</h2>",
                   _png_tag(grid_png(images, limit=64), "distilled images")]
     versions_ = report.get("versions")

@@ -16,9 +16,9 @@ import fixtures
 from conftest import dev_images, shared_dir, shared_model, shared_model_path, train_images
 from onnxgenie.cli import main
 from onnxgenie.errors import BadInputError
-from onnxgenie.evaluate import predict
+from onnxgenie.evaluate import buffer_reuse_hazard, predict
 from onnxgenie.export.plain_ort import plain_ort_python, run_plain_ort
-from onnxgenie.export.qdq import EXPORT_OPSET, buffer_reuse_hazard, export_qdq, weight_grid_errors
+from onnxgenie.export.qdq import EXPORT_OPSET, export_qdq, weight_grid_errors
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
 from onnxgenie.pipeline import PARITY_LEVEL, parity

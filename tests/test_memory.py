@@ -16,10 +16,11 @@ from onnxgenie import resources
 from onnxgenie.cli import main
 from onnxgenie.distill import distill
 from onnxgenie.distill.generator import build_generator, generator_floats
-from onnxgenie.distill.genie_d import chunk_size
 from onnxgenie.errors import BadInputError
 from onnxgenie.graph.load import normalize
-from onnxgenie.resources import MIB, PROCESS_BASE, activation_floats, distill_sizes, fit_distill
+from onnxgenie.distill import memory
+from onnxgenie.distill.memory import PROCESS_BASE, activation_floats, chunk_size, distill_sizes, fit_distill
+from onnxgenie.resources import MIB
 
 
 @pytest.mark.parametrize("chw", [(3, 8, 8), (1, 10, 6), (3, 32, 32), (3, 100, 60), (3, 224, 224)])
@@ -70,7 +71,7 @@ def test_chunk_is_the_largest_that_fits_the_share_of_each_job(capsys):
 
 def test_chunk_keeps_a_process_under_the_limit(monkeypatch, capsys):
     normal, sizes = _sizes()
-    monkeypatch.setattr(resources, "PROCESS_LIMIT", sizes.per_job(16, 3) + 1)
+    monkeypatch.setattr(memory, "PROCESS_LIMIT", sizes.per_job(16, 3) + 1)
     assert fit_distill(normal, 16, 1, available=100 * 2 ** 30) == (1, 3)
     assert "GiB a distilling process is kept under; the teacher runs on chunks of 3 images" in capsys.readouterr().err
 

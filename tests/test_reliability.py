@@ -685,7 +685,8 @@ def test_reconstruction_divergence_falls_back_and_exports_finite(tmp_path, capsy
 def test_memory_estimate_lowers_jobs(capsys):
     from onnxgenie.graph.load import normalize
     from onnxgenie.errors import BadInputError
-    from onnxgenie.resources import MIB, distill_memory, fit_jobs
+    from onnxgenie.distill.memory import distill_memory, fit_jobs
+    from onnxgenie.resources import MIB
 
     normal = normalize(onnx.load(str(DEFAULT_MODEL)))
     one = distill_memory(normal, 128, 1)
@@ -733,7 +734,7 @@ def test_memory_estimate_covers_a_real_distillation():
     assert proc.returncode == 0, proc.stderr
     peak = int(proc.stdout.split()[-1])
     from onnxgenie.graph.load import normalize
-    from onnxgenie.resources import distill_memory
+    from onnxgenie.distill.memory import distill_memory
 
     assert peak < distill_memory(normalize(onnx.load(str(DEFAULT_MODEL))), 32).total
 

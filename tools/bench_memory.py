@@ -1,4 +1,4 @@
-"""Peak memory and the time cost of chunking, for the figures in onnxgenie/resources.py.
+"""Peak memory and the time cost of chunking, for the figures in onnxgenie/distill/memory.py.
 
 Each measurement runs in a fresh process (its VmHWM is its own peak), one onnxruntime thread, and prints
 one JSON line.
@@ -28,7 +28,8 @@ def _distill_run(model_path: str, batch: int, chunk: int | None, iters: int) -> 
 
     from onnxgenie.distill import distill
     from onnxgenie.graph.load import normalize
-    from onnxgenie.resources import MIB, distill_memory, peak_rss
+    from onnxgenie.distill.memory import distill_memory
+    from onnxgenie.resources import MIB, peak_rss
 
     model = onnx.load(model_path)
     start = time.perf_counter()

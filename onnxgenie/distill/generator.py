@@ -143,7 +143,7 @@ def init_generator(generator: onnx.ModelProto, rng: np.random.Generator) -> dict
 def generator_floats(chw: tuple[int, int, int], latent_dim: int = LATENT_DIM, c1: int = C1) -> tuple[int, int]:
     """(initializer floats, activation floats per image) of ``build_generator(chw)``, from the shapes alone:
     the memory estimate must not build the generator (at 8192² its upsampling constants alone are 268 MB).
-    Counts every float tensor the graph computes, as ``resources.activation_floats`` does."""
+    Counts every float tensor the graph computes, as ``memory.activation_floats`` does."""
     c, h, w = chw
     k = stages(h, w)
     h0, w0 = math.ceil(h / 2 ** k), math.ceil(w / 2 ** k)

@@ -2,7 +2,7 @@
 
 One training graph per run: latents → generator → swing teacher → BNS loss (``bns.py``); where that
 graph would not fit in memory, ``ChunkedGraph`` runs the generator on the whole batch and the teacher
-on chunks of it, with the same loss and gradients (``bns.py`` says why; ``resources.py`` picks the
+on chunks of it, with the same loss and gradients (``bns.py`` says why; ``memory.py`` picks the
 chunk). Each batch starts from fresh latents and a fresh generator (seeded by (seed, batch index), so
 a batch's result does not depend on which process computes it, or whether the run was resumed) and
 takes ``iters`` Adam steps with two parameter groups, as in the reference: latents lr 0.1 with
@@ -30,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,10 +45,13 @@ from ..graph.bn import require_bn
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
 from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
+from ..progress import progress_bar as _progress
+from ..resources import peak_rss, process_pool
 from .bns import (IMAGE_WEIGHTS, INPUT_TERMS, LOSS, batch_mean_name, batch_statistics, batch_var_name,
                   bns_head_model, bns_loss_model, bns_statistics_model, bns_surrogate_model, grad_mean_name,
                   grad_var_name, image_mean_name, image_var_name)
 from .generator import LATENT_DIM, build_generator, init_generator, trainable_names
+from .memory import chunk_size, fit_distill
 
 MODES = ("genie", "zeroq", "noise")
 LATENTS, PIXELS, IMAGES = "latents", "pixels", "distilled_images"
@@ -206,12 +211,6 @@ def initial_values(model: onnx.ModelProto, cfg: DistillConfig, rng: np.random.Ge
 
 # One batch ------------------------------------------------------------------------------------
 
-def chunk_size(batch: int, chunk: int) -> int:
-    """The size of each of the fewest chunks of at most ``chunk`` images that hold ``batch``, as even
-    as can be (the last one is padded to it)."""
-    return -(-batch // -(-batch // max(1, chunk)))
-
-
 def chunks(batch: int, chunk: int) -> list[tuple[int, int]]:
     """(start, stop) of each chunk (``chunk_size``)."""
     size = chunk_size(batch, chunk)
@@ -366,8 +365,6 @@ def batch_path(workdir: Path, index: int) -> Path:
 
 def _save_batch(workdir: Path, index: int, images: np.ndarray, history: np.ndarray, seconds: float) -> None:
     tmp = workdir / f".batch_{index:04d}.tmp.npz"
-    from ..resources import peak_rss
-
     np.savez(tmp, images=images, loss_history=history, seconds=np.float64(seconds), peak_rss=np.int64(peak_rss()))
     os.replace(tmp, batch_path(workdir, index))
 
@@ -468,12 +465,6 @@ def _worker_run(index: int) -> tuple[int, float]:
     return index, float(history[-1])
 
 
-def _progress(total: int, enabled: bool, **kw):
-    from ..progress import progress_bar
-
-    return progress_bar(total, enabled, **kw)
-
-
 def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):
     distiller = BatchDistiller(model, groups, cfg, threads=threads)
     with _progress(len(todo), progress, desc="batches", unit="batch", position=0) as overall:
@@ -493,11 +484,6 @@ def _run_sequential(model, groups, cfg, todo, workdir, progress, threads):
 def _run_parallel(model, groups, cfg, todo, workdir, progress, jobs, task=None):
     """``task`` (default ``_worker_run``) per batch index in ``jobs`` spawned processes. A worker that
     dies (a signal inside onnxruntime) fails the run with one line instead of leaving it waiting."""
-    from concurrent.futures import FIRST_EXCEPTION, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    from ..resources import process_pool
-
     steps = mp.get_context("spawn").Queue()
     with _progress(len(todo) * cfg.iters, progress, desc=f"{len(todo)} batches on {jobs} workers",
                    unit="step") as bar:
@@ -543,7 +529,7 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     distils batches in that many processes with one ORT thread each; ``threads`` is the ORT thread
     count when ``jobs`` == 1. ``input_hw`` fixes a dynamic image height/width. ``jobs`` is lowered, and
     the teacher run in chunks of ``chunk`` images (None: chosen), where the memory estimate says so
-    (``resources.fit_distill``; said on stderr).
+    (``memory.fit_distill``; said on stderr).
     """
     if mode not in MODES:
         raise BadInputError(f"unknown distillation mode {mode!r}; use one of {', '.join(MODES)}")
@@ -566,8 +552,6 @@ def distill(model: onnx.ModelProto, n_images: int = 1024, batch: int = 128, iter
     cfg = DistillConfig(n_batches, batch, iters, mode, bool(swing), seed, lr_latent, lr_generator, lr_pixels, fused)
     if chunk is not None and int(chunk) < 1:
         raise BadInputError(f"the chunk must be at least 1 image (got {chunk})")
-    from ..resources import fit_distill
-
     jobs, chunk = fit_distill(teacher, batch, min(jobs, n_batches), chunk=chunk, notify=progress)
     chunk = chunk_size(batch, chunk)
     tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-distill-") if workdir is None else None

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def grid_array(images: np.ndarray, columns: int = 8, limit: int = 64) -> np.ndarray:
@@ -31,8 +32,6 @@ def grid_array(images: np.ndarray, columns: int = 8, limit: int = 64) -> np.ndar
 
 
 def _grid_image(images: np.ndarray, columns: int, limit: int, zoom: int):
-    from PIL import Image
-
     sheet = grid_array(images, columns, limit)
     pic = Image.fromarray(sheet[..., 0] if sheet.shape[-1] == 1 else sheet)
     return pic.resize((pic.width * zoom, pic.height * zoom), Image.NEAREST)

@@ -14,13 +14,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, UnsupportedModelError
+from ..evaluate import SUB_BYTE
 from ..graph.load import _dims
 from ..quant.fakequant import at_opset, bias_scale, insert_before_consumers, quantize_bias, rewire
 from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 
 EXPORT_OPSET = 21
 EXPORT_IR = 10
-_SUB_BYTE = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}
 
 
 def storage_type(bits: int, signed: bool, target: str) -> int:
@@ -88,7 +88,7 @@ def sub_byte_traps(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, int]:
     producer = {o: n.op_type for n in model.graph.node for o in n.output}
     op_of = {n.name: n.op_type for n in model.graph.node}
     trapped = [a.tensor for a in plan.acts.values()
-               if storage_type(a.bits, a.signed, plan.target) in _SUB_BYTE
+               if storage_type(a.bits, a.signed, plan.target) in SUB_BYTE
                and (producer.get(a.tensor) in SUB_BYTE_TRAPS["producer"]
                     or any(op_of.get(c) in SUB_BYTE_TRAPS["consumer"] for c in a.consumers))]
     if not trapped:
@@ -166,38 +166,6 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     if check:
         check_export(model)
     return model
-
-
-def _shape_key(vi: onnx.ValueInfoProto) -> tuple:
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
-
-
-def buffer_reuse_hazard(model: onnx.ModelProto) -> list[str]:
-    """8-bit QuantizeLinear outputs that follow a 4-bit one of the same type family and shape.
-
-    onnxruntime's allocation planner before PR 32611 (1.19, the training build, among them) took a
-    uint4[N] buffer (N/2 bytes) as the same size as a uint8[N] tensor and reused it: the 8-bit write
-    overflows the heap (wrong logits or a crash). The default plans put 8-bit activations only before
-    the first 4-bit one of their shape or at a unique shape; ``--high-bits`` layers mid-network do not.
-    """
-    graph = model.graph
-    quantized = [n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"]
-    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    if any(t not in shapes for t in quantized):   # e.g. a model saved without value_info
-        graph = onnx.shape_inference.infer_shapes(model).graph
-        shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    seen_sub_byte: set[tuple] = set()
-    hazards = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.output[0] not in shapes:
-            continue
-        vi = shapes[node.output[0]]
-        elem = vi.type.tensor_type.elem_type
-        if elem in _SUB_BYTE:
-            seen_sub_byte.add((_SUB_BYTE[elem], _shape_key(vi)))
-        elif (elem, _shape_key(vi)) in seen_sub_byte:
-            hazards.append(node.output[0])
-    return hazards
 
 
 def check_export(model: onnx.ModelProto) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 ROOT_OPS = ("Sqrt", "Pow")      # a BN's constants take a square root of var + eps
@@ -148,8 +149,6 @@ class _Probe:
 
     def run(self, x: np.ndarray, leaves: dict[str, np.ndarray]) -> np.ndarray:
         if self._session is None:
-            from onnx.reference import ReferenceEvaluator
-
             elem = onnx.TensorProto.FLOAT
             inputs = [helper.make_tensor_value_info(self.x, elem, None)] + [
                 helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), None)

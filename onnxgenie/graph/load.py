@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper, shape_inference, version_converter
+from onnx import defs, helper, numpy_helper, shape_inference, version_converter
 
 from ..errors import BadInputError, UnsupportedModelError
+from ..ortrain import inference_session, ort
 from .bn_arith import restore_batchnorm
 
 INTERNAL_OPSET = 17
@@ -261,8 +262,6 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     changes are rewritten or refused. Runs on the folded graph, where inputs such as ReduceMean-18's
     axes (a Constant -> Reshape chain in torch.export files) are initializers.
     """
-    from onnx import defs
-
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
@@ -393,9 +392,7 @@ def _shape_range_as_slice(model: onnx.ModelProto) -> None:
 
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxruntime  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
-
-    onnxruntime.set_default_logger_severity(3)
+    ort.set_default_logger_severity(3)  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its large-tensor warnings went to stdout
     # A pass folds only the Shape ops whose input shape is known; a Reshape whose target it just folded
     # (a channel shuffle) gets its static shape from the next inference: repeat until nothing folds.
@@ -535,8 +532,6 @@ def _check_batch_is_free(exported: onnx.ModelProto, model: onnx.ModelProto, batc
     """Refuse a fixed-batch export whose normal form (batch freed) does not compute, one image or
     ``batch + 1`` images at a time, what the file computes ``batch`` images at a time: the batch took
     part in the computation (a Reshape to [batch * channels, -1], a constant with a batch axis)."""
-    from ..ortrain import inference_session, ort
-
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # the failure is reported below, in one line
     shape = _dims(_image_input(model))[1:]
@@ -772,8 +767,6 @@ def to_input_layout(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def check_dynamic_batch(original: onnx.ModelProto, normal: onnx.ModelProto, batches=(1, 3)) -> float:
     """Max |logit difference| between ``original`` and ``normal`` over a few batch sizes."""
-    from ..ortrain import inference_session
-
     io = image_io(normal)
     inp = _image_input(normal)
     shape = _dims(inp)[1:]

@@ -13,9 +13,17 @@ multi-core CPU they cost little more wall time than one (onnxruntime's second th
 from __future__ import annotations
 
 import time
+from concurrent.futures import FIRST_EXCEPTION, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import onnx
+
+from ..errors import OnnxGenieError
+from ..evaluate import predict
+from ..resources import cores, peak_rss, process_pool
+from .reconstruct import reconstruct
+from .sensitivity import plan_kl
 
 SEED_STRIDE = 1000   # candidate k reconstructs with seed + k * SEED_STRIDE
 
@@ -27,10 +35,6 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
 def _candidate(folded_bytes: bytes, plan, images: np.ndarray, score_images: np.ndarray, reference: np.ndarray,
                seed: int, settings: dict) -> tuple[object, dict, dict]:
     """One reconstruction: its plan, its report, and its own entry for the candidates list."""
-    from ..resources import peak_rss
-    from .reconstruct import reconstruct
-    from .sensitivity import plan_kl
-
     folded = onnx.load_from_string(folded_bytes)
     start = time.perf_counter()
     plan, report = reconstruct(folded, plan, images, seed=seed, **settings)
@@ -45,13 +49,6 @@ def reconstruct_candidates(folded: onnx.ModelProto, plan, images: np.ndarray, sc
     """``n`` reconstructions (``quant.reconstruct`` with ``settings``) on ``images``, at most one process per
     core; returns the plan and report of the one with the lowest calibration KL on ``score_images``, the
     report listing every candidate. Candidate k keeps its blocks in ``workdir/candidate_k`` (resume)."""
-    from concurrent.futures import FIRST_EXCEPTION, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    from ..errors import OnnxGenieError
-    from ..evaluate import predict
-    from ..resources import cores, process_pool
-
     seeds = candidate_seeds(seed, n)
     workers = min(n, cores())
     per_threads = max(1, threads // workers)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .. import resources   # looked up on each call: tests patch inference_batch
 from ..graph.bn import initializers
+from ..ortrain import inference_session
 from .spec import ActQuant, QuantPlan, int_range
 
 P_NORM = 2.4
@@ -97,14 +99,11 @@ def activation_batches(folded: onnx.ModelProto, tensors: list[str], images: np.n
     """Run the float model on ``images`` (NCHW float32) with ``tensors`` as extra outputs; yields
     ``(batch_images, {tensor: values})`` per batch of at most ``batch_size`` images, fewer where one
     batch's activations would exceed ``resources.BATCH_ACTIVATIONS`` (EfficientNet-Lite0 at 224²: 13 images)."""
-    from ..ortrain import inference_session
-    from ..resources import inference_batch
-
     model = onnx.ModelProto()
     model.CopyFrom(folded)
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    batch_size = inference_batch(folded, tensors, batch_size)
+    batch_size = resources.inference_batch(folded, tensors, batch_size)
     session = inference_session(model, threads)
     input_name = session.get_inputs()[0].name
     for start in range(0, len(images), batch_size):

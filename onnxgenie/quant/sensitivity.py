@@ -16,6 +16,7 @@ import copy
 import numpy as np
 import onnx
 
+from ..evaluate import predict
 from .fakequant import fakequant_model
 from .spec import QuantPlan
 
@@ -36,8 +37,6 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 def plan_kl(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarray, reference: np.ndarray,
             threads: int = 1) -> float:
     """Mean KL(FP32 || quantized) on ``images``: ``reference`` the FP32 logits, the plan as its fake-quant model."""
-    from ..evaluate import predict
-
     return kl_divergence(reference, predict(fakequant_model(folded, plan), images, threads=threads))
 
 
@@ -65,8 +64,6 @@ def high_bits_gains(folded: onnx.ModelProto, low: QuantPlan, high: QuantPlan, im
 
     ``low`` and ``high`` are initialised plans of the same model that differ only in bit widths
     (``high``: every candidate in ``high_bits``); ``reference``: the FP32 logits, if already known."""
-    from ..evaluate import predict
-
     if reference is None:
         reference = predict(folded, images, threads=threads)
     base = plan_kl(folded, low, images, reference, threads)
