@@ -10,7 +10,8 @@ except PackageNotFoundError:  # run from a source tree that was not installed
 from .api import quantize
 from .distill import distill
 from .export import export_qdq
-from .pipeline import PRESETS, QuantizationResult, QuantizeConfig, preset_config
+from .config import PRESETS, QuantizeConfig, preset_config
+from .pipeline import QuantizationResult
 from .quant.reconstruct import reconstruct
 
 __all__ = ["__version__", "PRESETS", "QuantizationResult", "QuantizeConfig", "distill", "export_qdq", "preset_config", "quantize",

@@ -11,22 +11,19 @@ The stages for composing a pipeline of one's own: ``distill`` (GENIE-D images), 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .config import preset_config
 from .errors import BadInputError, BadSettingError
-from .pipeline import (QuantizationResult, auto_jobs, check_config, check_gate, check_outputs, preset_config,
-                       quantize as _run, write_model, write_reports)
+from .graph.load import _image_input, load_model
+from .pipeline import QuantizationResult, run_quantize
 
 
 def calibration_array(data, model_input) -> np.ndarray:
     """The images of an onnxruntime ``CalibrationDataReader`` (``get_next()`` gives ``{input_name: array}``
     until None) or of any iterable of such dicts, concatenated: float32 in the model's input layout."""
-    from .graph.load import _image_input, load_model
-
     if hasattr(data, "get_next"):
         reader, data = data, iter(lambda: reader.get_next(), None)
     try:
@@ -63,7 +60,7 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     it), a float32 array in the model's input space and layout, or an onnxruntime
     ``CalibrationDataReader`` / any iterable of ``{input_name: array}`` (``calibration_array``).
     ``settings``: any other ``QuantizeConfig`` field (``recon_iters``, ``calib_images``, ``input_size``,
-    ``jobs``, ...); ``jobs`` defaults to one distillation process per core, as on the command line.
+    ``jobs``, ...); ``jobs`` 0 (the default) is one distillation process per core and batch.
     Writes ``model_output`` (atomically) when given; it may not exist unless ``overwrite``, nor be an
     input. Every refusal of the input is an ``onnxgenie.errors.BadInputError`` (``BadSettingError`` for
     a setting of the wrong type or range, also a ``TypeError``; ``OutputExistsError``;
@@ -89,18 +86,4 @@ def quantize(model_input: str | os.PathLike | onnx.ModelProto, model_output: str
     config = preset_config(preset, wbits=wbits, abits=abits, target=target, seed=seed,
                            workdir=None if workdir is None else str(workdir), progress=progress,
                            min_agreement=min_agreement, calib="data" if calib_data is not None else calib, **settings)
-    if "jobs" not in settings:
-        config = replace(config, jobs=auto_jobs(config))
-    if array is not None:
-        config = replace(config, holdout_images=0)
-    check_config(config)
-    check_outputs(model_input, model_output, config, overwrite, path)
-    result = _run(model_input, config, path, calib=array, resume=resume)
-    gate = check_gate(result.report, min_agreement)
-    write_reports(result, config, None if model_output is None else Path(model_output), None, None)
-    if gate is not None:
-        gate.report = result.report
-        raise gate
-    if model_output is not None:
-        write_model(result.model, model_output, overwrite)
-    return result
+    return run_quantize(model_input, model_output, config, path, overwrite, resume, calib=array)

@@ -47,7 +47,8 @@ def test_pipeline_reconstructs_on_the_augmented_set_and_reports_it():
 
 
 def test_auto_mirrors_and_shifts_below_4_bit_weights_only():
-    from onnxgenie.pipeline import preset_config, quantize
+    from onnxgenie.config import preset_config
+    from onnxgenie.pipeline import quantize
     from onnxgenie.quant.augment import resolve
 
     assert preset_config("fast").recon_augment == "auto" and preset_config("paper").recon_augment == "none"

@@ -21,7 +21,7 @@ from onnxgenie.export.plain_ort import plain_ort_python, run_plain_ort
 from onnxgenie.export.qdq import EXPORT_OPSET, export_qdq, weight_grid_errors
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
-from onnxgenie.pipeline import PARITY_LEVEL, parity
+from onnxgenie.stages import PARITY_LEVEL, parity
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan

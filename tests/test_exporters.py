@@ -18,7 +18,7 @@ from onnxgenie.cli import main
 from onnxgenie.evaluate import predict
 from onnxgenie.graph.bn import bn_layers
 from onnxgenie.graph.load import image_tensors, nhwc_transpose, normalize
-from onnxgenie.pipeline import PARITY_LEVEL
+from onnxgenie.stages import PARITY_LEVEL
 from onnxgenie.quant.init import image_range
 
 DATA = Path(__file__).parent / "data" / "exporters"

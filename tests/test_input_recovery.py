@@ -221,7 +221,7 @@ def test_file_size_limit_during_distillation_blames_the_disk_not_the_model(tmp_p
 @pytest.mark.parametrize("on", ["calibration", "held-out"])
 def test_gate_message_says_where_agreement_was_measured(on):
     """The gate names the images agreement was measured on: the calibration images without held-out ones."""
-    from onnxgenie.pipeline import check_gate
+    from onnxgenie.outputs import check_gate
 
     report = {"agreement": {"top1_agreement": 62.5, "images": 8, "on": on}}
     gate = check_gate(report, 90.0)

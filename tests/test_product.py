@@ -15,7 +15,7 @@ from onnxgenie.cli import main
 from onnxgenie.errors import BadInputError, QualityGateError
 from onnxgenie.evaluate import predict
 from onnxgenie.graph.load import image_io, normalize
-from onnxgenie.pipeline import PRESETS, QuantizeConfig, preset_config
+from onnxgenie.config import PRESETS, QuantizeConfig, preset_config
 
 # Init-only on Gaussian-noise calibration: seconds, and the held-out images can be recomputed here.
 NOISE = ["--wbits", "4", "--abits", "4", "--no-reconstruct", "--calib", "noise", "--calib-images", "24",

@@ -184,13 +184,15 @@ def test_qdrop_off_learns_otherwise_and_is_not_resumed_from_a_qdrop_run(reconstr
 
 
 def test_fast_preset_raises_the_4_bit_activation_step_rate_at_4_bit_weights_and_above():
-    from onnxgenie.pipeline import FAST_ACT_LR_SCALE, act_lr_scale_for, preset_config
+    from onnxgenie.config import FAST_ACT_LR_SCALE, preset_config, settle
 
-    assert [act_lr_scale_for(preset_config("fast", wbits=b, abits=4)) for b in (2, 3, 4, 8)] == \
-        [1.0, 1.0, FAST_ACT_LR_SCALE, FAST_ACT_LR_SCALE]
-    assert act_lr_scale_for(preset_config("fast", wbits=8, abits=8)) == 1.0
-    assert act_lr_scale_for(preset_config("paper", wbits=4)) == 1.0
-    assert act_lr_scale_for(preset_config("fast", wbits=4, recon_act_lr_scale=2.0)) == 2.0
+    def act_lr_scale(**settings) -> float:
+        return settle(preset_config(**settings)).recon_act_lr_scale
+
+    assert [act_lr_scale(wbits=b, abits=4) for b in (2, 3, 4, 8)] == [1.0, 1.0, FAST_ACT_LR_SCALE, FAST_ACT_LR_SCALE]
+    assert act_lr_scale(wbits=8, abits=8) == 1.0
+    assert act_lr_scale(preset="paper", wbits=4) == 1.0
+    assert act_lr_scale(wbits=4, recon_act_lr_scale=2.0) == 2.0
 
 
 def test_finer_grids_get_proportionally_smaller_step_learning_rates():
@@ -281,20 +283,20 @@ def test_block_without_gradient_is_learned_layer_by_layer():
     changed = [n for n in owner.quantized_nodes if not np.array_equal(new.weights[n].wint, plan.weights[n].wint)]
     assert changed == [layer["name"] for layer in row["per_layer"] if layer["status"] == "ok"]
     assert row["status"].startswith("ok") == bool(changed)
-    from onnxgenie.pipeline import _fallbacks   # the stage line names the block and why
+    from onnxgenie.status import fallbacks   # the stage line names the block and why
 
-    line = _fallbacks(report["blocks"])
+    line = fallbacks(report["blocks"])
     assert f"learned layer by layer: {owner.name} (training graph failed: no gradient for Floor (node" in line
 
 
 def test_the_stage_line_groups_fallbacks_by_reason_and_names_a_few():
-    from onnxgenie.pipeline import _fallbacks
+    from onnxgenie.status import fallbacks
 
     blocks = [{"name": f"b{i}", "status": "rtn (learning raised the block's error)"} for i in range(6)]
     blocks += [{"name": "x", "status": "rtn (loss diverged twice)"}, {"name": "y", "status": "ok"}]
-    assert _fallbacks(blocks) == ("; kept at round-to-nearest (learning raised the block's error): b0, b1, b2, b3 "
+    assert fallbacks(blocks) == ("; kept at round-to-nearest (learning raised the block's error): b0, b1, b2, b3 "
                                   "and 2 more; kept at round-to-nearest (loss diverged twice): x")
-    assert _fallbacks(blocks[-1:]) == ""
+    assert fallbacks(blocks[-1:]) == ""
 
 
 def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
@@ -424,18 +426,22 @@ def test_a_block_keeps_learned_values_only_when_they_lower_its_error():
 
 
 def test_fast_preset_runs_two_candidates_below_4_bit_weights_only():
-    from onnxgenie.pipeline import candidates_for, preset_config
+    from onnxgenie.config import preset_config, settle
 
-    assert [candidates_for(preset_config("fast", wbits=b)) for b in (2, 3, 4, 8)] == [2, 2, 1, 1]
-    assert candidates_for(preset_config("paper", wbits=2)) == 1
-    assert candidates_for(preset_config("fast", wbits=4, recon_candidates=3)) == 3
+    def candidates(**settings) -> int:
+        return settle(preset_config(**settings)).recon_candidates
+
+    assert [candidates(wbits=b) for b in (2, 3, 4, 8)] == [2, 2, 1, 1]
+    assert candidates(preset="paper", wbits=2) == 1
+    assert candidates(wbits=4, recon_candidates=3) == 3
 
 
 def test_candidates_keep_the_reconstruction_closest_to_fp32_and_resume(tmp_path):
     """Candidate 0 is the plain run (same seed); the kept one has the lowest calibration KL, and the
     exported model scores exactly that; a resumed run reuses every candidate's blocks."""
     from onnxgenie.evaluate import predict
-    from onnxgenie.pipeline import preset_config, quantize
+    from onnxgenie.config import preset_config
+    from onnxgenie.pipeline import quantize
     from onnxgenie.quant.sensitivity import kl_divergence
 
     model = fixtures.opset17()

@@ -517,8 +517,6 @@ def test_overwrite_replaces_and_keeps_input(tmp_path, capsys):
 
 def test_failed_check_leaves_nothing(tmp_path, capsys, monkeypatch):
     """onnx.checker fails on the written temp file: no output, no temp file, exit 1 with a log."""
-    import onnxgenie.pipeline as pipeline
-
     src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
     before = stamp(src)
     seen = []
@@ -535,7 +533,7 @@ def test_failed_check_leaves_nothing(tmp_path, capsys, monkeypatch):
             return failing_check(model)
         return real_check(model, *a, **k)
 
-    monkeypatch.setattr(pipeline.onnx.checker, "check_model", check)
+    monkeypatch.setattr(onnx.checker, "check_model", check)
     import tempfile
 
     (tmp_path / "logs").mkdir()
@@ -571,7 +569,7 @@ def test_nan_model_is_never_written(tmp_path, capsys, monkeypatch):
 def test_write_model_refuses_nan(tmp_path):
     """The last guard, in write_model itself: NaN/Inf in any float initializer, nothing written."""
     from onnxgenie.errors import DivergenceError
-    from onnxgenie.pipeline import write_model
+    from onnxgenie.outputs import write_model
 
     model = fixtures.conv_bn_net()
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
@@ -862,9 +860,9 @@ def test_interrupt_message_says_what_was_kept(tmp_path, capsys, monkeypatch, wor
 
 def test_parity_failure_leaves_nothing(tmp_path, capsys, monkeypatch):
     """An export that does not reproduce its simulation is never written (exit 1, one line)."""
-    import onnxgenie.pipeline as pipeline
+    import onnxgenie.stages as stages
 
-    monkeypatch.setattr(pipeline, "parity", lambda *a, **k: 0.5)
+    monkeypatch.setattr(stages, "parity", lambda *a, **k: 0.5)
     src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
     code, err = cli(_quantize(src, tmp_path / "q.onnx", "--no-reconstruct"), capsys)
     lines = error_lines(err)
@@ -889,8 +887,6 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
     """ENOSPC in the middle of writing the model: one line, exit 2, the temp file removed."""
     import errno
 
-    import onnxgenie.pipeline as pipeline
-
     real_fdopen = os.fdopen
 
     class FullDisk:
@@ -907,7 +903,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
             self.fh.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline.os, "fdopen", FullDisk)
+    monkeypatch.setattr(os, "fdopen", FullDisk)
     src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
     code, err = cli(_quantize(src, tmp_path / "q.onnx", "--no-reconstruct"), capsys)
     lines = error_lines(err)

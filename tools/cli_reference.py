@@ -1,4 +1,5 @@
-"""Write README.md's CLI reference from the argparse parser and the presets, so the three cannot drift.
+"""Write README.md's CLI reference from the argparse parser and the settings' declaration (onnxgenie.config:
+help, defaults, presets and their rules), so the three cannot drift.
 
 The section between ``<!-- cli-reference -->`` and ``<!-- /cli-reference -->`` is replaced by one table per
 subcommand (every option, its default, its help text) and the presets table. tests/test_docs.py checks
@@ -28,42 +29,35 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def _help(action: argparse.Action) -> str:
-    return (action.help or "").replace("%%", "%").replace("|", "\\|")
+    """A setting's own help (the presets table gives what the presets set), or the option's."""
+    setting = getattr(action, "setting", None)
+    text = setting.help if setting is not None else action.help or ""
+    return text.replace("%%", "%").replace("|", "\\|")
 
 
 def _default(action: argparse.Action) -> str:
     """The default as a user meets it: ``off`` for a switch, ``preset`` where the preset decides."""
+    from onnxgenie.config import PRESETS, default
+
     if action.required:
         return "required"
-    if isinstance(action, argparse._StoreTrueAction):
+    if action.nargs == 0:
         return "off"
     value = action.default
-    if value is None:
-        field = _config_field(action.dest)
-        if field is None:
-            return "–"
-        from onnxgenie.pipeline import PRESETS, QuantizeConfig
-
-        if any(field in p for p in PRESETS.values()):
+    setting = getattr(action, "setting", None)
+    if value is None and setting is not None:
+        if any(setting.name in p for p in PRESETS.values()):
             return "preset"
-        value = QuantizeConfig.__dataclass_fields__[field].default
-        if value is None:
-            return "–"
+        value = default(setting.name)
         if isinstance(value, bool):
             return "on" if value else "off"
+    if value is None:
+        return "–"
     if value == []:
         return "none"
     if isinstance(value, float) and value == int(value) and abs(value) >= 1:
         value = int(value)
     return f"`{value}`"
-
-
-def _config_field(dest: str) -> str | None:
-    """The QuantizeConfig field a quantize flag sets (``--qdrop`` sets ``recon_qdrop``)."""
-    from onnxgenie.pipeline import QuantizeConfig
-
-    fields = QuantizeConfig.__dataclass_fields__
-    return next((f for f in (dest, f"recon_{dest}") if f in fields), None)
 
 
 def _option(action: argparse.Action) -> str:
@@ -79,13 +73,6 @@ def _option(action: argparse.Action) -> str:
     return f"{names} {metavar}{' ...' if action.nargs in ('+', '*') else ''}"
 
 
-def _without_preset_default(text: str) -> str:
-    """The help without "default: preset" and the per-preset values: the presets table gives them."""
-    text = re.sub(r";? ?default: preset \(fast: [^)]*\)", "", text)
-    text = re.sub(r" ?\(default: preset(; fast: [^)]*)?\)", "", text)
-    return re.sub(r"\(default: preset; ", "(", text)
-
-
 def _table(parser: argparse.ArgumentParser, shared: set[str] | None = None) -> list[str]:
     lines = ["| option | default | meaning |", "|---|---|---|"]
     for action in parser._actions:
@@ -93,11 +80,9 @@ def _table(parser: argparse.ArgumentParser, shared: set[str] | None = None) -> l
             continue
         if shared is not None and action.dest in shared:
             continue
-        help_text = _help(action)
         default = _default(action)
         # what the default column already says
-        help_text = re.sub(r"\s*\(default:? " + re.escape(default.strip("`")) + r"\)", "", help_text)
-        help_text = _without_preset_default(help_text)
+        help_text = re.sub(r"\s*\(default:? " + re.escape(default.strip("`")) + r"\)", "", _help(action))
         lines.append(f"| {_option(action)} | {default} | {help_text} |")
     return lines
 
@@ -105,17 +90,21 @@ def _table(parser: argparse.ArgumentParser, shared: set[str] | None = None) -> l
 BITS = ((8, 8), (8, 4), (4, 8), (4, 4), (2, 4))
 
 
-def _auto(key: str, config) -> str:
-    """What an ``auto`` preset setting becomes at each bit width (the functions the pipeline calls)."""
+def _number(value):
+    return int(value) if isinstance(value, float) and value == int(value) else value
+
+
+def _ruled(name: str, config) -> str:
+    """What a setting a rule chooses becomes at each bit width (``config.settle``, as a run does); a rule
+    that reads the model is given in words."""
     from dataclasses import replace
 
-    from onnxgenie.pipeline import act_lr_scale_for, candidates_for
-    from onnxgenie.quant.augment import resolve
+    from onnxgenie.config import SETTINGS, settle
 
-    rule = {"recon_augment": lambda c: resolve(c.recon_augment, c.wbits),
-            "recon_act_lr_scale": act_lr_scale_for, "recon_candidates": candidates_for}[key]
-    values = [rule(replace(config, wbits=w, abits=a)) for w, a in BITS]
-    values = [int(v) if isinstance(v, float) and v == int(v) else v for v in values]
+    rule = SETTINGS[name].rule
+    if rule.reads_model:
+        return rule.says
+    values = [_number(getattr(settle(replace(config, wbits=w, abits=a)), name)) for w, a in BITS]
     usual = max(set(values), key=values.count)
     if len(set(values)) == 1:
         return f"`{usual}`"
@@ -127,32 +116,25 @@ def _auto(key: str, config) -> str:
 
 
 def _presets() -> list[str]:
-    from onnxgenie.pipeline import PRESETS, preset_config
+    from onnxgenie.config import PRESETS, SETTINGS, preset_config
 
     names = list(PRESETS)
     keys = list(dict.fromkeys(k for p in PRESETS.values() for k in p))
     configs = {n: preset_config(n) for n in names}
-    from onnxgenie.cli import build_parser
-
-    flags = {a.dest: a.option_strings[-1] for a in _subparsers(build_parser())["quantize"]._actions
-             if a.option_strings}
     lines = ["| setting | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for key in keys:
+        setting = SETTINGS[key]
         cells = []
         for name in names:
             value = getattr(configs[name], key)
-            if key in ("recon_augment", "recon_act_lr_scale", "recon_candidates"):
-                cells.append(_auto(key, configs[name]))
+            if setting.rule is not None and value == setting.rule.auto:
+                cells.append(_ruled(key, configs[name]))
             elif isinstance(value, bool):
                 cells.append("on" if value else "off")
             else:
-                cells.append(f"`{int(value) if isinstance(value, float) and value == int(value) else value}`")
-        if key in flags:
-            label = f"`{flags[key]}`"
-        elif "no_" + key in flags:
-            label = f"{key} (`{flags['no_' + key]}` turns it off)"
-        else:
-            label = f"`{key}`"
+                cells.append(f"`{_number(value)}`")
+        flag = setting.flag_name
+        label = f"{key} (`{flag}` turns it off)" if flag.startswith("--no-") else f"`{flag}`"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -164,7 +146,7 @@ def generate() -> str:
     subs = _subparsers(parser)
     order = ["quantize", *[n for n in subs if n != "quantize"]]
     quantize_opts = {a.dest: a for a in subs["quantize"]._actions if a.option_strings}
-    lines = [BEGIN, "<!-- generated by tools/cli_reference.py from onnxgenie.cli and onnxgenie.pipeline; "
+    lines = [BEGIN, "<!-- generated by tools/cli_reference.py from onnxgenie.cli and onnxgenie.config; "
              "do not edit by hand -->", ""]
     for name in order:
         sub = subs[name]
