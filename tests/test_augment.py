@@ -46,6 +46,7 @@ def test_pipeline_reconstructs_on_the_augmented_set_and_reports_it():
     assert report["calibration"]["images"] == 8
 
 
+@pytest.mark.slow  # two reconstructions
 def test_auto_mirrors_and_shifts_below_4_bit_weights_only():
     from onnxgenie.config import preset_config
     from onnxgenie.pipeline import quantize

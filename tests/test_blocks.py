@@ -63,8 +63,13 @@ def test_fixtures_partition(name):
     folded = _folded(model)
     x = fixtures.random_input(folded, 3)
     blocks = _check_partition(folded, x)
-    # the fixture's residual block (conv + shortcut add) is one block; the stem conv another
-    assert any(len(b.quantized_nodes) == 1 and "block.add" in b.nodes for b in blocks) or name == "bn_after_add"
+    # the fixture's residual unit (conv + shortcut add + activation) is one block, the stem conv another
+    residual = next(b for b in blocks if "block.add" in b.nodes)
+    assert len(residual.quantized_nodes) == 1 and residual.nodes[-1] == "block.relu"
+    assert blocks[0].quantized_nodes != residual.quantized_nodes
+    if name == "bn_after_add":   # the BN after the add, folded into a Mul and an Add, stays inside the unit
+        assert residual.nodes.index("block.add") < residual.nodes.index("block.add_bn_mul") \
+            < residual.nodes.index("block.add_bn_add") < residual.nodes.index("block.relu")
 
 
 def _chain(n_layers: int) -> onnx.ModelProto:

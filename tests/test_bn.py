@@ -18,6 +18,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
+@pytest.mark.slow  # the real CIFAR models
 @pytest.mark.parametrize("fold_into_producer", [True, False])
 def test_fold_bn_parity_on_shared_models(shared_model_name, fold_into_producer):
     normal = normalize(shared_model(shared_model_name))

@@ -62,6 +62,7 @@ def test_another_seed_another_model(runs):
     assert a["reconstruction"] != other["reconstruction"]
 
 
+@pytest.mark.slow  # two CLI runs in fresh processes
 def test_jobs_do_not_change_the_model(tmp_path):
     """CLI, a fresh process each: 1 distillation process vs 2 worker processes, byte-identical outputs."""
     src = fixtures.save(fixtures.conv_bn_net(), tmp_path)

@@ -287,6 +287,7 @@ def test_chunks_are_even_and_cover_the_batch():
     assert chunks(8, 8) == [(0, 8)] and chunks(8, 100) == [(0, 8)]
 
 
+@pytest.mark.slow  # worker processes
 def test_chunked_workers_match_one_process(tmp_path):
     one, _ = _run(tmp_path, "one", mode="zeroq", iters=2)
     two, info = _run(tmp_path, "two", mode="zeroq", iters=2, jobs=2, chunk=3)
@@ -403,6 +404,7 @@ def test_cli_rounds_up_and_writes_images_loss_history_and_preview(tmp_path, caps
 
 # A real model ------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # GENIE-D on a real ResNet-20
 def test_resnet20_bns_loss_falls_within_a_few_dozen_steps():
     path = SHARED / "models" / "resnet20_cifar10.onnx"
     if not path.exists():
@@ -438,6 +440,7 @@ def _die(index: int):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow  # worker processes
 def test_a_worker_killed_by_a_signal_fails_the_run_in_one_line(tmp_path):
     """A worker dying inside onnxruntime (SIGFPE, SIGSEGV) fails the run instead of leaving the pool waiting."""
     from onnxgenie.distill.genie_d import _run_parallel
@@ -461,6 +464,7 @@ def _hold_progress_queue_lock(index: int):
     time.sleep(600)
 
 
+@pytest.mark.slow  # worker processes in a subprocess
 def test_ctrl_c_exits_even_when_a_terminated_worker_held_the_progress_queue(tmp_path):
     """CI once hung after Ctrl-C: the parent's own put() on the progress queue waited for a lock a
     terminated worker never released, and interpreter exit waited for that put."""

@@ -213,6 +213,7 @@ def test_high_bits_node_exported_at_8_bits():
     assert stored[()] in (TensorProto.UINT4, TensorProto.INT4) and stored[(conv.name,)] == TensorProto.UINT8
 
 
+@pytest.mark.slow  # a real model quantized per case
 @pytest.mark.parametrize("high_bits", [("/layer3/layer3.0/conv1/Conv",),
                                        ("/layer1/layer1.2/conv1/Conv", "/layer3/layer3.2/conv1/Conv")])
 def test_mixed_precision_export_survives_onnxruntime_buffer_reuse(high_bits):
@@ -239,6 +240,7 @@ def test_mixed_precision_export_survives_onnxruntime_buffer_reuse(high_bits):
     assert (y.argmax(1) == predict(sim, calib).argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.slow  # the real CIFAR models, every bit width
 @pytest.mark.parametrize("name", ["resnet20_cifar10", "shufflenet_g3_cifar10"])
 @pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 4)])
 def test_shared_model_parity(name, wbits, abits):
@@ -387,6 +389,7 @@ def test_eval_bad_data(capsys, tmp_path):
     _one_line_exit_2(code, capsys.readouterr().err, "NCHW")
 
 
+@pytest.mark.slow  # every shared model on its dev images
 def test_eval_shared_fp32_matches_models_json(capsys):
     from conftest import model_info
     shared = shared_dir()

@@ -84,6 +84,7 @@ CANDIDATES_LONG = ["quantize", DEFAULT_MODEL, "--wbits", "2", "--abits", "4", "-
                    "32", "--recon-iters", "5000", "--recon-batch", "8", "--recon-candidates", "2", "-q"]
 
 
+@pytest.mark.slow  # a run with workers, killed
 @needs_two_cores
 @pytest.mark.parametrize("argv", [DISTILL_LONG, CANDIDATES_LONG], ids=["distillation_workers", "recon_candidates"])
 def test_kill_9_of_the_parent_takes_its_workers_along(tmp_path, argv):
@@ -178,6 +179,7 @@ def test_the_watchdog_ends_a_worker_whose_parent_vanished(tmp_path):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a CLI run in a subprocess per flag
 @pytest.mark.parametrize("flag", ["--threads", "--jobs"])
 def test_threads_and_jobs_are_capped_to_the_cores(tmp_path, capsys, flag):
     """More threads or processes than cores only share them: capped, said in one line, the run works."""

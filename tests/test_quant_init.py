@@ -136,6 +136,7 @@ def test_tensorrt_image_step_stays_signed():
     assert set_image_step(ActQuant("input", 8, signed=True), 0.0, 1.0, signed_only=True).signed
 
 
+@pytest.mark.slow  # real models quantized twice
 def test_w8a8_image_quantizer_does_not_clip_real_images_after_synthetic_calibration():
     """GENIE-D's images span about ±1.25σ (Tanh, then a BN without affine); real standardised CIFAR
     images reach 2.6σ. Fitted on such images, the image's 8-bit range clipped real ones (ResNet-32

@@ -348,6 +348,7 @@ def test_bad_arguments():
         reconstruct(folded, plan, x, batch=32, progress=False)
 
 
+@pytest.mark.slow  # GENIE-M on a real ResNet-20 block
 def test_resnet20_reconstruction_lowers_block_error():
     """A short run on real images: every block's hard-rounded output error vs the teacher is no worse
     than round-to-nearest's on the calibration images, and lower on most blocks."""
@@ -436,6 +437,7 @@ def test_fast_preset_runs_two_candidates_below_4_bit_weights_only():
     assert candidates(wbits=4, recon_candidates=3) == 3
 
 
+@pytest.mark.slow  # three runs, two with candidate processes
 def test_candidates_keep_the_reconstruction_closest_to_fp32_and_resume(tmp_path):
     """Candidate 0 is the plain run (same seed); the kept one has the lowest calibration KL, and the
     exported model scores exactly that; a resumed run reuses every candidate's blocks."""

@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 import fixtures
 from conftest import DEFAULT_MODEL, REPO
 from onnxgenie.cli import main
+from onnxgenie.config import SETTINGS, Real, Whole
 
 # Tiny budgets: a full zero-shot quantize of a fixture takes about a second.
 TINY = ["--calib-images", "8", "--holdout-images", "8", "--distill-batch", "8", "--distill-iters", "3",
@@ -415,8 +416,28 @@ MATRIX = [
 ]
 
 
-def test_matrix_is_large_enough():
-    assert len(MATRIX) >= 15 and len({c.name for c in MATRIX}) == len(MATRIX)
+def _past_bound(name: str) -> str:
+    """A value just outside the range ``name``'s declaration allows."""
+    check = SETTINGS[name].check
+    if isinstance(check, Whole):
+        return str(check.low - 1)
+    return str(check.low) if check.open_low else str(check.low - 1)
+
+
+BOUNDED = [name for name, s in SETTINGS.items() if s.flag is not None
+           and (isinstance(s.check, Real) or (isinstance(s.check, Whole) and s.check.low is not None))]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_every_bounded_flag_refuses_a_value_past_its_bound(name, tmp_path, capsys):
+    """Each quantize flag with a lower bound in its declaration is refused just below it, in one line that
+    names the flag, before any work (the matrix above has the hand-picked cases)."""
+    src = fixtures.save(fixtures.conv_bn_net(), tmp_path)
+    flag = SETTINGS[name].flag_name
+    code, err = cli(["quantize", src, "-o", tmp_path / "q.onnx", flag, _past_bound(name)], capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and f"{flag} must be" in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
@@ -790,6 +811,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # worker processes in a subprocess
 def test_sigint_while_a_worker_is_still_importing_leaves_no_traceback(tmp_path):
     starting = tmp_path / "worker_started"
     script = tmp_path / "pool.py"
@@ -797,6 +819,7 @@ def test_sigint_while_a_worker_is_still_importing_leaves_no_traceback(tmp_path):
     _interrupt_when([sys.executable, str(script)], starting.exists, tmp_path)
 
 
+@pytest.mark.slow  # a real run interrupted in a subprocess
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     src = tmp_path / "digits.onnx"
@@ -818,6 +841,7 @@ def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path, jobs):
     onnx.checker.check_model(str(out))
 
 
+@pytest.mark.slow  # worker processes interrupted, then a resumed run
 def test_sigint_stops_every_reconstruction_candidate_and_resume_reuses_their_blocks(tmp_path):
     src = tmp_path / "digits.onnx"
     src.write_bytes(DEFAULT_MODEL.read_bytes())

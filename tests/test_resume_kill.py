@@ -74,6 +74,7 @@ def reference(tmp_path_factory) -> bytes:
     return (tmp / "ref.onnx").read_bytes()
 
 
+@pytest.mark.slow  # runs killed twice, then resumed
 def test_kill_during_distillation_and_reconstruction_then_resume(tmp_path, reference):
     src, out, wd = tmp_path / "digits.onnx", tmp_path / "q.onnx", tmp_path / "wd"
     src.write_bytes(DEFAULT_MODEL.read_bytes())

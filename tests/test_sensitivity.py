@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 import fixtures
 from conftest import shared_model, train_images
@@ -63,6 +64,7 @@ def test_choose_takes_the_largest_positive_gains():
     assert choose(gains, 10) == ["c", "e", "a"] and choose(gains, 0) == []
 
 
+@pytest.mark.slow  # a real ResNet-20 quantized per choice
 def test_most_sensitive_layers_beat_the_least_sensitive_on_resnet20():
     """ResNet-20 W4A4 at its starting point, real calibration images: the two layers with the largest
     gains, together at 8 bits, bring the model closer to FP32 than the two with the smallest (which,
