@@ -116,7 +116,7 @@ def _settings(args: argparse.Namespace, names) -> dict:
         value = getattr(args, name)
         if isinstance(value, list):
             value = tuple(value)
-        elif value in ("on", "off"):
+        elif isinstance(SETTINGS[name].check, Switch) and isinstance(value, str):   # --qdrop on|off
             value = value == "on"
         out[name] = value
     return out

@@ -36,12 +36,14 @@ def test_the_command_line_gives_the_settings_it_names():
 
     args = _quantize_args("--wbits", "2", "--exclude", "a,b", "c", "--qdrop", "off", "--no-swing", "-q",
                           "--input-size", "16", "24", "--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.2", "0.2",
-                          "--lambda", "0.5", "--recon-augment", "flip", "--jobs", "3", "--preset", "paper")
+                          "--lambda", "0.5", "--recon-augment", "flip", "--jobs", "3", "--preset", "paper",
+                          "--workdir", "on")
     config = preset_config(args.preset, **_settings(args, QUANTIZE_SETTINGS))
     assert (config.wbits, config.exclude, config.recon_qdrop, config.swing, config.progress) == \
         (2, ("a", "b", "c"), False, False, False)
     assert (config.input_size, config.mean, config.lam, config.recon_augment, config.jobs) == \
         ((16, 24), (0.5, 0.4, 0.3), 0.5, "flip", 3)
+    assert config.workdir == "on"   # a folder's name, not a switch word
     assert config.recon_iters == PRESETS["paper"]["recon_iters"] and config.preset == "paper"
     plain = preset_config(**_settings(_quantize_args(), QUANTIZE_SETTINGS))
     assert plain == preset_config("fast")   # nothing given: the preset's values and the defaults
