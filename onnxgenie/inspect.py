@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import onnx
 
+from .engine_forms import NO_GRADIENT_OPS
 from .errors import NoBatchNormError
 from .graph.bn import bn_layers, require_bn
+from .graph.builder import attr
 from .graph.load import _dims, image_io, load_model, model_opset, normalize
 
 
 def strided_convs(model: onnx.ModelProto) -> list[str]:
     out = []
     for node in model.graph.node:
-        if node.op_type == "Conv":
-            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])
-            if max(strides) > 1:
-                out.append(node.name or node.output[0])
+        if node.op_type == "Conv" and max(attr(node, "strides", [1])) > 1:
+            out.append(node.name or node.output[0])
     return out
-
-
-# Ops that onnxruntime-training 1.19 cannot differentiate and ortrain.trainable_form does not rewrite
-NO_GRADIENT_OPS = ("Floor", "Ceil", "Round", "Sign")
 
 
 def no_gradient_before_bn(model: onnx.ModelProto, layers) -> onnx.NodeProto | None:

@@ -1,18 +1,20 @@
 """The fake-quant simulation: activation quantizers equal the NumPy reference, weights are the
-dequantized integers, and the weight rounding is pluggable."""
+dequantized integers, and the insertion of quantizers takes other forms (training graph, export)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import fixtures
 from onnxgenie.evaluate import predict
+from onnxgenie.graph.blocks import extract_block_model, partition_blocks
 from onnxgenie.graph.bn import fold_bn, initializers
+from onnxgenie.graph.builder import GraphBuilder
 from onnxgenie.graph.load import normalize
-from onnxgenie.quant.fakequant import fakequant_model
+from onnxgenie.quant.fakequant import fakequant_model, insert_acts, insert_weights
 from onnxgenie.quant.init import act_fake_quant, init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
 
@@ -81,23 +83,46 @@ def test_weights_only_simulation_equals_float_model_with_quantized_weights():
     assert not np.array_equal(a, predict(folded, x, level=BASIC))
 
 
-def test_weight_rounding_is_pluggable():
+def test_other_forms_go_where_the_simulation_puts_its_own():
+    """The insertion is shared (GENIE-M's training graph and the QDQ export use it with their own forms):
+    a weight form that floors, an activation form that scales by 2, placed and rewired like the simulation's."""
     folded, plan, x = _planned()
-    calls = []
+    floats = initializers(folded)
 
-    def floor_weights(wq):  # a graph-computed weight: floor instead of nearest, via Mul of two constants
-        calls.append(wq.node)
-        w = initializers(folded)[wq.weight]
-        s = wq.scale.reshape(wq.bshape(w.ndim)).astype(np.float32)
-        floored = (np.floor(w / s) * s).astype(np.float32)
-        ones = np.ones_like(floored)
-        return ([helper.make_node("Mul", [f"{wq.weight}_v", f"{wq.weight}_one"], [wq.weight])],
-                [numpy_helper.from_array(floored, f"{wq.weight}_v"), numpy_helper.from_array(ones, f"{wq.weight}_one")])
+    def floor_weight(b: GraphBuilder, wq):   # computed in the graph: floor(W/s) * s as a Mul of two constants
+        s = wq.scale.reshape(wq.bshape(floats[wq.weight].ndim)).astype(np.float32)
+        floored = (np.floor(floats[wq.weight] / s) * s).astype(np.float32)
+        b.op("Mul", b.const(floored), b.const(np.ones_like(floored)), out=wq.weight)
 
-    sim = fakequant_model(folded, plan, weight_fn=floor_weights)
-    onnx.checker.check_model(sim)
-    assert calls == list(plan.weights)
-    assert not np.array_equal(predict(sim, x), predict(fakequant_model(folded, plan), x))
+    def doubled(b: GraphBuilder, act):
+        return b.op("Mul", act.tensor, b.const(np.float32(2.0)))
+
+    model = onnx.ModelProto()
+    model.CopyFrom(folded)
+    b = GraphBuilder()
+    insert_weights(model, plan, floor_weight, b)
+    quantized = insert_acts(model, plan, doubled, b)
+    onnx.checker.check_model(model)   # topologically sorted, every weight written once
+    assert quantized == list(plan.acts.values())
+    assert not {wq.weight for wq in plan.weights.values()} & {t.name for t in model.graph.initializer}
+    original = {n.name for n in folded.graph.node}
+    for act in plan.acts.values():   # the consumers read the doubled tensor; the others still read the tensor
+        readers = {n.name for n in model.graph.node if act.tensor in n.input}
+        others = {n.name for n in folded.graph.node if act.tensor in n.input} - set(act.consumers)
+        assert others <= readers and len(readers - others - original) == 1 and not readers & set(act.consumers)
+    assert not np.array_equal(predict(model, x), predict(fakequant_model(folded, plan), x))
+
+
+def test_a_block_gets_the_quantizers_of_its_own_nodes():
+    folded, plan, x = _planned(model=fixtures.opset17())
+    block = partition_blocks(folded, list(plan.weights))[1]
+    part = extract_block_model(folded, block)
+    sim = fakequant_model(part, plan)
+    quantized = {n.name for n in sim.graph.node if n.name.endswith("_fq_mul")}
+    inside = {n.name for n in part.graph.node}
+    assert quantized == {f"{a.tensor}_fq_mul" for a in plan.acts.values() if set(a.consumers) & inside}
+    assert 0 < len(quantized) < len(plan.acts)
+    assert {wq.weight for wq in plan.weights.values() if wq.node in inside} <= {t.name for t in sim.graph.initializer}
 
 
 def test_tensorrt_biases_on_int32_grid():

@@ -29,9 +29,8 @@ P positions) has L's gradient w.r.t. the chunk's pixels:
     ∂m/∂x = 1/(N·P) and ∂v/∂x = 2(x − m)/(N·P) (v's path through m is 0 as Σ(x − m) = 0);
     a chunk's pixels enter only its own part of the sums, and the input term is per image.
 
-The teacher's Relu nodes become Clip(x, 0): the same values, and onnxruntime-training 1.19's CPU
-ReluGrad (a branch per element) took 15–28 % of a step, 3–5× ClipGrad's time. The two gradients
-differ only at x == 0 exactly (Clip passes it, Relu does not).
+Every graph here is written in the forms onnxruntime-training can differentiate (``engine_forms``:
+totals as chains of Add, the teacher through ``trainable_form``, which writes Relu as Clip among others).
 """
 
 from __future__ import annotations
@@ -40,11 +39,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 from ..graph.bn import BNLayer, fold_bn, require_bn
+from ..graph.builder import GraphBuilder, make_model, value_infos
 from ..graph.load import nhwc_transpose
-from ..ortrain import trainable_form
+from ..engine_forms import trainable_form
 
 STD_EPS = 1e-6
 LOSS = "bns_loss"
@@ -77,69 +77,64 @@ def grad_var_name(i: int) -> str:
     return f"bns.l{i}.grad_var"
 
 
-class _LossBuilder:
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
+def _builder() -> GraphBuilder:
+    return GraphBuilder("bns.", sep="")
 
-    def const(self, name: str, value: np.ndarray) -> str:
-        if f"bns.{name}" not in {t.name for t in self.inits}:
-            value = np.asarray(value)
-            value = value if value.dtype == np.int64 else value.astype(np.float32)
-            self.inits.append(numpy_helper.from_array(value, f"bns.{name}"))
-        return f"bns.{name}"
 
-    def op(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        self.count += 1
-        out = out or f"bns.{op.lower()}{self.count}"
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+def _const(b: GraphBuilder, name: str, value) -> str:
+    return b.const(value, f"bns.{name}")
 
-    def mean_var(self, x: str, axes: list[int]) -> tuple[str, str]:
-        """Mean (keepdims) and biased variance (reduced) over ``axes``."""
-        mean = self.op("ReduceMean", [x], axes=axes, keepdims=1)
-        centred = self.op("Sub", [x, mean])
-        var = self.op("ReduceMean", [self.op("Mul", [centred, centred])], axes=axes, keepdims=0)
-        return mean, var
 
-    def std(self, var: str) -> str:
-        return self.op("Sqrt", [self.op("Add", [var, self.const("std_eps", np.float32(STD_EPS))])])
+def mean_var(b: GraphBuilder, x: str, axes: list[int]) -> tuple[str, str]:
+    """Mean (keepdims) and biased variance (reduced) over ``axes``."""
+    mean = b.op("ReduceMean", x, axes=axes, keepdims=1)
+    centred = b.op("Sub", x, mean)
+    var = b.op("ReduceMean", b.op("Mul", centred, centred), axes=axes, keepdims=0)
+    return mean, var
 
-    def mse(self, a: str, target: str) -> str:
-        """Mean over all elements of (a − target)²."""
-        d = self.op("Sub", [a, target])
-        return self.op("ReduceMean", [self.op("Mul", [d, d])], keepdims=0)
 
-    def sum_over(self, x: str, *axes: int) -> str:
-        axes_name = "axes" + "".join(map(str, axes))
-        return self.op("ReduceSum", [x, self.const(axes_name, np.array(axes, np.int64))], keepdims=0)
+def std(b: GraphBuilder, var: str) -> str:
+    return b.op("Sqrt", b.op("Add", var, _const(b, "std_eps", np.float32(STD_EPS))))
 
-    def bn_term(self, mean: str, var: str, tap: "Tap", i: int) -> str:
-        """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from its tapped tensor's mean and variance [C]."""
-        bn = tap.layer
-        if tap.folded:  # statistics of x from those of y = a·x + b, per channel
-            a = bn.gamma / bn.std
-            mean = self.op("Mul", [self.op("Sub", [mean, self.const(f"l{i}.shift", bn.beta - bn.mean * a)]),
-                                   self.const(f"l{i}.inv_scale", 1.0 / a)])
-            var = self.op("Mul", [var, self.const(f"l{i}.inv_scale_sq", 1.0 / (a * a))])
-        mean_loss = self.mse(mean, self.const(f"l{i}.mean", bn.mean))
-        std_loss = self.mse(self.std(var), self.const(f"l{i}.std", np.sqrt(bn.var + STD_EPS)))
-        return self.op("Add", [mean_loss, std_loss])
 
-    def input_terms(self, image: str, channels: int) -> str:
-        """Per image: Σ_c μ_{n,c}² + (σ_{n,c} − 1)² of the NCHW image ([N])."""
-        mean, var = self.mean_var(image, [2, 3])
-        mean_sq = self.sum_over(self.op("Mul", [mean, mean]), 1, 2, 3)
-        d = self.op("Sub", [self.std(var), self.const("one", np.float32(1.0))])
-        return self.op("Add", [mean_sq, self.sum_over(self.op("Mul", [d, d]), 1)], out=INPUT_TERMS)
+def mse(b: GraphBuilder, a: str, target: str) -> str:
+    """Mean over all elements of (a − target)²."""
+    d = b.op("Sub", a, target)
+    return b.op("ReduceMean", b.op("Mul", d, d), keepdims=0)
 
-    def per_image(self, x: str, rank: int) -> tuple[str, str]:
-        """Per-image mean and biased variance [N, C] of x over its positions (axes 2.. of a rank-4 x)."""
-        if rank == 2:   # one position per image
-            return x, self.op("Sub", [x, x])
-        mean, var = self.mean_var(x, list(range(2, rank)))
-        return self.op("Reshape", [mean, self.const("rows", np.array([0, -1], np.int64))]), var
+
+def sum_over(b: GraphBuilder, x: str, *axes: int) -> str:
+    axes_name = "axes" + "".join(map(str, axes))
+    return b.op("ReduceSum", x, _const(b, axes_name, np.array(axes, np.int64)), keepdims=0)
+
+
+def bn_term(b: GraphBuilder, mean: str, var: str, tap: "Tap", i: int) -> str:
+    """‖μ − μ_BN‖²/C + ‖σ − σ_BN‖²/C of layer ``i`` from its tapped tensor's mean and variance [C]."""
+    bn = tap.layer
+    if tap.folded:  # statistics of x from those of y = a·x + b, per channel
+        a = bn.gamma / bn.std
+        mean = b.op("Mul", b.op("Sub", mean, _const(b, f"l{i}.shift", bn.beta - bn.mean * a)),
+                    _const(b, f"l{i}.inv_scale", 1.0 / a))
+        var = b.op("Mul", var, _const(b, f"l{i}.inv_scale_sq", 1.0 / (a * a)))
+    mean_loss = mse(b, mean, _const(b, f"l{i}.mean", bn.mean))
+    std_loss = mse(b, std(b, var), _const(b, f"l{i}.std", np.sqrt(bn.var + STD_EPS)))
+    return b.op("Add", mean_loss, std_loss)
+
+
+def input_terms(b: GraphBuilder, image: str, channels: int) -> str:
+    """Per image: Σ_c μ_{n,c}² + (σ_{n,c} − 1)² of the NCHW image ([N])."""
+    mean, var = mean_var(b, image, [2, 3])
+    mean_sq = sum_over(b, b.op("Mul", mean, mean), 1, 2, 3)
+    d = b.op("Sub", std(b, var), _const(b, "one", np.float32(1.0)))
+    return b.op("Add", mean_sq, sum_over(b, b.op("Mul", d, d), 1), out=INPUT_TERMS)
+
+
+def per_image(b: GraphBuilder, x: str, rank: int) -> tuple[str, str]:
+    """Per-image mean and biased variance [N, C] of x over its positions (axes 2.. of a rank-4 x)."""
+    if rank == 2:   # one position per image
+        return x, b.op("Sub", x, x)
+    mean, var = mean_var(b, x, list(range(2, rank)))
+    return b.op("Reshape", mean, _const(b, "rows", np.array([0, -1], np.int64))), var
 
 
 @dataclass(frozen=True)
@@ -152,10 +147,10 @@ class Tap:
 
 
 def _rank(model: onnx.ModelProto, tensor: str) -> int:
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == tensor:
-            return len(vi.type.tensor_type.shape.dim)
-    raise ValueError(f"no shape for {tensor}; run graph.load.normalize first")
+    vi = value_infos(model).get(tensor)
+    if vi is None:
+        raise ValueError(f"no shape for {tensor}; run graph.load.normalize first")
+    return len(vi.type.tensor_type.shape.dim)
 
 
 def _tapped(teacher: onnx.ModelProto, fused: bool) -> tuple[onnx.ModelProto, list[Tap], str, int]:
@@ -205,7 +200,7 @@ def recoverable(bn: BNLayer) -> bool:
     return bool(np.all(np.abs(bn.gamma) >= np.maximum(MIN_GAMMA_RATIO * shift, MIN_GAMMA)))
 
 
-def _finish(affine: onnx.ModelProto, b: _LossBuilder, outputs: list[onnx.ValueInfoProto],
+def _finish(affine: onnx.ModelProto, b: GraphBuilder, outputs: list[onnx.ValueInfoProto],
             inputs: list[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
     """``affine`` with ``b``'s nodes, only ``outputs`` as outputs (and what leads to them), ``inputs`` added."""
     out = onnx.ModelProto()
@@ -233,14 +228,14 @@ def bns_loss_model(teacher: onnx.ModelProto, fused: bool = True, extra_outputs: 
     further outputs. The image input is unchanged.
     """
     affine, taps, image, channels = _tapped(teacher, fused)
-    b = _LossBuilder()
-    total = b.op("ReduceMean", [b.input_terms(image, channels)], keepdims=0)
+    b = _builder()
+    total = b.op("ReduceMean", input_terms(b, image, channels), keepdims=0)
     for i, tap in enumerate(taps):
-        mean, var = b.mean_var(tap.tensor, [0, *range(2, tap.rank)])
-        mean = b.op("Reshape", [mean, b.const("flat", np.array([-1], np.int64))])
-        total = b.op("Add", [total, b.bn_term(mean, var, tap, i)])
-    b.op("Identity", [total], out=LOSS)
-    shapes = {vi.name: vi for vi in list(affine.graph.value_info) + list(affine.graph.input)}
+        mean, var = mean_var(b, tap.tensor, [0, *range(2, tap.rank)])
+        mean = b.op("Reshape", mean, _const(b, "flat", np.array([-1], np.int64)))
+        total = b.op("Add", total, bn_term(b, mean, var, tap, i))
+    b.op("Identity", total, out=LOSS)
+    shapes = value_infos(affine)
     extra = [shapes[name] if name in shapes else _float(name, None) for name in extra_outputs]
     return _finish(affine, b, [_float(LOSS, []), *extra])
 
@@ -251,12 +246,12 @@ def bns_statistics_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.M
     """Forward only: per image, the input term (``INPUT_TERMS``) and each layer's mean and variance over
     positions of its tapped tensor (``image_mean_name(i)``, ``image_var_name(i)``)."""
     affine, taps, image, channels = _tapped(teacher, fused)
-    b = _LossBuilder()
-    outputs = [_float(b.input_terms(image, channels), ["N"])]
+    b = _builder()
+    outputs = [_float(input_terms(b, image, channels), ["N"])]
     for i, tap in enumerate(taps):
-        mean, var = b.per_image(tap.tensor, tap.rank)
-        b.op("Identity", [mean], out=image_mean_name(i))
-        b.op("Identity", [var], out=image_var_name(i))
+        mean, var = per_image(b, tap.tensor, tap.rank)
+        b.op("Identity", mean, out=image_mean_name(i))
+        b.op("Identity", var, out=image_var_name(i))
         outputs += [_float(image_mean_name(i), ["N", tap.layer.channels]),
                     _float(image_var_name(i), ["N", tap.layer.channels])]
     return _finish(affine, b, outputs)
@@ -276,17 +271,16 @@ def bns_head_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.ModelPr
     ``batch_var_name(i)`` (the batch statistics of each tapped tensor); output ``bns_loss``
     without the input term."""
     _, taps, _, _ = _tapped(teacher, fused)
-    b = _LossBuilder()
-    inits, total = [], None
+    b, statistics, total = _builder(), GraphBuilder(), None
     for i, tap in enumerate(taps):
         zeros = np.zeros(tap.layer.channels, np.float32)
-        inits += [numpy_helper.from_array(zeros, batch_mean_name(i)), numpy_helper.from_array(zeros, batch_var_name(i))]
-        term = b.bn_term(batch_mean_name(i), batch_var_name(i), tap, i)
-        total = term if total is None else b.op("Add", [total, term])
-    b.op("Identity", [total], out=LOSS)
-    graph = helper.make_graph(b.nodes, "bns_head", [], [_float(LOSS, [])], inits + b.inits)
-    model = helper.make_model(graph, opset_imports=list(teacher.opset_import), producer_name="onnxgenie")
-    model.ir_version = teacher.ir_version
+        statistics.const(zeros, batch_mean_name(i))
+        statistics.const(zeros, batch_var_name(i))
+        term = bn_term(b, batch_mean_name(i), batch_var_name(i), tap, i)
+        total = term if total is None else b.op("Add", total, term)
+    b.op("Identity", total, out=LOSS)
+    model = make_model(b.nodes, "bns_head", [], [_float(LOSS, [])], statistics.inits + b.inits, teacher,
+                       producer_name="onnxgenie")
     return shape_inference.infer_shapes(model)
 
 
@@ -297,24 +291,23 @@ def bns_surrogate_model(teacher: onnx.ModelProto, fused: bool = True) -> onnx.Mo
     (1/batch; 0 for padding) and per layer ``batch_mean_name(i)``, ``grad_mean_name(i)``,
     ``grad_var_name(i)`` [C]."""
     affine, taps, image, channels = _tapped(teacher, fused)
-    b = _LossBuilder()
+    b = _builder()
     inputs = [_float(IMAGE_WEIGHTS, ["N"])]
-    per_image = b.input_terms(image, channels)
+    total = input_terms(b, image, channels)
     for i, tap in enumerate(taps):
         c = tap.layer.channels
         inputs += [_float(name(i), [c]) for name in (batch_mean_name, grad_mean_name, grad_var_name)]
-        mean = b.op("Reshape", [batch_mean_name(i), b.const(f"bcast{tap.rank}", np.array([1, -1] + [1] * (tap.rank - 2),
-                                                                                         np.int64))])
-        d = b.op("Sub", [tap.tensor, mean])
-        sq = b.op("Mul", [d, d])
+        bcast = _const(b, f"bcast{tap.rank}", np.array([1, -1] + [1] * (tap.rank - 2), np.int64))
+        d = b.op("Sub", tap.tensor, b.op("Reshape", batch_mean_name(i), bcast))
+        sq = b.op("Mul", d, d)
         x_mean, sq_mean = tap.tensor, sq
         if tap.rank > 2:   # means over positions [N, C]
             positions = list(range(2, tap.rank))
-            x_mean = b.op("ReduceMean", [x_mean], axes=positions, keepdims=0)
-            sq_mean = b.op("ReduceMean", [sq_mean], axes=positions, keepdims=0)
-        term = b.op("Add", [b.op("Mul", [x_mean, grad_mean_name(i)]), b.op("Mul", [sq_mean, grad_var_name(i)])])
-        per_image = b.op("Add", [per_image, b.sum_over(term, 1)])
-    b.op("ReduceSum", [b.op("Mul", [per_image, IMAGE_WEIGHTS])], out=SURROGATE, keepdims=0)
+            x_mean = b.op("ReduceMean", x_mean, axes=positions, keepdims=0)
+            sq_mean = b.op("ReduceMean", sq_mean, axes=positions, keepdims=0)
+        term = b.op("Add", b.op("Mul", x_mean, grad_mean_name(i)), b.op("Mul", sq_mean, grad_var_name(i)))
+        total = b.op("Add", total, sum_over(b, term, 1))
+    b.op("ReduceSum", b.op("Mul", total, IMAGE_WEIGHTS), out=SURROGATE, keepdims=0)
     return _finish(affine, b, [_float(SURROGATE, [])], inputs)
 
 

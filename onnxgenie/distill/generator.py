@@ -20,7 +20,10 @@ import math
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from ..engine_forms import upsample2
+from ..graph.builder import GraphBuilder
 
 LATENT_DIM, C1 = 256, 128
 MIN_CHANNELS = 8
@@ -29,52 +32,34 @@ BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default
 PREFIX = "generator."
 
 
-class _Graph:
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+def _const(b: GraphBuilder, name: str, value) -> str:
+    return b.const(value, PREFIX + name)
 
-    def const(self, name: str, value) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value), PREFIX + name))
-        return PREFIX + name
 
-    def op(self, op: str, inputs: list[str], name: str, **attrs) -> str:
-        out = PREFIX + name
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+def _op(b: GraphBuilder, op: str, inputs: list[str], name: str, **attrs) -> str:
+    return b.op(op, *inputs, out=PREFIX + name, **attrs)
 
-    def batch_norm(self, x: str, name: str, channels: int, affine: bool = True) -> str:
-        """Training-mode BN: normalise by this batch's per-channel mean and biased variance."""
-        mean = self.op("ReduceMean", [x], f"{name}.mean", axes=[0, 2, 3], keepdims=1)
-        centred = self.op("Sub", [x, mean], f"{name}.centred")
-        var = self.op("ReduceMean", [self.op("Mul", [centred, centred], f"{name}.sq")], f"{name}.var",
-                      axes=[0, 2, 3], keepdims=1)
-        std = self.op("Sqrt", [self.op("Add", [var, self.const(f"{name}.eps", np.float32(BN_EPS))],
-                                       f"{name}.var_eps")], f"{name}.std")
-        y = self.op("Div", [centred, std], f"{name}.normed")
-        if not affine:
-            return y
-        shape = (1, channels, 1, 1)
-        y = self.op("Mul", [y, self.const(f"{name}.weight", np.ones(shape, np.float32))], f"{name}.scaled")
-        return self.op("Add", [y, self.const(f"{name}.bias", np.zeros(shape, np.float32))], f"{name}.out")
 
-    def upsample2(self, x: str, name: str, h: int, w: int) -> str:
-        """Nearest ×2: along W a MatMul with a 0/1 matrix, along H a Concat of two copies of each row.
+def _batch_norm(b: GraphBuilder, x: str, name: str, channels: int, affine: bool = True) -> str:
+    """Training-mode BN: normalise by this batch's per-channel mean and biased variance."""
+    mean = _op(b, "ReduceMean", [x], f"{name}.mean", axes=[0, 2, 3], keepdims=1)
+    centred = _op(b, "Sub", [x, mean], f"{name}.centred")
+    var = _op(b, "ReduceMean", [_op(b, "Mul", [centred, centred], f"{name}.sq")], f"{name}.var",
+              axes=[0, 2, 3], keepdims=1)
+    std = _op(b, "Sqrt", [_op(b, "Add", [var, _const(b, f"{name}.eps", np.float32(BN_EPS))], f"{name}.var_eps")],
+              f"{name}.std")
+    y = _op(b, "Div", [centred, std], f"{name}.normed")
+    if not affine:
+        return y
+    shape = (1, channels, 1, 1)
+    y = _op(b, "Mul", [y, _const(b, f"{name}.weight", np.ones(shape, np.float32))], f"{name}.scaled")
+    return _op(b, "Add", [y, _const(b, f"{name}.bias", np.zeros(shape, np.float32))], f"{name}.out")
 
-        onnxruntime-training has no CPU ResizeGrad; Reshape→Expand→Reshape works but its kernels
-        copy one float at a time (2.5× slower for the generator's second upsample)."""
-        repeat_w = self.const(f"{name}.repeat_w", np.repeat(np.eye(w, dtype=np.float32), 2, axis=1))
-        x = self.op("MatMul", [x, repeat_w], f"{name}.w")
-        x = self.op("Reshape", [x, self.const(f"{name}.rows_shape", np.array([0, 0, h, 1, 2 * w], np.int64))],
-                    f"{name}.rows")
-        x = self.op("Concat", [x, x], f"{name}.h", axis=3)
-        return self.op("Reshape", [x, self.const(f"{name}.merge_shape", np.array([0, 0, 2 * h, 2 * w], np.int64))],
-                       name)
 
-    def conv3x3(self, x: str, name: str, cin: int, cout: int) -> str:
-        w = self.const(f"{name}.weight", np.zeros((cout, cin, 3, 3), np.float32))
-        b = self.const(f"{name}.bias", np.zeros(cout, np.float32))
-        return self.op("Conv", [x, w, b], name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+def _conv3x3(b: GraphBuilder, x: str, name: str, cin: int, cout: int) -> str:
+    w = _const(b, f"{name}.weight", np.zeros((cout, cin, 3, 3), np.float32))
+    bias = _const(b, f"{name}.bias", np.zeros(cout, np.float32))
+    return _op(b, "Conv", [x, w, bias], name, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
 
 
 def stages(h: int, w: int) -> int:
@@ -95,25 +80,26 @@ def build_generator(chw: tuple[int, int, int], latents: str = "latents", images:
     k = stages(h, w)
     h0, w0 = math.ceil(h / 2 ** k), math.ceil(w / 2 ** k)
     chans = channels(k, c1)
-    g = _Graph()
-    weight = g.const("linear.weight", np.zeros((chans[0] * h0 * w0, latent_dim), np.float32))
-    bias = g.const("linear.bias", np.zeros(chans[0] * h0 * w0, np.float32))
-    x = g.op("Gemm", [latents, weight, bias], "linear", transB=1)
-    x = g.op("Reshape", [x, g.const("view_shape", np.array([-1, chans[0], h0, w0], np.int64))], "view")
-    x = g.batch_norm(x, "bn1", chans[0])
+    b = GraphBuilder()
+    weight = _const(b, "linear.weight", np.zeros((chans[0] * h0 * w0, latent_dim), np.float32))
+    bias = _const(b, "linear.bias", np.zeros(chans[0] * h0 * w0, np.float32))
+    x = _op(b, "Gemm", [latents, weight, bias], "linear", transB=1)
+    x = _op(b, "Reshape", [x, _const(b, "view_shape", np.array([-1, chans[0], h0, w0], np.int64))], "view")
+    x = _batch_norm(b, x, "bn1", chans[0])
     for i, (cin, cout) in enumerate(zip(chans, chans[1:] + [c]), start=1):
-        x = g.conv3x3(g.upsample2(x, f"up{i}", h0 << (i - 1), w0 << (i - 1)), f"conv{i}", cin, cout)
+        x = _conv3x3(b, upsample2(b, x, f"{PREFIX}up{i}", h0 << (i - 1), w0 << (i - 1)), f"conv{i}", cin, cout)
         if i < k:
-            x = g.op("LeakyRelu", [g.batch_norm(x, f"bn{i + 1}", cout)], "lrelu" if i == 1 else f"lrelu{i}", alpha=0.2)
+            x = _op(b, "LeakyRelu", [_batch_norm(b, x, f"bn{i + 1}", cout)], "lrelu" if i == 1 else f"lrelu{i}",
+                    alpha=0.2)
     if (h0 << k, w0 << k) != (h, w):
-        x = g.op("Slice", [x, g.const("crop_starts", np.array([0, 0], np.int64)),
-                           g.const("crop_ends", np.array([h, w], np.int64)),
-                           g.const("crop_axes", np.array([2, 3], np.int64))], "crop")
-    x = g.batch_norm(g.op("Tanh", [x], "tanh"), f"bn{k + 1}", c, affine=False)
-    g.nodes.append(helper.make_node("Identity", [x], [images], name=PREFIX + "images"))
+        x = _op(b, "Slice", [x, _const(b, "crop_starts", np.array([0, 0], np.int64)),
+                             _const(b, "crop_ends", np.array([h, w], np.int64)),
+                             _const(b, "crop_axes", np.array([2, 3], np.int64))], "crop")
+    x = _batch_norm(b, _op(b, "Tanh", [x], "tanh"), f"bn{k + 1}", c, affine=False)
+    b.op("Identity", x, out=images, name=PREFIX + "images")
     graph = helper.make_graph(
-        g.nodes, "genie_generator", [helper.make_tensor_value_info(latents, TensorProto.FLOAT, ["N", latent_dim])],
-        [helper.make_tensor_value_info(images, TensorProto.FLOAT, ["N", c, h, w])], g.inits)
+        b.nodes, "genie_generator", [helper.make_tensor_value_info(latents, TensorProto.FLOAT, ["N", latent_dim])],
+        [helper.make_tensor_value_info(images, TensorProto.FLOAT, ["N", c, h, w])], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxgenie")
     model.ir_version = 8
     return model

@@ -42,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from ..errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenieError, ResumeMismatchError,
                       StorageError, UnsupportedModelError)
 from ..graph.bn import require_bn
+from ..graph.builder import GraphBuilder, make_model
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
 from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
@@ -98,39 +99,36 @@ class ReduceLROnPlateau:
 
 def _source_graph(teacher: onnx.ModelProto, cfg: DistillConfig):
     """What writes the teacher's image input (in the model's layout): the generator, or the pixels.
-    Returns (nodes, initializers, inputs, groups, image shape)."""
+    Returns (its nodes and initializers, inputs, groups, image shape)."""
     io = image_io(teacher)
     image = io.input
     shape = [cfg.batch, *io.chw]
     nhwc = nhwc_transpose(teacher) is not None
     source = f"{image}/nchw" if nhwc else image   # what the generator (or the pixels) write
-    nodes, inits, inputs = [], [], []
+    b, inputs = GraphBuilder(), []
     groups: dict[str, list[str]] = {}
     if cfg.mode == "zeroq":
-        inits.append(numpy_helper.from_array(np.zeros(shape, np.float32), PIXELS))
-        nodes.append(helper.make_node("Identity", [PIXELS], [source], name="pixels_to_image"))
+        b.op("Identity", b.const(np.zeros(shape, np.float32), PIXELS), out=source, name="pixels_to_image")
         groups["pixels"] = [PIXELS]
     else:
         gen = build_generator(io.chw, latents=LATENTS, images=source)
-        nodes.extend(gen.graph.node)
-        inits.extend(gen.graph.initializer)
+        b.nodes.extend(gen.graph.node)
+        b.inits.extend(gen.graph.initializer)
         groups["generator"] = trainable_names(gen)
         if cfg.mode == "genie":
-            inits.append(numpy_helper.from_array(np.zeros((cfg.batch, LATENT_DIM), np.float32), LATENTS))
+            b.const(np.zeros((cfg.batch, LATENT_DIM), np.float32), LATENTS)
             groups["latents"] = [LATENTS]
         else:  # noise: fixed latents are data, fed each step
             inputs.append(helper.make_tensor_value_info(LATENTS, TensorProto.FLOAT, [cfg.batch, LATENT_DIM]))
     if nhwc:   # the model's own Transpose turns them back
-        nodes.append(helper.make_node("Transpose", [source], [image], name="images_to_nhwc", perm=[0, 2, 3, 1]))
+        b.op("Transpose", source, out=image, name="images_to_nhwc", perm=[0, 2, 3, 1])
         shape = [shape[0], shape[2], shape[3], shape[1]]
-    nodes.append(helper.make_node("Identity", [image], [IMAGES], name=IMAGES))
-    return nodes, inits, inputs, groups, shape
+    b.op("Identity", image, out=IMAGES)
+    return b, inputs, groups, shape
 
 
 def _model(name: str, nodes, inputs, outputs, inits, like: onnx.ModelProto) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=list(like.opset_import), producer_name="onnxgenie")
-    model.ir_version = like.ir_version
+    model = make_model(nodes, name, inputs, outputs, inits, like, producer_name="onnxgenie")
     return shape_inference.infer_shapes(model)
 
 
@@ -153,13 +151,13 @@ def training_model(teacher: onnx.ModelProto, cfg: DistillConfig) -> tuple[onnx.M
     """
     loss_model = bns_loss_model(_swung(teacher, cfg, cfg.batch), fused=cfg.fused)
     image = image_io(teacher).input
-    nodes, inits, inputs, groups, shape = _source_graph(teacher, cfg)
-    _check_names(inits, loss_model)
+    source, inputs, groups, shape = _source_graph(teacher, cfg)
+    _check_names(source.inits, loss_model)
     inputs += [i for i in loss_model.graph.input if i.name != image]
     outputs = [helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []),
                helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)]
-    model = _model("genie_d", nodes + list(loss_model.graph.node), inputs, outputs,
-                   inits + list(loss_model.graph.initializer), loss_model)
+    model = _model("genie_d", source.nodes + list(loss_model.graph.node), inputs, outputs,
+                   source.inits + list(loss_model.graph.initializer), loss_model)
     return model, groups
 
 
@@ -169,24 +167,23 @@ def chunked_models(teacher: onnx.ModelProto, cfg: DistillConfig, chunk: int
     ``source`` (generator or pixels on the whole batch, with the fed image gradient's surrogate),
     ``stats`` (teacher forward: per-image statistics), ``head`` (BN terms of the batch statistics) and
     ``teacher`` (the surrogate of one chunk; its image is its one trainable initializer)."""
-    nodes, inits, inputs, groups, shape = _source_graph(teacher, cfg)
+    source, inputs, groups, shape = _source_graph(teacher, cfg)
     image = image_io(teacher).input
-    nodes += [helper.make_node("Mul", [image, IMAGE_GRAD], ["source/weighted"], name="source/weighted"),
-              helper.make_node("ReduceSum", ["source/weighted"], [SOURCE_SURROGATE], name=SOURCE_SURROGATE,
-                               keepdims=0)]
+    source.op("ReduceSum", source.op("Mul", image, IMAGE_GRAD, out="source/weighted"), out=SOURCE_SURROGATE,
+              keepdims=0)
     inputs.append(helper.make_tensor_value_info(IMAGE_GRAD, TensorProto.FLOAT, shape))
     outputs = [helper.make_tensor_value_info(SOURCE_SURROGATE, TensorProto.FLOAT, []),
                helper.make_tensor_value_info(IMAGES, TensorProto.FLOAT, shape)]
     chunk = chunk_size(cfg.batch, chunk)
     swung = _swung(teacher, cfg, chunk)
     surrogate = bns_surrogate_model(swung, fused=cfg.fused)
-    _check_names(inits, surrogate)
+    _check_names(source.inits, surrogate)
     chunk_shape = [chunk, *shape[1:]]
     kept = [i for i in surrogate.graph.input if i.name != image]
     del surrogate.graph.input[:]
     surrogate.graph.input.extend(kept)
     surrogate.graph.initializer.append(numpy_helper.from_array(np.zeros(chunk_shape, np.float32), image))
-    models = {"source": _model("genie_d_source", nodes, inputs, outputs, inits, teacher),
+    models = {"source": _model("genie_d_source", source.nodes, inputs, outputs, source.inits, teacher),
               "stats": bns_statistics_model(swing_rewrite(teacher) if cfg.swing else teacher, fused=cfg.fused),
               "head": bns_head_model(swung, fused=cfg.fused),
               "teacher": surrogate}

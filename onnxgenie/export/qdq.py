@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, UnsupportedModelError
 from ..evaluate import SUB_BYTE
+from ..graph.builder import GraphBuilder
 from ..graph.load import _dims
-from ..quant.fakequant import at_opset, bias_scale, insert_before_consumers, quantize_bias, rewire
+from ..quant.fakequant import at_opset, bias_scale, insert_acts, insert_weights, quantize_bias
 from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 
 EXPORT_OPSET = 21
@@ -60,19 +61,25 @@ def weight_offset(wq: WeightQuant, target: str) -> int:
     return 128 if target == "ort" and storage_type(wq.bits, wq.signed, target) == TensorProto.INT8 else 0
 
 
-def _weight_dq(wq: WeightQuant, target: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _weight_dq(b: GraphBuilder, wq: WeightQuant, target: str) -> None:
+    """DequantizeLinear of the stored integers into the weight's own name."""
     dtype = storage_type(wq.bits, wq.signed, target)
     offset = weight_offset(wq, target)
     if offset:
         dtype = TensorProto.UINT8
-    wint, zero_point = wq.wint + offset, wq.zero_point + offset
     p = wq.weight
-    inits = [_int_tensor(f"{p}_quantized", wint, dtype),
-             numpy_helper.from_array(wq.scale.astype(np.float32), f"{p}_scale"),
-             _int_tensor(f"{p}_zero_point", zero_point, dtype)]
-    node = helper.make_node("DequantizeLinear", [f"{p}_quantized", f"{p}_scale", f"{p}_zero_point"], [p],
-                            name=f"{p}_DequantizeLinear", axis=wq.axis)
-    return [node], inits
+    grid = [b.tensor(_int_tensor(f"{p}_quantized", wq.wint + offset, dtype)),
+            b.const(wq.scale.astype(np.float32), f"{p}_scale"),
+            b.tensor(_int_tensor(f"{p}_zero_point", wq.zero_point + offset, dtype))]
+    b.op("DequantizeLinear", *grid, out=p, name=f"{p}_DequantizeLinear", axis=wq.axis)
+
+
+def _bias_dq(b: GraphBuilder, bias: str, values: np.ndarray, scale: np.ndarray) -> None:
+    """The int32 bias of the tensorrt target (step s_x * s_w) dequantized into the bias's own name."""
+    grid = [b.tensor(_int_tensor(f"{bias}_quantized", quantize_bias(values, scale), TensorProto.INT32)),
+            b.const(scale, f"{bias}_scale"),
+            b.tensor(_int_tensor(f"{bias}_zero_point", np.zeros(scale.shape, np.int32), TensorProto.INT32))]
+    b.op("DequantizeLinear", *grid, out=bias, name=f"{bias}_DequantizeLinear", axis=0)
 
 
 # onnxruntime (1.19 and 1.32) moves a per-tensor 4-bit Q/DQ pair across MaxPool, which has no 4-bit kernel
@@ -98,8 +105,7 @@ def sub_byte_traps(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, int]:
     return {t: dims[t][1] for t in trapped if len(dims.get(t, [])) >= 2 and isinstance(dims[t][1], int)}
 
 
-def _act_qdq(act: ActQuant, target: str, channels: int | None = None
-             ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+def _act_qdq(b: GraphBuilder, act: ActQuant, target: str, channels: int | None = None) -> str:
     """Q->DQ of ``act``; per channel (axis 1, the same value in each) when ``channels`` is given."""
     qmin, qmax = act.qrange
     dtype = storage_type(act.bits, act.signed, target)
@@ -109,20 +115,15 @@ def _act_qdq(act: ActQuant, target: str, channels: int | None = None
         dtype, zero_point = TensorProto.UINT8, zero_point + 128
     p = act.tensor
     shape, axis = ((), {}) if channels is None else ((channels,), {"axis": 1})
-    inits = [numpy_helper.from_array(np.full(shape, act.scale, np.float32), f"{p}_scale"),
-             _int_tensor(f"{p}_zero_point", np.full(shape, zero_point), dtype)]
-    nodes, x = [], p
+    grid = [b.const(np.full(shape, act.scale, np.float32), f"{p}_scale"),
+            b.tensor(_int_tensor(f"{p}_zero_point", np.full(shape, zero_point), dtype))]
+    x = p
     if act.bits not in (4, 8):  # a 5-7 bit grid in an 8-bit container: clip to the grid's range first
-        inits += [numpy_helper.from_array(np.float32(qmin * np.float32(act.scale)), f"{p}_clip_min"),
-                  numpy_helper.from_array(np.float32(qmax * np.float32(act.scale)), f"{p}_clip_max")]
-        nodes.append(helper.make_node("Clip", [p, f"{p}_clip_min", f"{p}_clip_max"], [f"{p}_clipped"],
-                                      name=f"{p}_Clip"))
-        x = f"{p}_clipped"
-    nodes += [helper.make_node("QuantizeLinear", [x, f"{p}_scale", f"{p}_zero_point"], [f"{p}_quantized"],
-                               name=f"{p}_QuantizeLinear", **axis),
-              helper.make_node("DequantizeLinear", [f"{p}_quantized", f"{p}_scale", f"{p}_zero_point"],
-                               [f"{p}_dequantized"], name=f"{p}_DequantizeLinear", **axis)]
-    return nodes, inits, f"{p}_dequantized"
+        low = b.const(np.float32(qmin * np.float32(act.scale)), f"{p}_clip_min")
+        high = b.const(np.float32(qmax * np.float32(act.scale)), f"{p}_clip_max")
+        x = b.op("Clip", p, low, high, out=f"{p}_clipped", name=f"{p}_Clip")
+    q = b.op("QuantizeLinear", x, *grid, out=f"{p}_quantized", name=f"{p}_QuantizeLinear", **axis)
+    return b.op("DequantizeLinear", q, *grid, out=f"{p}_dequantized", name=f"{p}_DequantizeLinear", **axis)
 
 
 def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> onnx.ModelProto:
@@ -130,37 +131,20 @@ def export_qdq(folded: onnx.ModelProto, plan: QuantPlan, check: bool = True) -> 
     check_target(plan)
     model = at_opset(folded, EXPORT_OPSET)
     model.ir_version = EXPORT_IR
-    nodes_by_name = {n.name: n for n in model.graph.node}
+    nodes = {n.name: n for n in model.graph.node}
     params = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    drop: set[str] = set()
-    new_inits: list[onnx.TensorProto] = []
-    dq_nodes: list[onnx.NodeProto] = []
-    for wq in plan.weights.values():
-        nodes, inits = _weight_dq(wq, plan.target)
-        dq_nodes += nodes
-        new_inits += inits
-        drop.add(wq.weight)
-        node = nodes_by_name[wq.node]
+
+    def weight_and_bias(b: GraphBuilder, wq: WeightQuant) -> None:
+        _weight_dq(b, wq, plan.target)
+        node = nodes[wq.node]
         scale = bias_scale(plan, node)
         if scale is not None:
-            b = node.input[2]
-            drop.add(b)
-            new_inits += [_int_tensor(f"{b}_quantized", quantize_bias(params[b], scale), TensorProto.INT32),
-                          numpy_helper.from_array(scale, f"{b}_scale"),
-                          _int_tensor(f"{b}_zero_point", np.zeros(scale.shape, np.int32), TensorProto.INT32)]
-            dq_nodes.append(helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"],
-                                             [b], name=f"{b}_DequantizeLinear", axis=0))
-    keep = [t for t in model.graph.initializer if t.name not in drop]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    for i, node in enumerate(dq_nodes):
-        model.graph.node.insert(i, node)
+            _bias_dq(b, node.input[2], params[node.input[2]], scale)
+
+    b = GraphBuilder()
+    insert_weights(model, plan, weight_and_bias, b)
     traps = sub_byte_traps(model, plan)
-    for act in plan.acts.values():
-        nodes, inits, out = _act_qdq(act, plan.target, traps.get(act.tensor))
-        model.graph.initializer.extend(inits)
-        insert_before_consumers(model, act.tensor, nodes)
-        rewire(model, act.tensor, act.consumers, out)
+    insert_acts(model, plan, lambda b, act: _act_qdq(b, act, plan.target, traps.get(act.tensor)), b)
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model)
     if check:

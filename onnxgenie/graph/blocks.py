@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import helper, shape_inference
+from onnx import shape_inference
+
+from .builder import make_model, value_infos
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 EPILOGUE_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "PRelu",
@@ -95,11 +97,6 @@ def partition_blocks(folded: onnx.ModelProto, quantized: list[str] | None = None
     return blocks
 
 
-def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    g = model.graph
-    return {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
-
-
 def extract_block_model(folded: onnx.ModelProto, block: Block) -> onnx.ModelProto:
     """The block as a standalone model: input ``block.input``, output ``block.output``."""
     wanted = set(block.nodes)
@@ -111,16 +108,12 @@ def extract_block_model(folded: onnx.ModelProto, block: Block) -> onnx.ModelProt
     outside = used - produced - init_names - {block.input}
     if outside:
         raise ValueError(f"{block.name} reads tensors produced outside it: {sorted(outside)[:3]}")
-    vis = _value_infos(folded)
+    vis = value_infos(folded)
     if block.input not in vis or block.output not in vis:
         folded = shape_inference.infer_shapes(folded)
-        vis = _value_infos(folded)
+        vis = value_infos(folded)
     inner = [vis[t] for t in produced - {block.output} if t in vis]
-    graph = helper.make_graph(nodes, block.name, [vis[block.input]], [vis[block.output]], inits,
-                              value_info=inner)
-    model = helper.make_model(graph, opset_imports=list(folded.opset_import))
-    model.ir_version = folded.ir_version
-    return model
+    return make_model(nodes, block.name, [vis[block.input]], [vis[block.output]], inits, folded, value_info=inner)
 
 
 def format_blocks(folded: onnx.ModelProto, blocks: list[Block]) -> str:

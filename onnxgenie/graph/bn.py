@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..errors import NoBatchNormError
+from .builder import GraphBuilder, attr, value_infos
 
 FOLDABLE_PRODUCERS = ("Conv", "Gemm")
 
@@ -39,13 +40,6 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
     inits = initializers(model)
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -60,7 +54,7 @@ def bn_layers(model: onnx.ModelProto) -> list[BNLayer]:
         layers.append(BNLayer(
             name=node.name or node.output[0], input=x, output=node.output[0],
             mean=inits[mean].astype(np.float32), var=inits[var].astype(np.float32),
-            eps=float(_attr(node, "epsilon", 1e-5)), gamma=inits[gamma].astype(np.float32),
+            eps=float(attr(node, "epsilon", 1e-5)), gamma=inits[gamma].astype(np.float32),
             beta=inits[beta].astype(np.float32),
             producer=(prod.name or prod.output[0]) if prod is not None else None,
             producer_op=prod.op_type if prod is not None else None))
@@ -136,8 +130,8 @@ def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits:
         return False
     if prod.op_type == "Conv":
         w_new = w * a.reshape(-1, *([1] * (w.ndim - 1)))
-    elif prod.op_type == "Gemm" and _attr(prod, "alpha", 1.0) == 1.0 and _attr(prod, "beta", 1.0) == 1.0:
-        w_new = w * (a[:, None] if _attr(prod, "transB", 0) else a[None, :])
+    elif prod.op_type == "Gemm" and attr(prod, "alpha", 1.0) == 1.0 and attr(prod, "beta", 1.0) == 1.0:
+        w_new = w * (a[:, None] if attr(prod, "transB", 0) else a[None, :])
     else:
         return False
     bias_name = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
@@ -159,17 +153,18 @@ def _fold_into(model: onnx.ModelProto, prod: onnx.NodeProto, bn: BNLayer, inits:
 def _as_mul_add(model: onnx.ModelProto, node: onnx.NodeProto, bn: BNLayer) -> list[onnx.NodeProto]:
     a, b = _affine(bn)
     shape = (1, -1) + (1,) * max(_rank(model, bn.input) - 2, 0)  # channels on axis 1
-    an, bname, mid = f"{bn.name}_scale", f"{bn.name}_shift", f"{bn.output}_scaled"
-    model.graph.initializer.extend([numpy_helper.from_array(a.reshape(shape), an),
-                                    numpy_helper.from_array(b.reshape(shape), bname)])
-    return [helper.make_node("Mul", [bn.input, an], [mid], name=f"{bn.name}_mul"),
-            helper.make_node("Add", [mid, bname], [bn.output], name=f"{bn.name}_add")]
+    g = GraphBuilder()
+    scaled = g.op("Mul", bn.input, g.const(a.reshape(shape), f"{bn.name}_scale"), out=f"{bn.output}_scaled",
+                  name=f"{bn.name}_mul")
+    g.op("Add", scaled, g.const(b.reshape(shape), f"{bn.name}_shift"), out=bn.output, name=f"{bn.name}_add")
+    model.graph.initializer.extend(g.inits)
+    return g.nodes
 
 
 def _rank(model: onnx.ModelProto, tensor: str) -> int:
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == tensor and vi.type.tensor_type.HasField("shape"):
-            return len(vi.type.tensor_type.shape.dim)
+    vi = value_infos(model).get(tensor)
+    if vi is not None and vi.type.tensor_type.HasField("shape"):
+        return len(vi.type.tensor_type.shape.dim)
     return 4
 
 

@@ -22,6 +22,8 @@ from onnx import defs, helper, numpy_helper, shape_inference, version_converter
 from ..errors import BadInputError, UnsupportedModelError
 from ..ortrain import inference_session, ort
 from .bn_arith import restore_batchnorm
+from .builder import GraphBuilder, attr
+from .builder import attrs as node_attrs
 
 INTERNAL_OPSET = 17
 INTERNAL_IR = 8
@@ -93,10 +95,10 @@ def _tensors(graph: onnx.GraphProto):
         yield sparse.values
         yield sparse.indices
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _tensors(sub)
 
@@ -275,7 +277,7 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         if since <= INTERNAL_OPSET:
             continue
         label = f"{node.op_type}-{since} (node {node.name or node.output[0]})"
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         try:
             defs.get_schema(node.op_type, INTERNAL_OPSET, "")
         except Exception:
@@ -358,7 +360,7 @@ def _drop_identity_casts(model: onnx.ModelProto) -> None:
     outputs = {o.name for o in model.graph.output}
     rename = {n.output[0]: n.input[0] for n in model.graph.node
               if n.op_type == "Cast" and n.domain in _SUPPORTED_DOMAINS and n.output[0] not in outputs
-              and types.get(n.input[0]) and types[n.input[0]] == next(a.i for a in n.attribute if a.name == "to")}
+              and types.get(n.input[0]) and types[n.input[0]] == attr(n, "to")}
     if not rename:
         return
     for node in model.graph.node:
@@ -381,12 +383,12 @@ def _shape_range_as_slice(model: onnx.ModelProto) -> None:
             nodes.append(node)
             continue
         start, end = attrs.get("start", 0), attrs.get("end", np.iinfo(np.int64).max)
-        full, out = f"{node.output[0]}.full", node.output[0]
-        bounds = [f"{out}.start", f"{out}.end"]
-        model.graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), n)
-                                       for n, v in zip(bounds, (start, end)))
-        nodes += [helper.make_node("Shape", [node.input[0]], [full], name=f"{node.name}.full"),
-                  helper.make_node("Slice", [full, *bounds], [out], name=node.name)]
+        out, b = node.output[0], GraphBuilder()
+        bounds = [b.const(np.array([v], np.int64), f"{out}.{k}") for k, v in (("start", start), ("end", end))]
+        b.op("Slice", b.op("Shape", node.input[0], out=f"{out}.full", name=f"{node.name}.full"), *bounds, out=out,
+             name=node.name)
+        model.graph.initializer.extend(b.inits)
+        nodes += b.nodes
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
@@ -414,7 +416,8 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    perm = attr(node, "perm")
+    return None if perm is None else list(perm)
 
 
 def _cancel_transpose_pairs(model: onnx.ModelProto) -> None:
@@ -458,7 +461,7 @@ def _pads_into_convs(model: onnx.ModelProto) -> None:
     for pad in model.graph.node:
         if pad.op_type != "Pad" or pad.domain not in _SUPPORTED_DOMAINS or pad.output[0] in outputs:
             continue
-        mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        mode = attr(pad, "mode", b"constant")
         pads = consts.get(pad.input[1]) if len(pad.input) > 1 else None
         value = consts.get(pad.input[2], np.zeros(1)) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
         axes_given = len(pad.input) > 3 and pad.input[3]

@@ -1,10 +1,16 @@
-"""The fake-quantized model: the float simulation of a plan that evaluation and reconstruction run.
+"""Where a plan's quantizers go in a graph, and the float simulation of the plan.
 
-Weights become their dequantized values; how they are produced is pluggable (``weight_fn``: the
-round-to-nearest constants here, learned softbits in reconstruction). Each planned activation goes
-through x -> Div(scale) -> Round -> Clip(qmin, qmax) -> Mul(scale) before its quantized consumers
-(an activation's zero point shifts the clip range: ``ActQuant.qrange``). The exported QDQ model computes
-exactly the same numbers.
+Every graph that quantizes a plan is built by the same insertion, and differs only in the forms it writes
+(the simulation here, GENIE-M's block training graph in ``quant.reconstruct.graph``, the QDQ export in
+``export.qdq``):
+- a weight form writes the quantized weight under the weight's own name (``insert_weights``): its nodes
+  go before every other node, its initializers replace the float one;
+- an activation form computes the quantized tensor, which the quantizer's consumers then read instead
+  (``insert_acts``): its nodes go right after the tensor's producer.
+
+The simulation's forms: the dequantized round-to-nearest weight (``nearest_weight``), and each activation
+through x -> Div(scale) -> Round -> Clip(qmin, qmax) -> Mul(scale) (``nearest_act``; an activation's zero
+point shifts the clip range: ``ActQuant.qrange``). The exported QDQ model computes exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -13,18 +19,64 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import numpy_helper, version_converter
 
 from ..errors import UnsupportedModelError
+from ..graph.builder import GraphBuilder, insert_after_producer, insert_nodes, replace_initializers, rewire
 from .spec import ActQuant, QuantPlan, WeightQuant
 
-# weight_fn(quantizer) -> (nodes, initializers) that write a tensor named ``quantizer.weight``
-WeightFn = Callable[[WeightQuant], tuple[list[onnx.NodeProto], list[onnx.TensorProto]]]
+WeightForm = Callable[[GraphBuilder, WeightQuant], None]   # writes the tensor ``wq.weight``
+ActForm = Callable[[GraphBuilder, ActQuant], str]          # returns the quantized tensor
 
 
-def nearest_weights(wq: WeightQuant) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Round-to-nearest: the dequantized weight as a constant initializer."""
-    return [], [numpy_helper.from_array(wq.dequantized(), wq.weight)]
+def insert_weights(model: onnx.ModelProto, plan: QuantPlan, form: WeightForm, b: GraphBuilder) -> None:
+    """In place: each planned weight of ``model``'s nodes written by ``form`` through ``b`` (one builder for
+    every insertion into a model, so that fresh names stay unique)."""
+    present = {n.name for n in model.graph.node}
+    for wq in plan.weights.values():
+        if wq.node in present:
+            form(b, wq)
+    nodes, inits = b.take()
+    replace_initializers(model, inits, drop={o for n in nodes for o in n.output})
+    insert_nodes(model, 0, nodes)
+
+
+def act_readers(model: onnx.ModelProto, act: ActQuant) -> list[onnx.NodeProto]:
+    """The nodes of ``model`` that read ``act.tensor`` quantized: its consumers (every reader if none is named)."""
+    return [n for n in model.graph.node if act.tensor in n.input and (not act.consumers or n.name in act.consumers)]
+
+
+def insert_acts(model: onnx.ModelProto, plan: QuantPlan, form: ActForm, b: GraphBuilder) -> list[ActQuant]:
+    """In place: the consumers in ``model`` of each planned activation read ``form``'s output (built through
+    ``b``) instead; returns the activations quantized (those with a consumer in ``model``)."""
+    done = []
+    for act in plan.acts.values():
+        readers = act_readers(model, act)
+        if not readers:
+            continue
+        out = form(b, act)
+        nodes, inits = b.take()
+        model.graph.initializer.extend(inits)
+        insert_after_producer(model, act.tensor, nodes)
+        rewire(readers, act.tensor, out)
+        done.append(act)
+    return done
+
+
+def nearest_weight(b: GraphBuilder, wq: WeightQuant) -> None:
+    """Round-to-nearest: the dequantized weight as a constant."""
+    b.const(wq.dequantized(), wq.weight)
+
+
+def nearest_act(b: GraphBuilder, act: ActQuant) -> str:
+    """scale · clip(round(x / scale), qmin, qmax) as float ops."""
+    qmin, qmax = act.qrange
+    p = f"{act.tensor}_fq"
+    scale = b.const(np.float32(act.scale), f"{p}_scale")
+    low, high = b.const(np.float32(qmin), f"{p}_qmin"), b.const(np.float32(qmax), f"{p}_qmax")
+    rounded = b.op("Round", b.op("Div", act.tensor, scale, out=f"{p}_div"), out=f"{p}_round")
+    return b.op("Mul", b.op("Clip", rounded, low, high, out=f"{p}_int", name=f"{p}_clip"), scale, out=p,
+                name=f"{p}_mul")
 
 
 def bias_scale(plan: QuantPlan, node: onnx.NodeProto) -> np.ndarray | None:
@@ -38,46 +90,6 @@ def bias_scale(plan: QuantPlan, node: onnx.NodeProto) -> np.ndarray | None:
 
 def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.round(bias.astype(np.float32) / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-
-
-def act_nodes(act: ActQuant, out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Float ops computing the fake-quantized ``act.tensor`` into ``out``."""
-    qmin, qmax = act.qrange
-    p = f"{act.tensor}_fq"
-    inits = [numpy_helper.from_array(np.float32(act.scale), f"{p}_scale"),
-             numpy_helper.from_array(np.float32(qmin), f"{p}_qmin"),
-             numpy_helper.from_array(np.float32(qmax), f"{p}_qmax")]
-    nodes = [helper.make_node("Div", [act.tensor, f"{p}_scale"], [f"{p}_div"], name=f"{p}_div"),
-             helper.make_node("Round", [f"{p}_div"], [f"{p}_round"], name=f"{p}_round"),
-             helper.make_node("Clip", [f"{p}_round", f"{p}_qmin", f"{p}_qmax"], [f"{p}_int"], name=f"{p}_clip"),
-             helper.make_node("Mul", [f"{p}_int", f"{p}_scale"], [out], name=f"{p}_mul")]
-    return nodes, inits
-
-
-def _replace_initializers(model: onnx.ModelProto, new: list[onnx.TensorProto]) -> None:
-    names = {t.name for t in new}
-    keep = [t for t in model.graph.initializer if t.name not in names]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new)
-
-
-def rewire(model: onnx.ModelProto, tensor: str, consumers: list[str], new: str) -> None:
-    """Make the named consumer nodes read ``new`` instead of ``tensor``."""
-    wanted = set(consumers)
-    for node in model.graph.node:
-        if node.name in wanted:
-            node.input[:] = [new if i == tensor else i for i in node.input]
-
-
-def insert_before_consumers(model: onnx.ModelProto, tensor: str, nodes: list[onnx.NodeProto]) -> None:
-    """Insert ``nodes`` right after the producer of ``tensor`` (keeps the graph topologically sorted)."""
-    position = 0
-    for i, node in enumerate(model.graph.node):
-        if tensor in node.output:
-            position = i + 1
-            break
-    for offset, node in enumerate(nodes):
-        model.graph.node.insert(position + offset, node)
 
 
 def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -96,48 +108,36 @@ def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return out
 
 
-def fakequant_model(folded: onnx.ModelProto, plan: QuantPlan, weight_fn: WeightFn = nearest_weights,
-                    quantize_acts: bool = True, opset: int | None = None) -> onnx.ModelProto:
-    """The simulation of ``plan`` on ``folded`` (float ops only; input model unchanged).
+def fakequant_model(folded: onnx.ModelProto, plan: QuantPlan, quantize_acts: bool = True,
+                    opset: int | None = None, int_biases: bool = True) -> onnx.ModelProto:
+    """The simulation of ``plan`` on ``folded`` (float ops only; input model unchanged). ``folded`` may be
+    a part of the planned model (a GENIE-M block): the quantizers of its own nodes are inserted.
 
     It keeps ``folded``'s opset (17, what training graphs use) unless ``opset`` is given: onnxruntime
     runs some ops (AveragePool) with different kernels at opset 19+, so a bit-exact comparison with
-    the opset-21 export simulates at opset 21 (``export.qdq.EXPORT_OPSET``).
+    the opset-21 export simulates at opset 21 (``export.qdq.EXPORT_OPSET``). ``int_biases=False`` leaves
+    the tensorrt target's biases float, as GENIE-M's block graphs learn them.
     """
     model = onnx.ModelProto()
     model.CopyFrom(folded)
     if opset:
         model = at_opset(model, opset)
-    nodes_by_name = {n.name: n for n in model.graph.node}
-    weight_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-    for wq in plan.weights.values():
-        nodes, inits = weight_fn(wq)
-        weight_nodes += nodes
-        new_inits += inits
-        if nodes:  # the weight is computed now, no longer an initializer
-            _drop_initializer(model, wq.weight)
-    biases = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for wq in plan.weights.values():
-        node = nodes_by_name[wq.node]
-        scale = bias_scale(plan, node)
-        if scale is not None:
-            b = quantize_bias(biases[node.input[2]], scale).astype(np.float32) * scale
-            new_inits.append(numpy_helper.from_array(b.astype(np.float32), node.input[2]))
-    _replace_initializers(model, new_inits)
-    for i, node in enumerate(weight_nodes):
-        model.graph.node.insert(i, node)
+    b = GraphBuilder()
+    insert_weights(model, plan, nearest_weight, b)
+    if int_biases:
+        _int_biases(model, plan)
     if quantize_acts:
-        for act in plan.acts.values():
-            out = f"{act.tensor}_fq"
-            nodes, inits = act_nodes(act, out)
-            model.graph.initializer.extend(inits)
-            insert_before_consumers(model, act.tensor, nodes)
-            rewire(model, act.tensor, act.consumers, out)
+        insert_acts(model, plan, nearest_act, b)
     return model
 
 
-def _drop_initializer(model: onnx.ModelProto, name: str) -> None:
-    keep = [t for t in model.graph.initializer if t.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+def _int_biases(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """The tensorrt target's biases as the int32 grid's values (``bias_scale``)."""
+    biases = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    b = GraphBuilder()
+    for node in (nodes[wq.node] for wq in plan.weights.values() if wq.node in nodes):
+        scale = bias_scale(plan, node)
+        if scale is not None:
+            b.const(quantize_bias(biases[node.input[2]], scale).astype(np.float32) * scale, node.input[2])
+    replace_initializers(model, b.inits)

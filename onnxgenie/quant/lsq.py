@@ -3,29 +3,22 @@
     x_q = s_a · (c + stopgrad(round(c) − c)),   c = clip(x / s_a, qmin, qmax)        (LSQ)
     out = m · x_q + (1 − m) · x,                m ∈ {0, 1} per element, p = 0.5    (QDrop)
 
-``Round`` has no gradient in onnxruntime-training, so stopgrad is built from a Cast to int32 and
-back, which carries none: the residual is scaled by 2^STE_SHIFT first so that the cast keeps its
-bits (|residual| ≤ 0.5, so it fits). Forward: round(c) up to 2^-23; backward: d/dx = 1 inside the
-range, 0 outside; d/ds_a = round(c) − x/s_a inside, qmin/qmax outside (LSQ without gradient scaling,
-as in the GENIE reference).
+The straight-through rounding is ``engine_forms.round_ste``. Forward: round(c); backward: d/dx = 1
+inside the range, 0 outside; d/ds_a = round(c) − x/s_a inside, qmin/qmax outside (LSQ without
+gradient scaling, as in the GENIE reference).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
 
-from .softbits import GraphBuilder
-
-STE_SHIFT = 23
+from ..engine_forms import round_ste
+from ..graph.builder import GraphBuilder
 
 
 def lsq_quantize(b: GraphBuilder, x: str, s_name: str, qrange: tuple[int, int]) -> str:
     c = b.op("Clip", b.op("Div", x, s_name), b.const(float(qrange[0])), b.const(float(qrange[1])))
-    residual = b.op("Sub", b.op("Round", c), c)
-    as_int = b.op("Cast", b.op("Mul", residual, b.const(2.0 ** STE_SHIFT)), to=TensorProto.INT32)
-    frozen = b.op("Mul", b.op("Cast", as_int, to=TensorProto.FLOAT), b.const(2.0 ** -STE_SHIFT))
-    return b.op("Mul", b.op("Add", c, frozen), s_name)
+    return b.op("Mul", round_ste(b, c), s_name)
 
 
 def qdrop(b: GraphBuilder, x: str, x_q: str, mask: str) -> str:

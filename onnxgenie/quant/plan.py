@@ -17,9 +17,10 @@ points is 6x slower than the whole FP32 model (docs/design.md).
 from __future__ import annotations
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..errors import BadInputError
+from ..graph.builder import attr
 from .spec import TARGETS, ActQuant, QuantPlan, WeightQuant
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
@@ -34,16 +35,12 @@ _SIGN_PRESERVING = ("Relu", "MaxPool", "Reshape", "Transpose", "Flatten", "Slice
                     "Squeeze", "Unsqueeze", "GlobalAveragePool", "AveragePool", "Concat")
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def weight_axis(node: onnx.NodeProto) -> int:
     """Output-channel axis of the weight: Conv [O, I, kH, kW] -> 0, Gemm B^T [O, I] -> 0, B [I, O] -> 1."""
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     return 1  # MatMul x @ W, W [I, O]
 
 
@@ -54,7 +51,7 @@ def quantized_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for node in model.graph.node:
         if node.op_type not in QUANT_OPS or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        if node.input[0] in inits or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        if node.input[0] in inits or (node.op_type == "Gemm" and attr(node, "transA", 0)):
             continue
         layers.append(node)
     return layers
@@ -97,7 +94,7 @@ def _non_negative(model: onnx.ModelProto, tensor: str) -> bool:
 
 
 def _pads_with_zero(model: onnx.ModelProto, pad: onnx.NodeProto) -> bool:
-    if _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
+    if attr(pad, "mode", b"constant") not in (b"constant", "constant"):
         return False
     if len(pad.input) < 3 or not pad.input[2]:
         return True
@@ -128,7 +125,7 @@ def grid_source(model: onnx.ModelProto, tensor: str, quantized) -> tuple[str, st
 
 def is_depthwise(node: onnx.NodeProto, weight_shape) -> bool:
     """A Conv with one input channel per group and more than one group."""
-    return node.op_type == "Conv" and _attr(node, "group", 1) > 1 and len(weight_shape) > 1 and weight_shape[1] == 1
+    return node.op_type == "Conv" and attr(node, "group", 1) > 1 and len(weight_shape) > 1 and weight_shape[1] == 1
 
 
 def check_weight_grid(weight_grid: str, target: str) -> None:

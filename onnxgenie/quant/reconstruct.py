@@ -31,10 +31,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, ResumeMismatchError, StorageError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
-from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session, trainable_form
+from ..engine_forms import trainable_form
+from ..graph.builder import GraphBuilder, rewire
+from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
 from .lsq import lsq_quantize
 from .lsq import qdrop as qdrop_mix
-from .softbits import GraphBuilder, hard_round, init_softbits, softbit_weight
+from .softbits import hard_round, init_softbits, softbit_weight
 from .spec import ActQuant, QuantPlan, WeightQuant
 
 QUANTIZERS = ("genie", "adaround")
@@ -71,11 +73,6 @@ def _block_acts(block_model: onnx.ModelProto, plan: QuantPlan) -> list[tuple[Act
         if users:
             out.append((aq, users))
     return out
-
-
-def _rewire(users: list[onnx.NodeProto], old: str, new: str) -> None:
-    for node in users:
-        node.input[:] = [new if i == old else i for i in node.input]
 
 
 def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
@@ -164,10 +161,10 @@ def training_model(block_model: onnx.ModelProto, plan: QuantPlan, quantizer: str
         names.init[s_name] = np.array([aq.scale], np.float32)
         x_q = lsq_quantize(b, aq.tensor, s_name, aq.qrange)
         if not qdrop:
-            _rewire(users, aq.tensor, x_q)
+            rewire(users, aq.tensor, x_q)
             continue
         mask = f"qdrop_mask_{k}"
-        _rewire(users, aq.tensor, qdrop_mix(b, aq.tensor, x_q, mask))
+        rewire(users, aq.tensor, qdrop_mix(b, aq.tensor, x_q, mask))
         names.inputs.append(mask)
         names.mask_tensors.append(aq.tensor)
         mask_inputs.append(_typed_like(block_model, aq.tensor, mask))
@@ -202,7 +199,7 @@ def quantized_block_model(block_model: onnx.ModelProto, plan: QuantPlan) -> onnx
     for aq, users in _block_acts(model, plan):
         s = b.const(np.float32(aq.scale))
         c = b.op("Clip", b.op("Div", aq.tensor, s), b.const(float(aq.qrange[0])), b.const(float(aq.qrange[1])))
-        _rewire(users, aq.tensor, b.op("Mul", b.op("Round", c), s))
+        rewire(users, aq.tensor, b.op("Mul", b.op("Round", c), s))
     return _finish(model, b, list(model.graph.input), list(model.graph.output))
 
 

@@ -10,34 +10,10 @@ After reconstruction the soft bits become hard ones: h(V) ≥ 0.5 ⇔ V ≥ 0.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+
+from ..graph.builder import GraphBuilder
 
 GAMMA, ZETA = -0.1, 1.1
-
-
-class GraphBuilder:
-    """Nodes and initializers appended to a graph under construction (shared with ``lsq``)."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{hint}_{self._count}"
-
-    def const(self, value, name: str | None = None, dtype=np.float32) -> str:
-        name = name or self.fresh("const")
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        out = out or self.fresh(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
-        return out
 
 
 def rectified_sigmoid(v: np.ndarray) -> np.ndarray:
