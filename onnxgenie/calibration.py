@@ -12,9 +12,10 @@ import onnx
 from .config import QuantizeConfig
 from .distill import distill
 from .errors import BadInputError
-from .evaluate import load_npz, predict, preprocess
+from .evaluate import load_npz, preprocess
 from .graph.load import _dims, _image_input, image_io, nhwc_transpose, to_input_layout
 from .report import check_finite_logits
+from .runtime import predict
 from .workdir import part
 
 

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto
 
 from .errors import BadInputError
 from .graph.load import image_io, load_model, to_input_layout
-from .ortrain import session_options
-
-SUB_BYTE = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}   # 4-bit type: its 8-bit kin
+from .runtime import predict
 
 
 def preprocess(images: np.ndarray, chw: tuple[int, int, int], mean=None, std=None) -> np.ndarray:
@@ -102,57 +98,6 @@ def load_npz(path: str | os.PathLike, need_labels: bool = True,
         if len(labels) != len(images):
             raise BadInputError(f"{path}: {len(images)} images but {len(labels)} labels; they must match")
     return images, labels
-
-
-def _shape_key(vi: onnx.ValueInfoProto) -> tuple:
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
-
-
-def buffer_reuse_hazard(model: onnx.ModelProto) -> list[str]:
-    """8-bit QuantizeLinear outputs that follow a 4-bit one of the same type family and shape.
-
-    onnxruntime's allocation planner before PR 32611 (1.19, the training build, among them) took a
-    uint4[N] buffer (N/2 bytes) as the same size as a uint8[N] tensor and reused it: the 8-bit write
-    overflows the heap (wrong logits or a crash). The default plans put 8-bit activations only before
-    the first 4-bit one of their shape or at a unique shape; ``--high-bits`` layers mid-network do not.
-    """
-    graph = model.graph
-    quantized = [n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"]
-    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    if any(t not in shapes for t in quantized):   # e.g. a model saved without value_info
-        graph = onnx.shape_inference.infer_shapes(model).graph
-        shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
-    seen_sub_byte: set[tuple] = set()
-    hazards = []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.output[0] not in shapes:
-            continue
-        vi = shapes[node.output[0]]
-        elem = vi.type.tensor_type.elem_type
-        if elem in SUB_BYTE:
-            seen_sub_byte.add((SUB_BYTE[elem], _shape_key(vi)))
-        elif (elem, _shape_key(vi)) in seen_sub_byte:
-            hazards.append(node.output[0])
-    return hazards
-
-
-def predict(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 250, threads: int = 1,
-            level: ort.GraphOptimizationLevel | None = None) -> np.ndarray:
-    """Logits [N, classes] of ``model`` on ``x`` (float32 NCHW) in batches, ORT CPU. Buffer reuse is off for
-    a model that onnxruntime 1.19 would overflow a buffer on (``buffer_reuse_hazard``)."""
-    n = len(x)
-    opts = session_options(threads)
-    if level is not None:
-        opts.graph_optimization_level = level
-    opts.enable_mem_reuse = not buffer_reuse_hazard(model)
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    name, fixed = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    if isinstance(fixed, int) and fixed > 0:  # a fixed-batch export runs at its batch, the last one padded
-        batch_size = fixed
-        x = np.concatenate([x, np.repeat(x[-1:], -len(x) % fixed, axis=0)]) if len(x) % fixed else x
-    logits = np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0]
-                             for i in range(0, len(x), batch_size)])[:n]
-    return logits.reshape(len(logits), -1)   # [N, classes, 1, 1] heads as [N, classes]
 
 
 def evaluate(model, data: str | os.PathLike, mean=None, std=None, reference=None, batch_size: int = 250,

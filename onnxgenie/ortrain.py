@@ -1,9 +1,16 @@
-"""All onnxruntime-training glue: torch-free import, artifact generation, gradient steps, Adam.
+"""The engine boundary: every call to onnxruntime(-training) goes through this module.
 
-A forward graph with a scalar output (the loss, computed in-graph) and a list of trainable
-initializers becomes a ``GradientGraph``: calling it runs forward + backward and the gradients are
-read back as NumPy arrays. The optimiser runs in NumPy (``Adam``) so that every parameter group
-can have its own learning rate and schedule, which ORT's single-lr optimizer model cannot express.
+- sessions: ``inference_session`` (inference on the CPU, with the engine's known bugs avoided),
+  ``session_options``, ``use_shared_arena``, ``quiet_run_options``;
+- gradients: a forward graph with a scalar output (the loss, computed in-graph) and a list of trainable
+  initializers becomes a ``GradientGraph``: ``step`` runs forward + backward, ``grads``/``params``/
+  ``set_params`` read and write the trainables as NumPy arrays, ``evaluate`` runs forward only,
+  ``profile=True`` records onnxruntime's profile;
+- its errors, in one line: ``describe_ort_error``.
+
+The torch-free import of onnxruntime-training lives here too. The graph forms the engine can
+differentiate are ``engine_forms``; batching over many images is ``runtime``; the optimiser runs in
+NumPy (``optim``), so that every parameter group has its own learning rate and schedule.
 """
 
 from __future__ import annotations
@@ -11,13 +18,13 @@ from __future__ import annotations
 import copy
 import errno
 import importlib.util
+import json
 import logging
 import os
 import re
 import sys
 import tempfile
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +58,14 @@ def _training_modules():
     return artifacts, api, onnxblock
 
 
+def quiet_logger() -> None:
+    """onnxruntime's own log: warnings and errors only."""
+    ort.set_default_logger_severity(3)
+
+
 def quiet_ort_logs() -> None:
     """Artifact generation logs at INFO by default; keep warnings and errors only."""
-    ort.set_default_logger_severity(3)
+    quiet_logger()
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
 
@@ -101,9 +113,66 @@ def describe_ort_error(err: Exception) -> str:
     return re.sub(r"^.*?(was false\. |\] )", "", text)[:160]
 
 
-def inference_session(model: onnx.ModelProto, threads: int = 1, shared_arena: bool = False) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads, shared_arena),
-                                providers=["CPUExecutionProvider"])
+_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def inference_session(model: onnx.ModelProto, threads: int = 1, shared_arena: bool = False,
+                      optimization: str | None = None) -> ort.InferenceSession:
+    """A CPU session of ``model``; ``optimization``: the graph optimisation level (``_LEVELS``; None: the
+    default, all). Buffer reuse is off for a model this build would overflow a buffer on
+    (``buffer_reuse_hazard``)."""
+    opts = session_options(threads, shared_arena)
+    if optimization is not None:
+        opts.graph_optimization_level = _LEVELS.get(optimization, optimization)
+    opts.enable_mem_reuse = not buffer_reuse_hazard(model)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def quiet_run_options() -> ort.RunOptions:
+    """Run options that log nothing (for runs whose failure the caller reports itself)."""
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    return quiet
+
+
+def engine_version() -> str:
+    return ort.__version__
+
+
+SUB_BYTE = {onnx.TensorProto.INT4: onnx.TensorProto.INT8, onnx.TensorProto.UINT4: onnx.TensorProto.UINT8}  # 4-bit: its 8-bit kin
+
+
+def _shape_key(vi: onnx.ValueInfoProto) -> tuple:
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim)
+
+
+def buffer_reuse_hazard(model: onnx.ModelProto) -> list[str]:
+    """8-bit QuantizeLinear outputs that follow a 4-bit one of the same type family and shape.
+
+    onnxruntime's allocation planner before PR 32611 (1.19, the training build, among them) took a
+    uint4[N] buffer (N/2 bytes) as the same size as a uint8[N] tensor and reused it: the 8-bit write
+    overflows the heap (wrong logits or a crash). The default plans put 8-bit activations only before
+    the first 4-bit one of their shape or at a unique shape; ``--high-bits`` layers mid-network do not.
+    """
+    graph = model.graph
+    quantized = [n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"]
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    if any(t not in shapes for t in quantized):   # e.g. a model saved without value_info
+        graph = onnx.shape_inference.infer_shapes(model).graph
+        shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    seen_sub_byte: set[tuple] = set()
+    hazards = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.output[0] not in shapes:
+            continue
+        vi = shapes[node.output[0]]
+        elem = vi.type.tensor_type.elem_type
+        if elem in SUB_BYTE:
+            seen_sub_byte.add((SUB_BYTE[elem], _shape_key(vi)))
+        elif (elem, _shape_key(vi)) in seen_sub_byte:
+            hazards.append(node.output[0])
+    return hazards
 
 
 _NO_ROOM = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG,
@@ -126,12 +195,13 @@ class GradientGraph:
     """Forward+backward of ``model`` w.r.t. the initializers named in ``trainable``.
 
     ``model``'s first output must be a scalar loss; further outputs are returned as extras.
-    Every other initializer is frozen. Inputs are passed positionally in the model's input order.
-    ``shared_arena``: see ``use_shared_arena``.
+    Every other initializer is frozen. Inputs are passed positionally in ``input_names`` order.
+    ``shared_arena``: see ``use_shared_arena``. ``profile``: onnxruntime's profiler records every run
+    (``end_profiling``).
     """
 
-    def __init__(self, model: onnx.ModelProto, trainable: list[str], threads: int = 1,
-                 artifact_dir: str | os.PathLike | None = None, shared_arena: bool = False):
+    def __init__(self, model: onnx.ModelProto, trainable: list[str], threads: int = 1, shared_arena: bool = False,
+                 profile: bool = False):
         artifacts, api, onnxblock = _training_modules()
         quiet_ort_logs()
         inits = {t.name for t in model.graph.initializer}
@@ -147,97 +217,65 @@ class GradientGraph:
         self.output_names = [o.name for o in model.graph.output]
         self.trainable = list(trainable)
         frozen = [n for n in inits if n not in set(trainable) | set(anchors)]
-        self._tmp = None
-        if artifact_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="onnxgenie-ort-")
-            artifact_dir = self._tmp.name
-        artifact_dir = Path(artifact_dir)
+        opts = session_options(threads, shared_arena)
+        self._profile = tempfile.TemporaryDirectory(prefix="onnxgenie-profile-") if profile else None
+        if profile:
+            opts.enable_profiling, opts.profile_file_prefix = True, str(Path(self._profile.name) / "profile")
         extra = self.output_names[1:]
-        try:
-            artifact_dir.mkdir(parents=True, exist_ok=True)
-            artifacts.generate_artifacts(
-                model, requires_grad=self.trainable + anchors, frozen_params=frozen, loss=None, optimizer=None,
-                artifact_directory=artifact_dir, additional_output_names=extra or None,
-                loss_input_names=[self.output_names[0]] if extra else None)
-            self.state = api.CheckpointState.load_checkpoint(str(artifact_dir / "checkpoint"))
-            self.module = api.Module(str(artifact_dir / "training_model.onnx"), self.state,
-                                     str(artifact_dir / "eval_model.onnx"),
-                                     session_options=session_options(threads, shared_arena))
-        except Exception as err:
-            full = _storage_error(err, Path(tempfile.gettempdir()) if self._tmp is not None else artifact_dir)
-            if self._tmp is not None:
-                self._tmp.cleanup()
-            if full is not None:
-                raise full from None
-            raise
-        self.module.train()
-        if self._tmp is not None:  # the sessions hold everything now; a killed process leaves no files
-            self._tmp.cleanup()
-            self._tmp = None
+        with tempfile.TemporaryDirectory(prefix="onnxgenie-ort-") as tmp:
+            # the sessions hold everything once built: a process killed later leaves no files
+            folder = Path(tmp)
+            try:
+                artifacts.generate_artifacts(
+                    model, requires_grad=self.trainable + anchors, frozen_params=frozen, loss=None, optimizer=None,
+                    artifact_directory=folder, additional_output_names=extra or None,
+                    loss_input_names=[self.output_names[0]] if extra else None)
+                self._state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+                self._module = api.Module(str(folder / "training_model.onnx"), self._state,
+                                          str(folder / "eval_model.onnx"), session_options=opts)
+            except Exception as err:
+                full = _storage_error(err, Path(tempfile.gettempdir()))
+                if full is not None:
+                    raise full from None
+                raise
+        self._module.train()
 
-    def __call__(self, *inputs: np.ndarray):
-        """One forward+backward pass; returns the loss (float) and any extra outputs."""
-        self.module.lazy_reset_grad()
-        out = self.module(*[np.ascontiguousarray(x) for x in inputs])
+    def _run(self, inputs: tuple[np.ndarray, ...]) -> tuple:
+        out = self._module(*[np.ascontiguousarray(x) for x in inputs])
         out = out if isinstance(out, (tuple, list)) else (out,)
         out = [o.numpy() if hasattr(o, "numpy") else o for o in out]  # an input-less graph returns OrtValues
-        return (float(np.asarray(out[0]).reshape(-1)[0]), *out[1:]) if len(out) > 1 else float(out[0])
+        return (float(np.asarray(out[0]).reshape(-1)[0]), *out[1:])
 
-    def evaluate(self, *inputs: np.ndarray):
-        """Forward only (no gradients, no state change)."""
-        self.module.eval()
+    def step(self, *inputs: np.ndarray) -> tuple:
+        """One forward+backward pass (``grads`` then reads the gradients): (loss as a float, *extra outputs)."""
+        self._module.lazy_reset_grad()
+        return self._run(inputs)
+
+    def evaluate(self, *inputs: np.ndarray) -> tuple:
+        """Forward only (no gradients, no state change): (loss as a float, *extra outputs)."""
+        self._module.eval()
         try:
-            out = self.module(*[np.ascontiguousarray(x) for x in inputs])
+            return self._run(inputs)
         finally:
-            self.module.train()
-        out = out if isinstance(out, tuple) else (out,)
-        return (float(out[0]), *out[1:]) if len(out) > 1 else float(out[0])
+            self._module.train()
 
     def grads(self) -> dict[str, np.ndarray]:
-        return {n: self.state.parameters[n].grad for n in self.trainable}
+        return {n: self._state.parameters[n].grad for n in self.trainable}
 
     def params(self) -> dict[str, np.ndarray]:
-        return {n: self.state.parameters[n].data for n in self.trainable}
+        return {n: self._state.parameters[n].data for n in self.trainable}
 
     def set_params(self, values: dict[str, np.ndarray]) -> None:
         for name, value in values.items():
-            self.state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+            self._state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
 
-
-@dataclass
-class ParamGroup:
-    names: list[str]
-    lr: float
-
-
-@dataclass
-class Adam:
-    """PyTorch-equivalent Adam (no weight decay) over NumPy arrays, one learning rate per group."""
-
-    groups: list[ParamGroup]
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    t: int = 0
-    m: dict = field(default_factory=dict)
-    v: dict = field(default_factory=dict)
-
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        out = {}
-        for group in self.groups:
-            for name in group.names:
-                g = grads[name]
-                m = self.m[name] = b1 * self.m.get(name, 0.0) + (1 - b1) * g
-                v = self.v[name] = b2 * self.v.get(name, 0.0) + (1 - b2) * g * g
-                out[name] = params[name] - group.lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
-        return out
-
-    def state_dict(self) -> dict:
-        return {"t": self.t, "m": dict(self.m), "v": dict(self.v), "lrs": [g.lr for g in self.groups]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.t, self.m, self.v = state["t"], dict(state["m"]), dict(state["v"])
-        for group, lr in zip(self.groups, state["lrs"]):
-            group.lr = lr
+    def end_profiling(self) -> list[dict]:
+        """The profiler's events (Chrome trace format) of every run so far; the graph cannot run after this."""
+        if self._profile is None:
+            raise ValueError("this GradientGraph was built without profile=True")
+        del self._module   # onnxruntime writes the profile when the session closes
+        try:
+            return json.loads(next(Path(self._profile.name).glob("profile*.json")).read_text())
+        finally:
+            self._profile.cleanup()
+            self._profile = None

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 
 from .distill.preview import grid_png
 from .errors import UnsupportedModelError
-from .evaluate import predict
 from .files import atomic_write
 from .graph.bn import initializers
+from .ortrain import engine_version
+from .runtime import predict
 
 SQNR_CAP_DB = 200.0   # reported when the quantization error is exactly zero (keeps the JSON finite)
 MIB = 2 ** 20
@@ -94,7 +94,7 @@ def versions() -> dict:
     except importlib.metadata.PackageNotFoundError:
         own = "unknown"
     return {"onnxgenie": own, "python": platform.python_version(), "numpy": np.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__, "onnxruntime": engine_version(),
             "platform": f"{platform.machine()} {platform.processor()}".strip(), "cpu_count": os.cpu_count()}
 
 

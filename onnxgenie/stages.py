@@ -8,15 +8,14 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from . import report as rep
 from . import status
 from .config import QuantizeConfig
 from .errors import BadSettingError, OnnxGenieError
-from .evaluate import buffer_reuse_hazard, predict
 from .export.qdq import EXPORT_OPSET, export_qdq
 from .graph.load import image_io, image_tensors, nhwc_transpose
+from .ortrain import buffer_reuse_hazard
 from .outputs import check_finite
 from .quant.augment import augment
 from .quant.candidates import reconstruct_candidates
@@ -26,14 +25,15 @@ from .quant.plan import build_plan
 from .quant.reconstruct import check_args, reconstruct
 from .quant.sensitivity import choose, high_bits_gains, plan_kl, with_high_node
 from .quant.spec import QuantPlan
+from .runtime import predict
 from .workdir import part
 
 PARITY_TOLERANCE = 1e-4  # of the logit range
 PARITY_IMAGES = 16
 SENSITIVITY_IMAGES = 256   # calibration images that rank layers for --auto-high-bits
-# The simulation and the export agree bit for bit at this level; ORT_ENABLE_ALL re-lays-out the float
+# The simulation and the export agree bit for bit at this level; "all" re-lays-out the float
 # convolutions of the simulation (NCHWc), which changes float sums and so a few rounding decisions.
-PARITY_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+PARITY_LEVEL = "basic"
 
 
 def check_run(config: QuantizeConfig, normal: onnx.ModelProto, images: int) -> None:

@@ -453,14 +453,9 @@ def run(model: onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.ndar
     ``optimize=False`` turns ORT's graph optimisations off, so that BatchNormalization is computed
     as written rather than fused into the Conv before it (a fair reference for our own folding).
     """
-    import onnxruntime as ort
+    from onnxgenie.ortrain import inference_session
 
-    from onnxgenie.ortrain import session_options
-
-    opts = session_options(1)
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = inference_session(model, 1, optimization=None if optimize else "disable")
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

@@ -20,7 +20,8 @@ from onnxgenie.distill.genie_d import (LATENTS, BatchDistiller, DistillConfig, R
 from onnxgenie.errors import BadInputError, DivergenceError, NoBatchNormError, ResumeMismatchError
 from onnxgenie.graph.bn import bn_layers
 from onnxgenie.graph.load import normalize
-from onnxgenie.ortrain import ParamGroup, inference_session
+from onnxgenie.optim import ParamGroup
+from onnxgenie.ortrain import inference_session
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 

@@ -37,10 +37,10 @@ def test_frozen_bn_must_be_mul_add_inside_training_graphs():
     x = fixtures.random_input(normal, 4)
     reference = float(inference_session(_with_square_loss(normal)).run(None, {"input": x})[0])
     affine = GradientGraph(_with_square_loss(fold_bn(normal, fold_into_producer=False)), ["fc.bias"])
-    assert affine(x)[0] == pytest.approx(reference, rel=1e-5)
+    assert affine.step(x)[0] == pytest.approx(reference, rel=1e-5)
     assert affine.evaluate(x)[0] == pytest.approx(reference, rel=1e-5)
     kept = GradientGraph(_with_square_loss(normal), ["fc.bias"])
-    assert kept(x)[0] != pytest.approx(reference, rel=1e-2)
+    assert kept.step(x)[0] != pytest.approx(reference, rel=1e-2)
 
 
 # Activations without a gradient in onnxruntime-training, rewritten (trainable_form) -----------------
@@ -81,7 +81,7 @@ def test_activations_without_gradient_are_rewritten_with_the_same_values_and_gra
     want = float(inference_session(model).run(None, {})[0])
     assert float(inference_session(rewritten).run(None, {})[0]) == pytest.approx(want, rel=1e-5, abs=1e-4)
     gg = GradientGraph(rewritten, ["x"])
-    assert gg() == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert gg.step()[0] == pytest.approx(want, rel=1e-5, abs=1e-4)
     grad = gg.grads()["x"]
 
     def loss_at(values: np.ndarray) -> np.ndarray:   # per-element losses of the original op, float64 steps
@@ -140,7 +140,7 @@ def test_tensor_read_by_several_concats_gets_correct_gradients():
     assert model.SerializeToString() == before          # the caller's model is not changed
     assert set(gg.grads()) == {"w1", "w2"} and set(gg.params()) == {"w1", "w2"}
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
-    loss = gg(x)
+    loss, = gg.step(x)
     w = {n: v.astype(np.float64) for n, v in gg.params().items()}
     assert loss == pytest.approx(_dense_loss_np(x.astype(np.float64), w["w1"], w["w2"]), rel=1e-5)
     h = 1e-4
@@ -183,7 +183,7 @@ def test_layer_normalization_gets_correct_gradients_after_trainable_form():
         return float(np.mean(y ** 2))
 
     ref = {"w": w.astype(np.float64), "gamma": gamma.astype(np.float64)}
-    assert gg(x) == pytest.approx(loss_np(ref["w"], ref["gamma"]), rel=1e-5)
+    assert gg.step(x)[0] == pytest.approx(loss_np(ref["w"], ref["gamma"]), rel=1e-5)
     grads, h = gg.grads(), 1e-5
     for name, idx in [("w", (0, 0)), ("w", (5, 7)), ("w", (2, 3)), ("gamma", (1,)), ("gamma", (6,))]:
         plus, minus = {k: v.copy() for k, v in ref.items()}, {k: v.copy() for k, v in ref.items()}
@@ -218,14 +218,14 @@ def test_average_pool_gets_its_gradient_with_a_symbolic_batch(pool_attrs):
     x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     symbolic = _scaled_avgpool_model("N", pool_attrs)
     with pytest.raises(Exception, match="broadcast"):
-        GradientGraph(symbolic, ["s"])(x)
+        GradientGraph(symbolic, ["s"]).step(x)
     static = GradientGraph(_scaled_avgpool_model(2, pool_attrs), ["s"])   # the native kernel works here
-    loss_ref = static(x)
+    loss_ref, = static.step(x)
     grad_ref = static.grads()["s"]
     trainable_form(symbolic)
     assert "AveragePool" not in {n.op_type for n in symbolic.graph.node}
     rewritten = GradientGraph(symbolic, ["s"])
-    assert rewritten(x) == pytest.approx(loss_ref, rel=1e-5)
+    assert rewritten.step(x)[0] == pytest.approx(loss_ref, rel=1e-5)
     np.testing.assert_allclose(rewritten.grads()["s"], grad_ref, rtol=1e-5)
     plain = ort.InferenceSession(_scaled_avgpool_model("N", pool_attrs).SerializeToString(),
                                  providers=["CPUExecutionProvider"])

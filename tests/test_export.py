@@ -16,15 +16,16 @@ import fixtures
 from conftest import dev_images, shared_dir, shared_model, shared_model_path, train_images
 from onnxgenie.cli import main
 from onnxgenie.errors import BadInputError
-from onnxgenie.evaluate import buffer_reuse_hazard, predict
 from onnxgenie.export.plain_ort import plain_ort_python, run_plain_ort
 from onnxgenie.export.qdq import EXPORT_OPSET, export_qdq, weight_grid_errors
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
-from onnxgenie.stages import PARITY_LEVEL, parity
+from onnxgenie.ortrain import buffer_reuse_hazard
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
+from onnxgenie.runtime import batches, predict
+from onnxgenie.stages import PARITY_LEVEL, parity
 
 TOL = 1e-4  # of the logit range
 
@@ -76,7 +77,7 @@ def test_4bit_pairs_after_maxpool_and_clip_survive_onnxruntime_optimisations(nam
 def test_skewed_activation_gets_an_unsigned_grid_with_a_zero_point(wbits, abits):
     """A SiLU output (min about -0.28) on a signed symmetric grid would use half its codes; the unsigned
     grid with a zero point has less than half the L2.4 error, and the export reproduces it exactly."""
-    from onnxgenie.quant.init import P_NORM, activation_batches, fake_quant, lp_search
+    from onnxgenie.quant.init import P_NORM, fake_quant, lp_search
     from onnxgenie.quant.spec import int_range
 
     model = fixtures.silu()
@@ -85,7 +86,7 @@ def test_skewed_activation_gets_an_unsigned_grid_with_a_zero_point(wbits, abits)
     skewed = [a for a in plan.acts.values() if a.zero_point]
     assert [a.tensor for a in skewed] == ["block.relu"] and not skewed[0].signed
     act = skewed[0]
-    values = np.concatenate([v[act.tensor].ravel() for _, v in activation_batches(folded, [act.tensor], x[:16])])
+    values = np.concatenate([v[0].ravel() for _, v in batches(folded, x[:16], [act.tensor])])
     assert values.min() < 0 < act.zero_point < 2 ** act.bits - 1
 
     def error(scale, zero, qmin, qmax):

@@ -15,11 +15,11 @@ from onnx import numpy_helper
 import fixtures
 import onnxgenie
 from onnxgenie.cli import main
-from onnxgenie.evaluate import predict
 from onnxgenie.graph.bn import bn_layers
 from onnxgenie.graph.load import image_tensors, nhwc_transpose, normalize
 from onnxgenie.stages import PARITY_LEVEL
 from onnxgenie.quant.init import image_range
+from onnxgenie.runtime import predict
 
 DATA = Path(__file__).parent / "data" / "exporters"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

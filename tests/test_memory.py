@@ -128,43 +128,43 @@ def test_short_memory_runs_the_teacher_in_chunks_with_the_same_images(monkeypatc
 
 # Inference passes that read activations back ------------------------------------------------------
 
-def test_activation_batches_stay_within_the_budget(monkeypatch):
+def test_inference_batches_stay_within_the_budget(monkeypatch):
     from onnxgenie.graph.bn import fold_bn
-    from onnxgenie.quant.init import activation_batches
+    from onnxgenie.runtime import batches
 
     folded = fold_bn(normalize(conv_bn_net()))
     tensors = ["stem.relu", "block.relu"]
     per_image = 4 * (resources.tensor_floats(folded) + resources.tensor_floats(folded, tensors))
     assert resources.tensor_floats(folded, tensors) == 2 * 8 * 8 * 8
     x = random_input(folded, 10)
-    whole = list(activation_batches(folded, tensors, x))
+    whole = list(batches(folded, x, tensors, batch_size=64))
     monkeypatch.setattr(resources, "BATCH_ACTIVATIONS", 3 * per_image + 1)
-    parts = list(activation_batches(folded, tensors, x))
-    assert [len(b) for b, _ in whole] == [10] and [len(b) for b, _ in parts] == [3, 3, 3, 1]
-    for t in tensors:
-        np.testing.assert_array_equal(np.concatenate([v[t] for _, v in parts]), whole[0][1][t])
+    parts = list(batches(folded, x, tensors, batch_size=64))
+    assert [len(x[part]) for part, _ in whole] == [10] and [len(x[part]) for part, _ in parts] == [3, 3, 3, 1]
+    for i, _ in enumerate(tensors):
+        np.testing.assert_array_equal(np.concatenate([v[i] for _, v in parts]), whole[0][1][i])
 
 
-def test_activation_batches_refuse_an_image_larger_than_the_memory(monkeypatch):
+def test_inference_batches_refuse_an_image_larger_than_the_memory(monkeypatch):
     from onnxgenie.graph.bn import fold_bn
-    from onnxgenie.quant.init import activation_batches
+    from onnxgenie.runtime import batches
 
     folded = fold_bn(normalize(conv_bn_net()))
     monkeypatch.setattr(resources, "available_memory", lambda: 1024)
     with pytest.raises(BadInputError, match=r"one 3x8x8 image with its activations read back needs about"):
-        next(activation_batches(folded, ["stem.relu"], random_input(folded, 2)))
+        next(batches(folded, random_input(folded, 2), ["stem.relu"]))
 
 
 def test_reconstruction_passes_stay_within_the_budget(monkeypatch):
     from onnxgenie.graph.bn import fold_bn
-    from onnxgenie.quant.reconstruct import _run_batched
+    from onnxgenie.runtime import run_into
 
     folded = fold_bn(normalize(conv_bn_net()))
     x = random_input(folded, 9)
-    whole = _run_batched(folded, x, np.empty((9, 10), np.float32), 1)
+    whole = run_into(folded, x, np.empty((9, 10), np.float32), 1)
     calls = []
     real = resources.inference_batch
     monkeypatch.setattr(resources, "BATCH_ACTIVATIONS", 4 * 4 * resources.tensor_floats(folded) + 1)
     monkeypatch.setattr(resources, "inference_batch", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
-    np.testing.assert_array_equal(_run_batched(folded, x, np.empty((9, 10), np.float32), 1), whole)
+    np.testing.assert_array_equal(run_into(folded, x, np.empty((9, 10), np.float32), 1), whole)
     assert calls == [4]

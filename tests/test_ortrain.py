@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxgenie.ortrain import Adam, GradientGraph, ParamGroup
+from onnxgenie.optim import Adam, ParamGroup
+from onnxgenie.ortrain import GradientGraph
 
 STRIDE = 2
 
@@ -66,7 +67,7 @@ def problem():
 def test_gradients_match_central_differences(problem):
     gg, x, w, b, target = problem
     gg.set_params({"W": w, "b": b})
-    loss, y = gg(x, target)
+    loss, y = gg.step(x, target)
     x64, w64, b64, t64 = (a.astype(np.float64) for a in (x, w, b, target))
     assert loss == pytest.approx(_loss_np(x64, w64, b64, t64), rel=1e-5)
     np.testing.assert_allclose(y, _conv_np(x64, w64, b64), rtol=1e-5, atol=1e-5)
@@ -97,9 +98,21 @@ def test_set_params_evaluate_and_a_few_adam_steps(problem):
     gg.set_params({"b": b})
     adam = Adam([ParamGroup(["W"], 0.05), ParamGroup(["b"], 0.05)])
     for _ in range(20):
-        gg(x, target)
+        gg.step(x, target)
         gg.set_params(adam.step(gg.params(), gg.grads()))
     assert gg.evaluate(x, target)[0] < 0.5 * start
+
+
+def test_profile_records_every_step_by_op(problem):
+    _, x, w, b, target = problem
+    gg = GradientGraph(_conv_loss_model(w, b, x.shape, target.shape), ["W", "b"], threads=1, profile=True)
+    for _ in range(3):
+        gg.step(x, target)
+    events = gg.end_profiling()
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    ops = {e["args"]["op_name"] for e in kernels}
+    assert {"Conv", "ConvGrad", "Tanh"} <= ops
+    assert sum(e["args"]["op_name"] == "Conv" for e in kernels) == 3   # one forward conv per step
 
 
 def test_trainable_names_must_be_initializers(problem):

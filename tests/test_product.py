@@ -12,10 +12,10 @@ import pytest
 import fixtures
 import onnxgenie
 from onnxgenie.cli import main
-from onnxgenie.errors import BadInputError, QualityGateError
-from onnxgenie.evaluate import predict
-from onnxgenie.graph.load import image_io, normalize
 from onnxgenie.config import PRESETS, QuantizeConfig, preset_config
+from onnxgenie.errors import BadInputError, QualityGateError
+from onnxgenie.graph.load import image_io, normalize
+from onnxgenie.runtime import predict
 
 # Init-only on Gaussian-noise calibration: seconds, and the held-out images can be recomputed here.
 NOISE = ["--wbits", "4", "--abits", "4", "--no-reconstruct", "--calib", "noise", "--calib-images", "24",

@@ -9,7 +9,6 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 import fixtures
-from onnxgenie.evaluate import predict
 from onnxgenie.graph.blocks import extract_block_model, partition_blocks
 from onnxgenie.graph.bn import fold_bn, initializers
 from onnxgenie.graph.builder import GraphBuilder
@@ -17,6 +16,7 @@ from onnxgenie.graph.load import normalize
 from onnxgenie.quant.fakequant import fakequant_model, insert_acts, insert_weights
 from onnxgenie.quant.init import act_fake_quant, init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
+from onnxgenie.runtime import predict
 
 BASIC = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
 

@@ -9,11 +9,11 @@ import pytest
 import fixtures
 from onnxgenie.graph.bn import fold_bn, initializers
 from onnxgenie.graph.load import normalize
-from onnxgenie.quant.init import (CLIP_RATIOS, IMAGE_SIGMAS, act_fake_quant, activation_batches, image_range,
-                                  init_activations, init_weights, lp_search, set_image_step)
-from onnxgenie.quant.spec import ActQuant
+from onnxgenie.quant.init import (CLIP_RATIOS, IMAGE_SIGMAS, act_fake_quant, image_range, init_activations,
+                                  init_weights, lp_search, set_image_step)
 from onnxgenie.quant.plan import build_plan
-from onnxgenie.quant.spec import int_range
+from onnxgenie.quant.spec import ActQuant, int_range
+from onnxgenie.runtime import batches
 
 
 def brute_force(row: np.ndarray, qmin: int, qmax: int, symmetric: bool, p: float = 2.4):
@@ -94,8 +94,8 @@ def test_init_activations_sign_and_range(abits):
     x = np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)
     init_activations(folded, plan, x, batch_size=7)
     values = {t: [] for t in plan.acts}
-    for _, batch in activation_batches(folded, list(plan.acts), x, batch_size=20):
-        for t, v in batch.items():
+    for _, batch in batches(folded, x, list(plan.acts), batch_size=20):
+        for t, v in zip(plan.acts, batch):
             values[t].append(v)
     for t, act in plan.acts.items():
         v = np.concatenate(values[t])

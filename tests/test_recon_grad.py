@@ -180,7 +180,7 @@ def test_lsq_gradient_is_the_lsq_formula(qrange):
     g = rng.normal(0, 1, shape).astype(np.float32)
     gg = GradientGraph(_lsq_model(qrange, shape), ["x", "s"], threads=1)
     gg.set_params({"x": x, "s": np.array([s], np.float32)})
-    gg(g)
+    gg.step(g)
     grads = gg.grads()
     v = x / s
     inside = (v >= qrange[0]) & (v <= qrange[1])

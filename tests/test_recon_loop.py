@@ -441,9 +441,9 @@ def test_fast_preset_runs_two_candidates_below_4_bit_weights_only():
 def test_candidates_keep_the_reconstruction_closest_to_fp32_and_resume(tmp_path):
     """Candidate 0 is the plain run (same seed); the kept one has the lowest calibration KL, and the
     exported model scores exactly that; a resumed run reuses every candidate's blocks."""
-    from onnxgenie.evaluate import predict
     from onnxgenie.config import preset_config
     from onnxgenie.pipeline import quantize
+    from onnxgenie.runtime import predict
     from onnxgenie.quant.sensitivity import kl_divergence
 
     model = fixtures.opset17()

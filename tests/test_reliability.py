@@ -971,5 +971,5 @@ def test_training_graph_keeps_no_temporary_files(tmp_path, monkeypatch):
     gg = GradientGraph(model, ["w"])
     assert list(tmp_path.iterdir()) == []
     x = np.array([1, 2, 3], np.float32)
-    assert gg(x) == 6.0 and gg.evaluate(x) == 6.0
+    assert gg.step(x) == (6.0,) and gg.evaluate(x) == (6.0,)
     np.testing.assert_array_equal(gg.grads()["w"], x)

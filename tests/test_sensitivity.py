@@ -12,13 +12,13 @@ import pytest
 import fixtures
 from conftest import shared_model, train_images
 from onnxgenie.cli import main
-from onnxgenie.evaluate import predict
 from onnxgenie.graph.bn import fold_bn
 from onnxgenie.graph.load import normalize
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan, quantized_layers
 from onnxgenie.quant.sensitivity import candidates, choose, high_bits_gains, kl_divergence
+from onnxgenie.runtime import predict
 
 
 def _plan(folded, x, high_bits=()):

@@ -105,7 +105,7 @@ def test_swing_graph_has_input_gradients():
     swung.graph.output.append(helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
     gg = GradientGraph(swung, ["x"])
     offsets = swing_feed(0, 2)
-    gg(offsets[SWING_INPUTS[0]], offsets[SWING_INPUTS[1]])
+    gg.step(offsets[SWING_INPUTS[0]], offsets[SWING_INPUTS[1]])
     # NumPy: sum(conv(crop(pad(x)))) is linear in x; its gradient is the adjoint of crop∘pad applied
     # to the gradient w.r.t. the shifted input, which is the conv's input gradient of sum(y).
     ones = np.ones((2, 4, 3, 3))
@@ -143,10 +143,10 @@ def test_strided_conv_then_maxpool_has_the_original_gradient_at_the_centre_offse
             helper.make_node("Mul", ["p", "p"], ["p2"]),
             helper.make_node("ReduceSum", ["p2"], ["loss"], keepdims=0)]
     plain = GradientGraph(_loss_of_x(model, x, tail), ["x"])
-    plain()
+    plain.step()
     swung = GradientGraph(_loss_of_x(swing_rewrite(model), x, tail), ["x"])
     offsets = swing_feed(1, 1)
-    swung(offsets[SWING_INPUTS[0]], offsets[SWING_INPUTS[1]])
+    swung.step(offsets[SWING_INPUTS[0]], offsets[SWING_INPUTS[1]])
     want = plain.grads()["x"]
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(swung.grads()["x"], want, rtol=1e-5, atol=1e-6)

@@ -71,34 +71,22 @@ def _paired_ratio(model, mode: str, swing: bool, batch: int, threads: int, steps
 def profile_step(model, mode: str, swing: bool, batch: int, threads: int, steps: int = 5) -> dict[str, float]:
     """Milliseconds per step by op type, from onnxruntime's profiler on the distillation graph."""
     import collections
-    import json
-    import tempfile
 
     from onnxgenie.distill.genie_d import DistillConfig, initial_values, training_model
     from onnxgenie.graph.load import normalize
     from onnxgenie.graph.swing import swing_feed
-    from onnxgenie.ortrain import GradientGraph, _training_modules, session_options
+    from onnxgenie.ortrain import GradientGraph
 
     cfg = DistillConfig(1, batch, steps, mode, swing)
     train, groups = training_model(normalize(model), cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        GradientGraph(train, [n for names in groups.values() for n in names], threads, artifact_dir=tmp)
-        _, api, _ = _training_modules()
-        opts = session_options(threads)
-        opts.enable_profiling, opts.profile_file_prefix = True, f"{tmp}/profile"
-        state = api.CheckpointState.load_checkpoint(f"{tmp}/checkpoint")
-        module = api.Module(f"{tmp}/training_model.onnx", state, f"{tmp}/eval_model.onnx", session_options=opts)
-        values = initial_values(train, cfg, np.random.default_rng(0))
-        feeds = {"latents": values.pop("latents")} if mode == "noise" else {}
-        for name, value in values.items():
-            state.parameters[name] = value
-        feeds.update(swing_feed(1, 1) if swing else {})
-        names = [i.name for i in train.graph.input]
-        for _ in range(steps):
-            module.lazy_reset_grad()
-            module(*[feeds[n] for n in names])
-        del module
-        events = json.loads(next(Path(tmp).glob("profile*.json")).read_text())
+    graph = GradientGraph(train, [n for names in groups.values() for n in names], threads, profile=True)
+    values = initial_values(train, cfg, np.random.default_rng(0))
+    feeds = {"latents": values.pop("latents")} if mode == "noise" else {}
+    graph.set_params(values)
+    feeds.update(swing_feed(1, 1) if swing else {})
+    for _ in range(steps):
+        graph.step(*[feeds[n] for n in graph.input_names])
+    events = graph.end_profiling()
     per_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):

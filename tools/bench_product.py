@@ -92,7 +92,7 @@ def dev_top1(model_path: Path, model: str, limit: int) -> tuple[float, int]:
     """Top-1 (%) of the written model on the first ``limit`` dev images, and how many there were."""
     import onnx
 
-    from onnxgenie.evaluate import predict
+    from onnxgenie.runtime import predict
 
     x, y = dev_split(model, limit)
     pred = predict(onnx.load(str(model_path)), x).argmax(1)

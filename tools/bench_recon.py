@@ -87,7 +87,8 @@ def calibration(model: str, source: str, n: int, seed: int, distill_iters: int, 
 
 def _one_run(cfg: dict) -> dict:
     """In a fresh process, so that the peak RSS is this configuration's own peak."""
-    from onnxgenie.evaluate import predict, preprocess
+    from onnxgenie.evaluate import preprocess
+    from onnxgenie.runtime import predict
     from onnxgenie.pipeline import QuantizeConfig, quantize
     from onnxgenie.resources import peak_rss
 

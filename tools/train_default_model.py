@@ -27,7 +27,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxgenie.datasets import DIGITS_MEAN, DIGITS_SIZE, DIGITS_STD, load_digits_raw, load_digits_split
-from onnxgenie.ortrain import Adam, GradientGraph, ParamGroup, inference_session
+from onnxgenie.optim import Adam, ParamGroup
+from onnxgenie.ortrain import GradientGraph, inference_session
 
 CLASSES = 10
 WIDTHS = (8, 16, 32)
@@ -197,7 +198,7 @@ def train(epochs: int = 40, batch: int = 64, lr: float = 3e-3, weight_decay: flo
         for b in range(steps_per_epoch):
             idx = order[b * batch:(b + 1) * batch]
             x = shift_batch(data.x_train[idx], rng)
-            losses.append(gg(x, onehot[data.y_train[idx]])[0])
+            losses.append(gg.step(x, onehot[data.y_train[idx]])[0])
             adam.groups[0].lr = lr * 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule
             current = gg.params()
             new = adam.step(current, gg.grads())

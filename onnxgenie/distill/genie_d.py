@@ -45,7 +45,8 @@ from ..graph.bn import require_bn
 from ..graph.builder import GraphBuilder, make_model
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
-from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
+from ..optim import Adam, ParamGroup
+from ..ortrain import GradientGraph, describe_ort_error, inference_session
 from ..progress import progress_bar as _progress
 from ..resources import peak_rss, process_pool
 from .bns import (IMAGE_WEIGHTS, INPUT_TERMS, LOSS, batch_mean_name, batch_statistics, batch_var_name,
@@ -267,7 +268,7 @@ class ChunkedGraph:
             moments[batch_mean_name(i)], moments[batch_var_name(i)] = batch_statistics(
                 np.concatenate(stats[image_mean_name(i)]), np.concatenate(stats[image_var_name(i)]))
         self.head.set_params(moments)
-        loss = self.head() + float(np.concatenate(stats[INPUT_TERMS]).astype(np.float64).mean())
+        loss = self.head.step()[0] + float(np.concatenate(stats[INPUT_TERMS]).astype(np.float64).mean())
         head_grads = self.head.grads()
         teacher_in = {**swing, **{batch_mean_name(i): moments[batch_mean_name(i)] for i in range(self.layers)}}
         for i in range(self.layers):
@@ -279,10 +280,10 @@ class ChunkedGraph:
             weights[:stop - start] = 1.0 / batch
             teacher_in[IMAGE_WEIGHTS] = weights
             self.teacher.set_params({self.image: self._padded(images, start, stop)})
-            self.teacher(*[teacher_in[n] for n in self.teacher.input_names])
+            self.teacher.step(*[teacher_in[n] for n in self.teacher.input_names])
             image_grad[start:stop] = self.teacher.grads()[self.image][:stop - start]
         source_in[IMAGE_GRAD] = image_grad
-        self.source(*[source_in[n] for n in self.source.input_names])
+        self.source.step(*[source_in[n] for n in self.source.input_names])
         return loss, images
 
 
@@ -310,14 +311,8 @@ class BatchDistiller:
     def _step(self, feeds: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
         if isinstance(self.graph, ChunkedGraph):
             return self.graph.step(feeds)
-        inputs = [feeds[n] for n in self.graph.input_names]
-        if inputs:
-            loss, images = self.graph(*inputs)
-            return loss, images
-        # GradientGraph.__call__ cannot convert the OrtValues ORT returns for an input-less graph
-        self.graph.module.lazy_reset_grad()
-        loss, images = self.graph.module()
-        return float(loss.numpy()), images.numpy()
+        loss, images = self.graph.step(*[feeds[n] for n in self.graph.input_names])
+        return loss, images
 
     def run(self, index: int, on_step=None) -> tuple[np.ndarray, np.ndarray, float]:
         """Distil batch ``index``: (images, loss per step, seconds)."""

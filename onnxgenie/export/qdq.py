@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BadInputError, UnsupportedModelError
-from ..evaluate import SUB_BYTE
+from ..ortrain import SUB_BYTE
 from ..graph.builder import GraphBuilder
 from ..graph.load import _dims
 from ..quant.fakequant import at_opset, bias_scale, insert_acts, insert_weights, quantize_bias

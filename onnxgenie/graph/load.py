@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import defs, helper, numpy_helper, shape_inference, version_converter
 
 from ..errors import BadInputError, UnsupportedModelError
-from ..ortrain import inference_session, ort
+from ..ortrain import inference_session, quiet_logger, quiet_run_options
 from .bn_arith import restore_batchnorm
 from .builder import GraphBuilder, attr
 from .builder import attrs as node_attrs
@@ -99,7 +99,7 @@ def _tensors(graph: onnx.GraphProto):
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
                 yield from _tensors(sub)
 
 
@@ -394,7 +394,7 @@ def _shape_range_as_slice(model: onnx.ModelProto) -> None:
 
 
 def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    ort.set_default_logger_severity(3)  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
+    quiet_logger()  # graphsurgeon folds with onnxruntime, which warns about every Unsqueeze
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its large-tensor warnings went to stdout
     # A pass folds only the Shape ops whose input shape is known; a Reshape whose target it just folded
     # (a channel shuffle) gets its static shape from the next inference: repeat until nothing folds.
@@ -535,8 +535,7 @@ def _check_batch_is_free(exported: onnx.ModelProto, model: onnx.ModelProto, batc
     """Refuse a fixed-batch export whose normal form (batch freed) does not compute, one image or
     ``batch + 1`` images at a time, what the file computes ``batch`` images at a time: the batch took
     part in the computation (a Reshape to [batch * channels, -1], a constant with a batch axis)."""
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # the failure is reported below, in one line
+    quiet = quiet_run_options()  # the failure is reported below, in one line
     shape = _dims(_image_input(model))[1:]
     x = np.random.default_rng(0).standard_normal((2 * batch, *shape)).astype(np.float32)
     try:

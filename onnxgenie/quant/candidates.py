@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxGenieError
-from ..evaluate import predict
 from ..resources import cores, peak_rss, process_pool
+from ..runtime import predict
 from .reconstruct import reconstruct
 from .sensitivity import plan_kl
 

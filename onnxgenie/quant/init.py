@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .. import resources   # looked up on each call: tests patch inference_batch
 from ..graph.bn import initializers
-from ..ortrain import inference_session
+from ..runtime import batches
 from .spec import ActQuant, QuantPlan, int_range
 
 P_NORM = 2.4
@@ -94,23 +93,6 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, ax
     return np.clip(np.round(w.astype(np.float32) / s) + z, qmin, qmax).astype(np.int32)
 
 
-def activation_batches(folded: onnx.ModelProto, tensors: list[str], images: np.ndarray,
-                       batch_size: int = 64, threads: int = 1):
-    """Run the float model on ``images`` (NCHW float32) with ``tensors`` as extra outputs; yields
-    ``(batch_images, {tensor: values})`` per batch of at most ``batch_size`` images, fewer where one
-    batch's activations would exceed ``resources.BATCH_ACTIVATIONS`` (EfficientNet-Lite0 at 224²: 13 images)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(folded)
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
-    batch_size = resources.inference_batch(folded, tensors, batch_size)
-    session = inference_session(model, threads)
-    input_name = session.get_inputs()[0].name
-    for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32)
-        yield batch, dict(zip(tensors, session.run(tensors, {input_name: batch})))
-
-
 # A tensor with negative values gets an unsigned grid with a zero point instead of a signed symmetric one
 # where that at least halves the L_p error: outputs of SiLU, HardSwish, LeakyReLU (min -0.28 for SiLU)
 # would use about half the codes of a signed grid. Roughly symmetric tensors keep the symmetric grid.
@@ -138,12 +120,12 @@ def init_activations(folded: onnx.ModelProto, plan: QuantPlan, images: np.ndarra
     lo = dict.fromkeys(names, np.inf)
     hi = dict.fromkeys(names, -np.inf)
     samples: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    for batch, values in activation_batches(folded, names, images, batch_size, threads):
-        for t, v in values.items():
+    for part, values in batches(folded, images, names, batch_size, threads):
+        for t, v in zip(names, values):
             flat = v.ravel()
             lo[t], hi[t] = min(lo[t], float(flat.min())), max(hi[t], float(flat.max()))
             flat = flat[flat != 0]  # exact zeros (half of a ReLU output) have zero error at every step
-            keep = int(np.ceil(MAX_SAMPLES * len(batch) / len(images)))
+            keep = int(np.ceil(MAX_SAMPLES * len(images[part]) / len(images)))
             samples[t].append(flat if flat.size <= keep else flat[rng.integers(0, flat.size, keep)])
     for t, act in plan.acts.items():
         act.signed, act.zero_point = plan.target == "tensorrt" or lo[t] < 0, 0

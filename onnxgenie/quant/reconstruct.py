@@ -33,7 +33,9 @@ from ..errors import BadInputError, ResumeMismatchError, StorageError
 from ..graph.blocks import Block, extract_block_model, partition_blocks
 from ..engine_forms import trainable_form
 from ..graph.builder import GraphBuilder, rewire
-from ..ortrain import Adam, GradientGraph, ParamGroup, describe_ort_error, inference_session
+from ..optim import Adam, ParamGroup
+from ..ortrain import GradientGraph, describe_ort_error
+from ..runtime import run_into, sample_shapes, with_outputs
 from .lsq import lsq_quantize
 from .lsq import qdrop as qdrop_mix
 from .softbits import hard_round, init_softbits, softbit_weight
@@ -222,27 +224,8 @@ def cosine(base_lr: float, step: int, iters: int) -> float:
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def _run_batched(model: onnx.ModelProto, x: np.ndarray, out: np.ndarray | None, threads: int,
-                 chunk: int = 256):
-    """``model`` on ``x`` in batches of at most ``chunk`` images, fewer where one batch's activations
-    would exceed ``resources.BATCH_ACTIVATIONS`` (EfficientNet-Lite0 at 224²: 111 images through its largest block)."""
-    from ..resources import inference_batch
-
-    chunk = inference_batch(model, [], chunk)
-    sess = inference_session(model, threads)
-    name = sess.get_inputs()[0].name
-    results = []
-    for i in range(0, len(x), chunk):
-        y = sess.run(None, {name: np.ascontiguousarray(x[i:i + chunk], dtype=np.float32)})
-        if out is None:
-            results.append(y)
-        else:
-            out[i:i + chunk] = y[0]
-    return out if out is not None else results
-
-
 def _output_shape(model: onnx.ModelProto, x: np.ndarray, threads: int) -> tuple[int, ...]:
-    return _run_batched(model, x[:1], None, threads)[0][0].shape[1:]
+    return sample_shapes(model, [model.graph.output[0].name], x, threads)[0]
 
 
 def _inner_values(block_model: onnx.ModelProto, tensor: str, x: np.ndarray, store: "_Store",
@@ -250,11 +233,8 @@ def _inner_values(block_model: onnx.ModelProto, tensor: str, x: np.ndarray, stor
     """The values of one of the block's tensors (its input included) on ``x``."""
     if tensor == block_model.graph.input[0].name:
         return x
-    model = copy.deepcopy(block_model)
-    del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
-    out = store.empty((len(x), *_output_shape(model, x, threads)))
-    return _run_batched(model, x, out, threads)
+    model = with_outputs(block_model, [tensor], only=True)
+    return run_into(model, x, store.empty((len(x), *_output_shape(model, x, threads))), threads)
 
 
 class _Store:
@@ -270,23 +250,6 @@ class _Store:
         self.count += 1
         path = self.folder / f"stream_{self.count % 4}.npy"   # at most 4 files alive
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-
-
-def _tensor_shapes(block_model: onnx.ModelProto, tensors: list[str], x: np.ndarray,
-                   threads: int) -> list[tuple[int, ...]]:
-    """Per-sample shapes of block tensors (run once on one sample)."""
-    if not tensors:
-        return []
-    model = copy.deepcopy(block_model)
-    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    for t in tensors:
-        if t not in known:
-            model.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    sess = inference_session(model, threads)
-    feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x[:1], np.float32)}
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
-    values[sess.get_inputs()[0].name] = x[:1]
-    return [tuple(values[t].shape[1:]) for t in tensors]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,11 +320,9 @@ def mix_inputs(mask: np.ndarray, x_q: np.ndarray, x_fp: np.ndarray) -> np.ndarra
 
 
 def _step(gg: GradientGraph, *inputs: np.ndarray) -> tuple[float, float]:
-    """Forward+backward; (loss, recon_loss). Calls the ORT module directly because
-    ``GradientGraph.__call__`` cannot convert the (1,)-shaped loss ORT returns next to extra outputs."""
-    gg.module.lazy_reset_grad()
-    loss, recon = gg.module(*[np.ascontiguousarray(x) for x in inputs])
-    return float(np.asarray(loss).reshape(-1)[0]), float(np.asarray(recon).reshape(-1)[0])
+    """Forward+backward; (loss, recon_loss)."""
+    loss, recon = gg.step(*inputs)
+    return loss, float(np.asarray(recon).reshape(-1)[0])
 
 
 def _train(gg: GradientGraph, names: TrainNames, plan: QuantPlan, x_fp, x_q, y, mask_shapes, cfg: BlockConfig,
@@ -418,7 +379,7 @@ def reconstruct_block(block_model: onnx.ModelProto, plan: QuantPlan, x_fp: np.nd
     """
     try:
         model, names = training_model(block_model, plan, cfg.quantizer, cfg.qdrop)
-        mask_shapes = _tensor_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
+        mask_shapes = sample_shapes(block_model, names.mask_tensors, x_fp, cfg.threads)
         gg = GradientGraph(model, list(names.init), threads=cfg.threads)
     except StorageError:  # no room for the training graph's files: the run cannot go on
         raise
@@ -470,8 +431,7 @@ EVAL_IMAGES = 256   # images on which a block's hard-rounded error is compared b
 def block_error(fp_model: onnx.ModelProto, plan: QuantPlan, x_q: np.ndarray, y: np.ndarray, threads: int) -> float:
     """Mean over images of Σ(y - ŷ)², ŷ the block as deployed (hard-rounded, every quantizer on)."""
     n = min(len(x_q), EVAL_IMAGES)
-    y_hat = _run_batched(quantized_block_model(fp_model, plan), x_q[:n], np.empty((n, *y.shape[1:]), np.float32),
-                         threads)
+    y_hat = run_into(quantized_block_model(fp_model, plan), x_q[:n], np.empty((n, *y.shape[1:]), np.float32), threads)
     return float(np.mean(np.sum(np.square(y_hat - y[:n]).reshape(n, -1), axis=1, dtype=np.float64)))
 
 
@@ -661,7 +621,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
             t0 = time.perf_counter()
             fp_model = extract_block_model(folded, block)
             y = store.empty((len(calib), *_output_shape(fp_model, x_fp, threads)))
-            _run_batched(fp_model, x_fp, y, threads)
+            run_into(fp_model, x_fp, y, threads)
             path = folder / f"{block.name}.npz"
             saved = _load_block(path, key) if workdir is not None and path.exists() else None
             if saved is None and workdir is not None and path.exists() and progress:
@@ -679,7 +639,7 @@ def reconstruct(folded: onnx.ModelProto, plan: QuantPlan, calib: np.ndarray, ite
                 if workdir is not None:
                     _save_block(path, key, updates, stats)
             x_q_next = store.empty(y.shape)
-            _run_batched(quantized_block_model(fp_model, plan), x_q, x_q_next, threads)
+            run_into(quantized_block_model(fp_model, plan), x_q, x_q_next, threads)
             x_fp, x_q = y, x_q_next
             report["blocks"].append({"name": block.name, "layers": len(block.quantized_nodes),
                                      "wall_s": round(time.perf_counter() - t0, 3), **stats})

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import onnx
 
-from ..evaluate import predict
+from ..runtime import predict
 from .fakequant import fakequant_model
 from .spec import QuantPlan
 
