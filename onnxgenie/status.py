@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from .export.qdq import EXPORT_OPSET
+from .quant.reconstruct import BlockStatus
 from .report import OPTIMISTIC
 from .resources import peak_rss
 
@@ -65,18 +66,18 @@ def _names(names: list[str]) -> str:
 
 
 def fallbacks(blocks: list[dict]) -> str:
-    """The blocks GENIE-M did not learn whole, grouped by why (status strings of ``reconstruct``); a few
+    """The blocks GENIE-M did not learn whole, grouped by why (``quant.reconstruct.BlockStatus``); a few
     names per reason (the report has them all)."""
     rtn: dict[str, list[str]] = {}
+    by_layer: dict[str, list[str]] = {}
     for b in blocks:
-        if str(b.get("status", "")).startswith("rtn ("):
-            rtn.setdefault(b["status"][5:-1], []).append(b["name"])
-    by_layer = [b["name"] for b in blocks if "layer by layer" in str(b.get("status", ""))]
+        status = BlockStatus.parse(b["status"])
+        if status.layers is not None:
+            by_layer.setdefault(status.block.reason, []).append(b["name"])
+        elif status.reason is not None:
+            rtn.setdefault(status.reason, []).append(b["name"])
     text = "".join(f"; kept at round-to-nearest ({reason}): {_names(names)}" for reason, names in rtn.items())
-    if by_layer:
-        reason = next(b["status"] for b in blocks if b["name"] == by_layer[0]).split("block rtn (", 1)[-1].rstrip(")")
-        text += f"; learned layer by layer: {_names(by_layer)} ({reason})"
-    return text
+    return text + "".join(f"; learned layer by layer: {_names(names)} ({reason})" for reason, names in by_layer.items())
 
 
 def candidates_line(candidates: list[dict]) -> str:

@@ -20,9 +20,11 @@ from onnxgenie.ortrain import inference_session
 from onnxgenie.quant.fakequant import fakequant_model
 from onnxgenie.quant.init import init_activations, init_weights
 from onnxgenie.quant.plan import build_plan
-from onnxgenie.quant.reconstruct import (LR_ACT_STEP, LR_SOFTBITS, LR_WEIGHT_STEP, _optimizer, block_error, coin_flips,
-                                         keep_if_better, mix_inputs, quantized_block_model, reconstruct,
-                                         training_model)
+from onnxgenie.quant.reconstruct import BlockStatus, reconstruct
+from onnxgenie.quant.reconstruct.fallback import apply_updates, block_error, keep_if_better
+from onnxgenie.quant.reconstruct.graph import quantized_block_model, training_model
+from onnxgenie.quant.reconstruct.status import Outcome, Why
+from onnxgenie.quant.reconstruct.train import LR_ACT_STEP, LR_SOFTBITS, LR_WEIGHT_STEP, coin_flips, mix_inputs, optimizer
 from onnxgenie.quant.spec import QuantPlan
 
 ITERS = 30
@@ -160,7 +162,7 @@ def test_act_lr_scale_moves_only_the_activation_steps(reconstructed):
     all_names = [training_model(extract_block_model(folded, b), plan, "genie")[1]
                  for b in partition_blocks(folded, list(plan.weights))]
     names = next(n for n in all_names if n.act_steps)
-    lr = [{p: g.lr for g in _optimizer(names, plan, 2.0, act)[0].groups for p in g.names} for act in (1.0, 4.0)]
+    lr = [{p: g.lr for g in optimizer(names, plan, 2.0, act)[0].groups for p in g.names} for act in (1.0, 4.0)]
     for param in lr[0]:
         factor = 4.0 if param in names.act_steps.values() else 1.0
         assert lr[1][param] == pytest.approx(lr[0][param] * factor), param
@@ -202,7 +204,7 @@ def test_finer_grids_get_proportionally_smaller_step_learning_rates():
     block = partition_blocks(folded, list(plan.weights))[0]
     bm = extract_block_model(folded, block)
     _, names = training_model(bm, plan, "genie")
-    adam, decays = _optimizer(names, plan, lr_scale=2.0)
+    adam, decays = optimizer(names, plan, lr_scale=2.0)
     lr_of = {p: (g.lr, d) for g, d in zip(adam.groups, decays) for p in g.names}
     for node, param in names.weight_steps.items():
         bits = plan.weights[node].bits
@@ -220,7 +222,7 @@ def test_a_plan_of_8_bit_grids_only_gets_the_8_bit_rates():
     folded, plan, _ = _setup(wbits=8, abits=8)
     for block in partition_blocks(folded, list(plan.weights)):
         _, names = training_model(extract_block_model(folded, block), plan, "genie")
-        adam, _ = _optimizer(names, plan)
+        adam, _ = optimizer(names, plan)
         lr_of = {p: g.lr for g in adam.groups for p in g.names}
         for param in names.weight_steps.values():
             assert lr_of[param] == pytest.approx(LR_WEIGHT_STEP * 15 / 255)
@@ -297,10 +299,35 @@ def test_the_stage_line_groups_fallbacks_by_reason_and_names_a_few():
     assert fallbacks(blocks) == ("; kept at round-to-nearest (learning raised the block's error): b0, b1, b2, b3 "
                                   "and 2 more; kept at round-to-nearest (loss diverged twice): x")
     assert fallbacks(blocks[-1:]) == ""
+    by_layer = BlockStatus.by_layer(0, 2, BlockStatus.kept(Why.GRAPH_FAILED, "no gradient for Floor (node f)"))
+    line = fallbacks([{"name": "z", "status": str(by_layer)}])   # named once, as learned layer by layer
+    assert line == "; learned layer by layer: z (training graph failed: no gradient for Floor (node f))"
+
+
+@pytest.mark.parametrize("status", [
+    BlockStatus.ok(), BlockStatus.ok(retried=True), BlockStatus(Outcome.RESUMED),
+    BlockStatus.kept(Why.DIVERGED), BlockStatus.kept(Why.RAISED_ERROR),
+    BlockStatus.kept(Why.STEP_FAILED, "Non-zero status code returned while running Sum node (x)"),
+    BlockStatus.by_layer(1, 3, BlockStatus.kept(Why.GRAPH_FAILED, "no gradient for Floor (node f)")),
+    BlockStatus.by_layer(0, 2, BlockStatus.kept(Why.STEP_FAILED, "a: b (c)"))])
+def test_block_status_reads_back_from_its_report_text(status):
+    assert BlockStatus.parse(str(status)) == status
+    assert str(status).startswith(("ok", "rtn", "resumed"))
+    assert (status.reason is not None) == (status.outcome is Outcome.ROUND_TO_NEAREST and status.layers is None)
+
+
+def test_block_status_texts_are_the_reports():
+    assert str(BlockStatus.kept(Why.GRAPH_FAILED, "no gradient for Floor (node f)")) == \
+        "rtn (training graph failed: no gradient for Floor (node f))"
+    assert str(BlockStatus.ok(retried=True)) == "ok (retried with halved learning rates)"
+    assert str(BlockStatus.by_layer(1, 2, BlockStatus.kept(Why.GRAPH_FAILED, "x"))) == \
+        "ok (layer by layer, 1 of 2 layers learned; block rtn (training graph failed: x))"
+    with pytest.raises(ValueError, match="not a block status"):
+        BlockStatus.parse("rtn (some other reason)")
 
 
 def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
-    import onnxgenie.quant.reconstruct as rec
+    import onnxgenie.quant.reconstruct.train as rec
 
     folded, plan, x, owner = _block_with_floor_between_two_convs()
     real = rec.training_model
@@ -322,7 +349,7 @@ def test_a_layer_without_gradient_stays_at_round_to_nearest(monkeypatch):
 def test_a_training_step_failing_at_run_time_keeps_round_to_nearest(monkeypatch):
     """A gradient kernel that fails only when it runs (onnxruntime-training 1.19's AveragePoolGrad on a
     symbolic batch does) costs the block its learning, not the run."""
-    import onnxgenie.quant.reconstruct as rec
+    import onnxgenie.quant.reconstruct.train as rec
 
     folded, plan, x, owner = _block_with_floor_between_two_convs()
 
@@ -411,14 +438,13 @@ def test_a_block_keeps_learned_values_only_when_they_lower_its_error():
     err_rtn = ((_run(quantized_block_model(bm, plan), x)[0] - y) ** 2).reshape(len(x), -1).sum(1).mean()
 
     kept, errors = keep_if_better(bm, plan, worse, x, y, threads=1)
-    assert kept == {} and errors["status"].startswith("rtn")
+    assert kept == {} and errors["status"] == BlockStatus.kept(Why.RAISED_ERROR)
     assert errors["recon_first"] == errors["recon_last"] < errors["recon_learned"]
     np.testing.assert_allclose(errors["recon_first"], err_rtn, rtol=1e-5)
     for n, (w, s) in rtn.items():                      # the plan is back at round-to-nearest
         np.testing.assert_array_equal(plan.weights[n].wint, w)
         np.testing.assert_array_equal(plan.weights[n].scale, s)
 
-    from onnxgenie.quant.reconstruct import apply_updates
     apply_updates(plan, worse)                         # now the plan is the bad point, RTN the update
     kept, errors = keep_if_better(bm, plan, {"weights": rtn, "acts": {}}, x, y, threads=1)
     assert kept and "status" not in errors and errors["recon_last"] < errors["recon_first"]

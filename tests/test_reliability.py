@@ -680,10 +680,10 @@ def test_distillation_divergence_names_stage_batch_and_step(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the forced lr overflows Adam
 def test_reconstruction_divergence_falls_back_and_exports_finite(tmp_path, capsys, monkeypatch):
     """A huge weight-step learning rate: every block diverges twice, is named with its step, keeps RTN."""
-    import onnxgenie.quant.reconstruct as reconstruct
+    import onnxgenie.quant.reconstruct.train as train
     from onnxgenie.pipeline import QuantizeConfig, quantize
 
-    monkeypatch.setattr(reconstruct, "LR_WEIGHT_STEP", 1e38)
+    monkeypatch.setattr(train, "LR_WEIGHT_STEP", 1e38)
     model = fixtures.conv_bn_net()
     config = QuantizeConfig(calib_images=8, recon_iters=3, recon_batch=4, reconstruct=True, progress=False)
     result = quantize(model, config, calib=fixtures.random_input(model, 8))

@@ -3,7 +3,7 @@
     W_q = s · (clip(B + h(V) + z, qmin, qmax) − z),   B = floor(W / s0),   h(V) = clip(σ(V)·(ζ−γ) + γ, 0, 1)
 
 (GENIE, Eq. 13; AdaRound's rectified sigmoid with γ = −0.1, ζ = 1.1). V starts where h(V) = W/s0 − B, so
-the first forward pass reproduces W exactly inside the grid. With ``learn_scale=False`` this is AdaRound.
+the first forward pass reproduces W exactly inside the grid. With s fixed at s0 this is AdaRound.
 After reconstruction the soft bits become hard ones: h(V) ≥ 0.5 ⇔ V ≥ 0.
 """
 
@@ -42,10 +42,9 @@ def hard_round(base: np.ndarray, v: np.ndarray, zero_point: np.ndarray, axis: in
 
 
 def softbit_weight(b: GraphBuilder, base: np.ndarray, zero_point: np.ndarray, axis: int,
-                   qrange: tuple[int, int], s_name: str, v_name: str) -> tuple[str, str]:
-    """Append W_q's nodes; ``s_name``/``v_name`` are initializers added by the caller.
-
-    Returns (W_q tensor, h(V) tensor) — h(V) feeds the rounding regulariser.
+                   qrange: tuple[int, int], s_name: str, v_name: str, out: str | None = None) -> tuple[str, str]:
+    """Append W_q's nodes (writing ``out`` when given); ``s_name``/``v_name`` are initializers added by the
+    caller. Returns (W_q tensor, h(V) tensor) — h(V) feeds the rounding regulariser.
     """
     shape = [1] * base.ndim
     shape[axis] = -1
@@ -55,5 +54,5 @@ def softbit_weight(b: GraphBuilder, base: np.ndarray, zero_point: np.ndarray, ax
     h = b.op("Clip", stretched, b.const(0.0), b.const(1.0))
     grid = b.op("Add", b.op("Add", b.const(base), h), z)
     clipped = b.op("Clip", grid, b.const(float(qrange[0])), b.const(float(qrange[1])))
-    w_q = b.op("Mul", b.op("Sub", clipped, z), s_name)
+    w_q = b.op("Mul", b.op("Sub", clipped, z), s_name, out=out)
     return w_q, h
