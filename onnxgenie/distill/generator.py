@@ -11,7 +11,7 @@ with few channels at high resolution: at 224² the reference's shape would map 2
 When H or W is not h0·2^k the last conv's output is cropped to H×W (top-left) before Tanh. Every BN
 uses the statistics of the current batch, written out with ReduceMean/Sub/Mul/Sqrt/Div (no
 BatchNormalization node, no running statistics), so a training and an inference session of this graph
-compute the same thing.
+compute the same thing. The upsampling is ``engine_forms.upsample2`` (no Resize gradient in the engine).
 """
 
 from __future__ import annotations

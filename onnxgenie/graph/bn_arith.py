@@ -14,10 +14,13 @@ and one shift and lose the statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
+
+from .builder import GraphBuilder
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 ROOT_OPS = ("Sqrt", "Pow")      # a BN's constants take a square root of var + eps
@@ -231,20 +234,20 @@ def _bn_nodes(model: onnx.ModelProto, chain: _Chain, axis: int, rank: int, roles
     channels = roles["mean"].size
     values = {"scale": roles["gamma"], "B": roles["beta"], "mean": roles["mean"], "var": roles["var"]}
     defaults = {"scale": np.ones(channels, np.float32), "B": np.zeros(channels, np.float32)}
-    inputs = []
-    for key, value in values.items():
-        value = defaults[key] if value is None else value.reshape(-1).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array(value, f"{name}.bn_{key}"))
-        inputs.append(f"{name}.bn_{key}")
+    b = GraphBuilder()
+    inputs = [b.const(defaults[key] if value is None else value.reshape(-1).astype(np.float32), f"{name}.bn_{key}")
+              for key, value in values.items()]
+    model.graph.initializer.extend(b.inits)
     eps = 0.0 if roles["eps"] is None else float(roles["eps"].item())
     if axis == 1:
-        return [helper.make_node("BatchNormalization", [chain.x, *inputs], [y], name=name, epsilon=eps)]
+        b.op("BatchNormalization", chain.x, *inputs, out=y, name=name, epsilon=eps)
+        return b.nodes
     perm = [0, axis, *(a for a in range(1, rank) if a != axis)]
     back = [int(a) for a in np.argsort(perm)]
-    return [helper.make_node("Transpose", [chain.x], [f"{y}.channels_first"], name=f"{name}.to_bn", perm=perm),
-            helper.make_node("BatchNormalization", [f"{y}.channels_first", *inputs], [f"{y}.bn"], name=name,
-                             epsilon=eps),
-            helper.make_node("Transpose", [f"{y}.bn"], [y], name=f"{name}.from_bn", perm=back)]
+    channels_first = b.op("Transpose", chain.x, out=f"{y}.channels_first", name=f"{name}.to_bn", perm=perm)
+    normed = b.op("BatchNormalization", channels_first, *inputs, out=f"{y}.bn", name=name, epsilon=eps)
+    b.op("Transpose", normed, out=y, name=f"{name}.from_bn", perm=back)
+    return b.nodes
 
 
 def _find(model, chain, producers, inits, ranks, rng) -> list[tuple[_Chain, int, dict]]:
