@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .graph.builder import GraphBuilder, attr, attrs, value_infos
+from .builder import GraphBuilder, attr, attrs, value_infos
 
 # Ops without a gradient that nothing rewrites: training cannot pass them.
 NO_GRADIENT_OPS = ("Floor", "Ceil", "Round", "Sign")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx
 
+from .builder import attr
 from .engine_forms import NO_GRADIENT_OPS
 from .errors import NoBatchNormError
 from .graph.bn import bn_layers, require_bn
-from .graph.builder import attr
 from .graph.load import _dims, image_io, load_model, model_opset, normalize
 
 

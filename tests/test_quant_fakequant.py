@@ -11,7 +11,7 @@ from onnx import numpy_helper
 import fixtures
 from onnxgenie.graph.blocks import extract_block_model, partition_blocks
 from onnxgenie.graph.bn import fold_bn, initializers
-from onnxgenie.graph.builder import GraphBuilder
+from onnxgenie.builder import GraphBuilder
 from onnxgenie.graph.load import normalize
 from onnxgenie.quant.fakequant import fakequant_model, insert_acts, insert_weights
 from onnxgenie.quant.init import act_fake_quant, init_activations, init_weights

@@ -18,7 +18,7 @@ from onnxgenie.ortrain import GradientGraph, inference_session
 from onnxgenie.quant.lsq import lsq_numpy, lsq_quantize, qdrop
 from onnxgenie.quant.reconstruct.graph import INPUT_BETA, INPUT_LAMBDA, INPUT_TARGET, training_model
 from onnxgenie.quant.reconstruct.train import _step
-from onnxgenie.graph.builder import GraphBuilder
+from onnxgenie.builder import GraphBuilder
 from onnxgenie.quant.softbits import hard_round, init_softbits, rectified_sigmoid
 from onnxgenie.quant.spec import ActQuant, QuantPlan, WeightQuant
 

@@ -41,10 +41,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
-from ..graph.bn import BNLayer, fold_bn, require_bn
-from ..graph.builder import GraphBuilder, make_model, value_infos
-from ..graph.load import nhwc_transpose
+from ..builder import GraphBuilder, make_model, value_infos
 from ..engine_forms import trainable_form
+from ..graph.bn import BNLayer, fold_bn, require_bn
+from ..graph.load import nhwc_transpose
 
 STD_EPS = 1e-6
 LOSS = "bns_loss"

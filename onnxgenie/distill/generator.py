@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..builder import GraphBuilder
 from ..engine_forms import upsample2
-from ..graph.builder import GraphBuilder
 
 LATENT_DIM, C1 = 256, 128
 MIN_CHANNELS = 8

@@ -39,10 +39,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from ..builder import GraphBuilder, make_model
 from ..errors import (BadInputError, BadSettingError, DivergenceError, OnnxGenieError, ResumeMismatchError,
                       StorageError, UnsupportedModelError)
 from ..graph.bn import require_bn
-from ..graph.builder import GraphBuilder, make_model
 from ..graph.load import image_io, nhwc_transpose, normalize, with_batch
 from ..graph.swing import SWING_INPUTS, swing_feed, swing_rewrite
 from ..optim import Adam, ParamGroup

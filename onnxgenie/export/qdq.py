@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..builder import GraphBuilder
 from ..errors import BadInputError, UnsupportedModelError
-from ..ortrain import SUB_BYTE
-from ..graph.builder import GraphBuilder
 from ..graph.load import _dims
+from ..ortrain import SUB_BYTE
 from ..quant.fakequant import at_opset, bias_scale, insert_acts, insert_weights, quantize_bias
 from ..quant.spec import ActQuant, QuantPlan, WeightQuant
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import shape_inference
 
-from .builder import make_model, value_infos
+from ..builder import make_model, value_infos
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 EPILOGUE_OPS = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "PRelu",

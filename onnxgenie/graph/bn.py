@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..builder import GraphBuilder, attr, value_infos
 from ..errors import NoBatchNormError
-from .builder import GraphBuilder, attr, value_infos
 
 FOLDABLE_PRODUCERS = ("Conv", "Gemm")
 

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from .builder import GraphBuilder
+from ..builder import GraphBuilder
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 ROOT_OPS = ("Sqrt", "Pow")      # a BN's constants take a square root of var + eps

@@ -19,11 +19,11 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import defs, helper, numpy_helper, shape_inference, version_converter
 
+from ..builder import GraphBuilder, attr
+from ..builder import attrs as node_attrs
 from ..errors import BadInputError, UnsupportedModelError
 from ..ortrain import inference_session, quiet_logger, quiet_run_options
 from .bn_arith import restore_batchnorm
-from .builder import GraphBuilder, attr
-from .builder import attrs as node_attrs
 
 INTERNAL_OPSET = 17
 INTERNAL_IR = 8

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
+from ..builder import GraphBuilder, attr, value_infos
 from ..engine_forms import crop, reflect_pad
 from ..errors import UnsupportedModelError
-from .builder import GraphBuilder, attr, value_infos
 
 SWING_INPUTS = ("swing_offset_h", "swing_offset_w")
 

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
+from ..builder import GraphBuilder, insert_after_producer, insert_nodes, replace_initializers, rewire
 from ..errors import UnsupportedModelError
-from ..graph.builder import GraphBuilder, insert_after_producer, insert_nodes, replace_initializers, rewire
 from .spec import ActQuant, QuantPlan, WeightQuant
 
 WeightForm = Callable[[GraphBuilder, WeightQuant], None]   # writes the tensor ``wq.weight``

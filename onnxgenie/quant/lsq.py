@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..builder import GraphBuilder
 from ..engine_forms import round_ste
-from ..graph.builder import GraphBuilder
 
 
 def lsq_quantize(b: GraphBuilder, x: str, s_name: str, qrange: tuple[int, int]) -> str:

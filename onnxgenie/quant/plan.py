@@ -19,8 +19,8 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
+from ..builder import attr
 from ..errors import BadInputError
-from ..graph.builder import attr
 from .spec import TARGETS, ActQuant, QuantPlan, WeightQuant
 
 QUANT_OPS = ("Conv", "Gemm", "MatMul")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph.builder import GraphBuilder
+from ..builder import GraphBuilder
 
 GAMMA, ZETA = -0.1, 1.1
 

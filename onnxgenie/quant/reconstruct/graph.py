@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...builder import GraphBuilder, value_infos
 from ...engine_forms import add_all, trainable_form
-from ...graph.builder import GraphBuilder, value_infos
 from ..fakequant import fakequant_model, insert_acts, insert_weights
 from ..lsq import lsq_quantize
 from ..lsq import qdrop as qdrop_mix

@@ -1,5 +1,6 @@
 """The one way this package writes ONNX: a builder for new nodes and initializers, and the small edits
-every graph rewrite needs (attributes, rewiring, placement, a model around the result).
+every graph rewrite needs (attributes, rewiring, placement, a model around the result). It sits below
+every other layer (the engine's graph forms use it), so it imports nothing of the package.
 
     b = GraphBuilder("bns.")
     var = b.op("ReduceMean", b.op("Mul", d, d), axes=[0, 2, 3], keepdims=0)
