@@ -12,6 +12,7 @@ runs some of them. Models, caches and run reports stay under out/ (not tracked).
     .venv/bin/python tools/bench.py --list
     .venv/bin/python tools/bench.py                       # every run, then the tables
     .venv/bin/python tools/bench.py --only product recon  # some of it
+    .venv/bin/python tools/bench.py --only imagenet --smoke  # the ImageNet commands on a tiny budget (minutes)
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ STEPS = {
         ["bench_product.py", "--variants", "M1", "M2", "M3", "M4", "M5", "--bits", "4/4", "2/4", "--seeds", *SEEDS],
         ["bench_product.py", "--variants", "M1-nocopies", "M4-nocopies", "--bits", "2/4"],
     ],
-    "imagenet": [
-        ["bench_product.py", "--models", LITE0, "--variants", "fast", "--bits", "8/8", "4/4", "--seeds", "0"],
+    "imagenet": [  # Lite0 on the ImageNet sample's seeded 250/250 split: the baselines, zero-shot, few-shot
+        ["bench_product.py", "--models", LITE0, "--variants", "fp32", "ort-minmax", "ort-percentile",
+         "--bits", "8/8", "4/8", "4/4"],
+        ["bench_product.py", "--models", LITE0, "--variants", "fast", "--bits", "8/8", "4/8", "4/4"],
+        ["bench_product.py", "--models", LITE0, "--variants", "fast", "--bits", "4/4", "--seeds", "1", "2"],
+        ["bench_product.py", "--models", LITE0, "--variants", "fewshot", "--bits", "4/4", "8/8"],
     ],
 }
+SMOKE_STEPS = ("imagenet",)  # the groups whose commands take --smoke
 # Each tool that owns a raw-results file, with the flags its table text is made with.
 TABLES = [("bench_distill", []), ("bench_quant", ["--distill-iters", "200"]), ("bench_recon", []),
           ("bench_product", [])]
@@ -108,14 +114,20 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--tables", action="store_true", help="only rebuild the tables from the raw rows")
     parser.add_argument("--check", action="store_true", help="exit 1 if a published table differs from the rows")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"with --only {' '.join(SMOKE_STEPS)}: every command with a tiny budget, to check the "
+                             "plumbing in minutes; rows and tables go to out/, the published files stay as they are")
     args = parser.parse_args()
+    if args.smoke and (args.tables or args.check or set(args.only) - set(SMOKE_STEPS)):
+        parser.error(f"--smoke runs the commands of {', '.join(SMOKE_STEPS)} only: add --only "
+                     f"{' '.join(SMOKE_STEPS)}")
     if not (args.tables or args.check):
         for step in args.only:
             for argv in STEPS[step]:
-                code = _run(argv, args.list)
+                code = _run([*argv, "--smoke"] if args.smoke else argv, args.list)
                 if code != 0:
                     return code
-        if args.list:
+        if args.list or args.smoke:
             return 0
     code = 0
     for name, flags in TABLES:  # each tool rebuilds (or checks) its sections from its raw rows

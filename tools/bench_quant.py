@@ -49,19 +49,20 @@ print(json.dumps({"top1": float((pred == y).mean() * 100), "ms": float(np.median
                   "ort": ort.__version__}))
 """
 
-# Runs in the plain-onnxruntime venv: onnxruntime's own static quantization (QDQ, per channel).
+# Runs in the plain-onnxruntime venv: onnxruntime's own static quantization (QDQ, per channel); prints its peak
+# RSS and onnxruntime's version as JSON.
 ORT_QUANT_SCRIPT = r"""
-import sys, numpy as np
+import sys, json, resource, numpy as np, onnxruntime
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
-src, out, calib_path, wbits, abits, method = sys.argv[1:7]
+src, out, calib_path, wbits, abits, method, batch = sys.argv[1:8]
 tmp = out + ".pre.onnx"
 quant_pre_process(src, tmp, skip_symbolic_shape=True)  # ORT's recommended step; it folds BN into the convs
 x = np.load(calib_path)
 class Reader(CalibrationDataReader):
     def __init__(self):
-        self.batches = iter([{"input": x[i:i + 100]} for i in range(0, len(x), 100)])
+        self.batches = iter([{"input": x[i:i + int(batch)]} for i in range(0, len(x), int(batch))])
     def get_next(self):
         return next(self.batches, None)
 import onnxruntime.quantization.calibrate as calibrate
@@ -79,6 +80,8 @@ types = {8: (QuantType.QInt8, QuantType.QUInt8), 4: (QuantType.QInt4, QuantType.
 quantize_static(tmp, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 weight_type=types[int(wbits)][0], activation_type=types[int(abits)][1],
                 calibrate_method=getattr(CalibrationMethod, method))
+print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "onnxruntime": onnxruntime.__version__}))
 """
 
 
@@ -93,6 +96,14 @@ def plain(python: Path, script: str, *args) -> str:
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def ort_quantize(python: Path, src: Path, out: Path, calib: Path, wbits: int, abits: int, method: str,
+                 batch: int = 100) -> dict:
+    """onnxruntime's ``quant_pre_process`` + ``quantize_static`` (QDQ, per channel, ``method`` = MinMax or
+    Percentile) on the preprocessed images in ``calib`` (.npy), in batches of ``batch`` (Percentile histograms
+    merged batch by batch), run in the plain-onnxruntime venv: {"peak_rss_mib", "onnxruntime"}."""
+    return json.loads(plain(python, ORT_QUANT_SCRIPT, src, out, calib, wbits, abits, method, batch))
 
 
 def evaluate(python: Path, model: Path, work: Path) -> dict:
@@ -172,7 +183,7 @@ def run(args) -> dict:
             for method in ("MinMax", "Percentile") if args.ort else ():
                 path = work / f"{name}_{label}_ort_{method}.onnx"
                 try:
-                    plain(python, ORT_QUANT_SCRIPT, src, path, work / "calib_x.npy", wbits, abits, method)
+                    ort_quantize(python, src, path, work / "calib_x.npy", wbits, abits, method)
                     row[f"ort_{method}"] = evaluate(python, path, work)
                 except RuntimeError as err:
                     row[f"ort_{method}"] = {"error": str(err)[:200]}
