@@ -132,6 +132,15 @@ def test_image_step_covers_its_range_without_clipping(lo, hi, signed):
     assert act.scale <= max(abs(lo), abs(hi)) / (act.qrange[1] - 1)   # and the grid is not wider than needed
 
 
+def test_image_step_replaces_an_asymmetric_grid_from_real_images():
+    """On real calibration images init_activations may leave the image on an unsigned grid with a zero point
+    near the middle; the image step from --mean/--std (W8A8) is symmetric, zero point 0, over the whole range."""
+    act = set_image_step(ActQuant("input", 8, signed=False, scale=0.0078, zero_point=127), -0.992, 1.0)
+    assert act.signed and act.zero_point == 0 and act.scale == pytest.approx(1.0 / 127)
+    x = np.linspace(-0.992, 1.0, 1001, dtype=np.float32)
+    assert np.abs(act_fake_quant(x, act) - x).max() <= act.scale / 2 * (1 + 1e-5)
+
+
 def test_tensorrt_image_step_stays_signed():
     assert set_image_step(ActQuant("input", 8, signed=True), 0.0, 1.0, signed_only=True).signed
 
