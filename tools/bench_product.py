@@ -55,7 +55,9 @@ SMOKE_FLAGS = ["--calib-images", "8", "--distill-iters", "2", "--distill-batch",
 SMOKE_ORT_CALIB = 8  # onnxruntime's calibration images in a smoke run
 SMOKE_EVAL = 32  # images scored in a smoke run (half evaluation, half calibration images)
 SPLIT_CALIB, SPLIT_SEED = 250, 0  # ImageNet: calibration images of the seeded split; the rest evaluate
-ORT_BATCH = 50  # onnxruntime's calibration batch at 224x224 (100 images: 6.6 GB peak with Percentile)
+# onnxruntime's calibration batch at 224x224: Lite0 with Percentile peaked at 6.6 GB in batches of 100, 3.8 GB
+# in batches of 50 (MinMax at 5.5 GB either way).
+ORT_BATCH = 50
 # Not onnxgenie runs: the model as it is, and onnxruntime's quantize_static with this calibration method.
 BASELINES = {"fp32": None, "ort-minmax": "MinMax", "ort-percentile": "Percentile"}
 QUANT_RESULTS = RESULTS_DIR / "bench_quant.json"
@@ -196,9 +198,10 @@ class SplitScorer:
             if indices is None:
                 continue
             n = len(indices)
-            row[f"top1{suffix}"] = round(sum(pred[i] == self.labels[i] for i in indices) / n * 100, 2)
-            row[f"fp32{suffix}"] = round(sum(fp32[i] == self.labels[i] for i in indices) / n * 100, 2)
-            row[f"agreement{suffix}"] = {"top1_agreement": round(sum(pred[i] == fp32[i] for i in indices) / n * 100, 2),
+            share = lambda hits: round(float(sum(hits)) / n * 100, 2)  # noqa: E731
+            row[f"top1{suffix}"] = share(pred[i] == self.labels[i] for i in indices)
+            row[f"fp32{suffix}"] = share(fp32[i] == self.labels[i] for i in indices)
+            row[f"agreement{suffix}"] = {"top1_agreement": share(pred[i] == fp32[i] for i in indices),
                                          "images": n, "on": "evaluation" if not suffix else "all"}
             row[f"eval_images{suffix}"] = n
         return row
@@ -392,7 +395,8 @@ def table(rows: list[dict], dataset: str, quant: dict, command: str) -> str:
 
 
 IMAGENET_COMMAND = "python tools/bench.py --only imagenet"
-IMAGENET_ESTIMATE = "about five hours"  # the group's runs at the fast preset, machine otherwise idle
+# The group's runs on 2 idle cores: seven onnxgenie runs of 15-45 minutes, the baselines about 10 minutes.
+IMAGENET_ESTIMATE = "four to five hours"
 METHOD_NAMES = {"fp32": "FP32", "ort-minmax": "onnxruntime MinMax", "ort-percentile": "onnxruntime Percentile",
                 "fast": "onnxgenie zero-shot", "fewshot": "onnxgenie few-shot"}
 
