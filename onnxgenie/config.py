@@ -200,6 +200,32 @@ CANDIDATES_RULE = Rule(lambda c, m: FAST_CANDIDATES_BELOW_4_BIT if c.wbits < 4 e
                        f"{FAST_CANDIDATES_BELOW_4_BIT} below 4-bit weights, else 1")
 AUGMENT_RULE = Rule(lambda c, m: resolve("auto", c.wbits), "flip-shift below 4-bit weights, else none", auto="auto")
 
+# The fast preset's budget by the model's cost. Small: ResNet-20 at 32x32 (0.041 G multiply-adds per image) on
+# 2 cores in minutes. Large (ImageNet-class, above LARGE_MODEL_MACS): EfficientNet-Lite0 at 224x224 (0.39 G),
+# where the small budget would take hours: 64 images distilled in batches of 16 for 100 steps, 100 GENIE-M steps
+# in batches of 16; 250 real images and 2.5x the steps gained 8 pt at W4A4, 64 distilled images at 8 bits are
+# level with FP32 without GENIE-M (docs/design.md).
+LARGE_MODEL_MACS = 200_000_000
+FAST_BUDGET = {"small": dict(calib_images=256, distill_iters=200, distill_batch=128, recon_iters=500, recon_batch=32),
+               "large": dict(calib_images=64, distill_iters=100, distill_batch=16, recon_iters=100, recon_batch=16)}
+
+
+def is_large(model: ModelFacts) -> bool:
+    return model.multiply_adds > LARGE_MODEL_MACS
+
+
+def _budget_rule(name: str) -> Rule:
+    small, large = FAST_BUDGET["small"][name], FAST_BUDGET["large"][name]
+    return Rule(lambda c, m: large if is_large(m) else small,
+                f"{small}, {large} above {LARGE_MODEL_MACS / 1e9:g} G multiply-adds per image", reads_model=True)
+
+
+# 8-bit weights and activations of a large model: the steps from the images alone are level with FP32
+# (Lite0: 88.40 against 88.40 %), GENIE-M's steps would add ten minutes for nothing.
+RECONSTRUCT_RULE = Rule(lambda c, m: not (is_large(m) and c.wbits >= 8 and c.abits >= 8),
+                        "on, off at 8-bit weights and activations above "
+                        f"{LARGE_MODEL_MACS / 1e9:g} G multiply-adds per image", reads_model=True)
+
 
 # ------------------------------------------------------------------------------------------------
 # The declaration.
@@ -260,11 +286,12 @@ class QuantizeConfig:
         "closest to FP32 on the calibration images (KL of the outputs)", Whole(0), metavar="K")
     act_batch: int = setting(64, "images per batch of the activation-range pass", Whole(1), flag=None)
     # GENIE-M reconstruction
-    reconstruct: bool = setting(False, "step initialisation only (no GENIE-M)", Switch(), flag="--no-reconstruct")
+    reconstruct: bool | None = setting(False, "step initialisation only (no GENIE-M)", Switch(), flag="--no-reconstruct",
+                                       rule=RECONSTRUCT_RULE)
     quantizer: str = setting("genie", "reconstruction weight quantizer: genie learns the weight steps, adaround "
                              "keeps them", OneOf(QUANTIZERS))
-    recon_iters: int = setting(2000, "reconstruction steps per block", Whole(1))
-    recon_batch: int = setting(32, "reconstruction batch size", Whole(1))
+    recon_iters: int = setting(2000, "reconstruction steps per block", Whole(1), rule=_budget_rule("recon_iters"))
+    recon_batch: int = setting(32, "reconstruction batch size", Whole(1), rule=_budget_rule("recon_batch"))
     recon_lr_scale: float = setting(1.0, "factor on GENIE-M's learning rates; short budgets want larger ones",
                                     Real(open_low=True))
     recon_act_lr_scale: float | None = setting(
@@ -285,9 +312,9 @@ class QuantizeConfig:
                          OneOf(CALIB_SOURCES), cli_choices=("distill", "noise"))
     input_size: tuple[int, int] | None = setting(None, "fix a dynamic (or invalid) input height and width", Size(),
                                                  metavar=("H", "W"))
-    calib_images: int = setting(256, "number of calibration images", Whole(1))
-    distill_iters: int = setting(500, "GENIE-D steps per batch", Whole(1))
-    distill_batch: int = setting(128, "images distilled together", Whole(1))
+    calib_images: int = setting(256, "number of calibration images", Whole(1), rule=_budget_rule("calib_images"))
+    distill_iters: int = setting(500, "GENIE-D steps per batch", Whole(1), rule=_budget_rule("distill_iters"))
+    distill_batch: int = setting(128, "images distilled together", Whole(1), rule=_budget_rule("distill_batch"))
     distill_mode: str = setting(
         "genie", "GENIE-D ablation: generator + latents (genie, default), pixels (zeroq), fixed latents (noise)",
         OneOf(MODES))
@@ -326,13 +353,13 @@ def default(name: str):
     return f.default if f.default is not MISSING else f.default_factory()
 
 
-# fast: ResNet-20 on 2 cores in minutes: two distillation batches of 128 (one round on two cores), 500
-# GENIE-M steps with learning rates x8 (docs/design.md). No held-out images: 64 more would cost a second
+# fast: a budget by the model's cost (FAST_BUDGET; ResNet-20 on 2 cores in minutes: two distillation batches
+# of 128, one round on two cores), GENIE-M's learning rates x8 (docs/design.md). No held-out images: 64 more would cost a second
 # distillation round there, and batches of 160 (to fit them in one) cost 1.9 pt at W2A4. paper: GENIE's own.
 # A value equal to the setting's Rule.auto is chosen by that rule (``settle``).
 PRESETS: dict[str, dict] = {
-    "fast": dict(calib_images=256, holdout_images=0, distill_iters=200, distill_batch=128, reconstruct=True,
-                 recon_iters=500, recon_batch=32, recon_lr_scale=8.0, recon_augment="auto", recon_act_lr_scale=None,
+    "fast": dict(calib_images=None, holdout_images=0, distill_iters=None, distill_batch=None, reconstruct=None,
+                 recon_iters=None, recon_batch=None, recon_lr_scale=8.0, recon_augment="auto", recon_act_lr_scale=None,
                  recon_candidates=None),
     "paper": dict(calib_images=1024, holdout_images=128, distill_iters=4000, distill_batch=128, reconstruct=True,
                   recon_iters=20000, recon_batch=32, recon_lr_scale=1.0),
@@ -380,9 +407,9 @@ def check_preprocessing(mean, std) -> None:
 
 def settle(config: QuantizeConfig, model: ModelFacts | None = None) -> QuantizeConfig:
     """``config`` with every setting left at its rule's ``auto`` chosen by the rule, then checked. Only
-    rules that do not read the model may be settled without one (``model`` None)."""
+    rules that do not read the model are settled without one (``model`` None); the others wait for it."""
     chosen = {name: s.rule.choose(config, model) for name, s in SETTINGS.items()
-              if s.rule is not None and getattr(config, name) == s.rule.auto}
+              if s.rule is not None and getattr(config, name) == s.rule.auto and (model or not s.rule.reads_model)}
     if not chosen:
         return config
     settled = replace(config, **chosen)

@@ -59,6 +59,19 @@ def test_the_fast_presets_rules_are_settled_by_bit_width():
     assert settle(w4) == w4   # a settled config stays as it is
 
 
+@pytest.mark.parametrize("name, size", [("resnet20_cifar10", "small"), ("efficientnet_lite0_imagenet", "large")])
+def test_the_fast_budget_follows_the_models_cost(name, size):
+    """ResNet-20 at 32x32 gets the small budget, EfficientNet-Lite0 at 224x224 the large one; 8-bit weights
+    and activations skip GENIE-M on the large model only; a value given on the command line stays."""
+    from conftest import shared_model_path
+    facts = ModelFacts(normalize(onnx.load(shared_model_path(name))))
+    budget = cfg.FAST_BUDGET[size]
+    w4, w8 = (settle(preset_config("fast", wbits=b, abits=b), facts) for b in (4, 8))
+    assert {k: getattr(w4, k) for k in budget} == budget and w4.reconstruct
+    assert w8.reconstruct is (size == "small")
+    assert settle(preset_config("fast", calib_images=32), facts).calib_images == 32
+
+
 def _tiny_macs_model() -> onnx.ModelProto:
     """Conv 3->4, 3x3, pad 1 on 8x8 (4*8*8 outputs x 3*3*3 = 6912), Flatten, Gemm 256->10 (2560), MatMul
     [10] x [10, 7] (70): 9542 multiply-adds per image."""

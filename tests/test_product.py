@@ -29,7 +29,7 @@ def noise_holdout(model: onnx.ModelProto, n: int, m: int, seed: int) -> np.ndarr
 
 def test_presets_and_overrides():
     fast = preset_config("fast")
-    assert fast.reconstruct and fast.preset == "fast"
+    assert fast.reconstruct is None and fast.preset == "fast"   # the model's cost decides (config.FAST_BUDGET)
     assert {k: getattr(fast, k) for k in PRESETS["fast"]} == PRESETS["fast"]
     paper = preset_config("paper", recon_iters=7, lam=None)
     assert paper.recon_iters == 7 and paper.distill_iters == 4000 and paper.lam is None
